@@ -1,0 +1,535 @@
+"""GRPO: Group Relative Policy Optimization, in one file.
+
+Paper: DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models (Shao et al., 2024),
+https://arxiv.org/abs/2402.03300. Reference implementation for every formula below: TRL's GRPOTrainer.
+
+The idea. PPO needs a value network to tell a good action from a lucky one. GRPO drops it: for each prompt q it
+samples a *group* of G completions o_1..o_G, scores each with a verifiable reward r_i, and uses the group itself
+as the baseline. A completion's advantage is how much better it did than its siblings, and every token of that
+completion shares it. The update is PPO's clipped surrogate on those advantages, optionally with a KL penalty
+towards a frozen reference model.
+
+Equations (i indexes completions in the batch, t their tokens, M_it = 1 on real completion tokens):
+
+    A_i    = (r_i - mean(r_group)) / (std(r_group) + eps)          scale="group" (std unbiased, as TRL)
+             (r_i - mean(r_group)) / (std(r_batch) + eps)          scale="batch" (Lite PPO)
+              r_i - mean(r_group)                                  scale="none"  (Dr. GRPO)
+    w_it   = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)  importance ratio (== 1 when on-policy)
+    l_it   = -min(w_it A_i, clip(w_it, 1 - eps_low, 1 + eps_high) A_i) + beta * D_it
+    D_it   = exp(x) - x - 1 = expm1(x) - x,  x = log pi_ref - log pi_theta       (k3 estimator of KL)
+    loss   = grpo:    mean_i( sum_t M_it l_it / sum_t M_it )       (DeepSeekMath; biased towards short answers)
+             bnpo:    sum_it M_it l_it / sum_it M_it               (token mean of the micro-batch)
+             dr_grpo: sum_it M_it l_it / (B * L_max)               (constant normaliser, Dr. GRPO)
+             dapo:    sum_it M_it l_it / (tokens in the whole batch)   (TRL's default)
+
+What we kept, simplified or chose:
+- The loss types, clipping, k3 KL and advantage scalings follow TRL (trl/trainer/grpo_trainer.py) and are tested
+  against an independent transcription of its formulas (tests/test_grpo.py). We compute k3 with expm1, which is
+  exact near x = 0 where exp(x) - x - 1 loses all its digits.
+- On-policy by default (num_iterations=1): pi_old = pi_theta.detach(), so the loss *value* is ~0 while its
+  gradient is not. With num_iterations > 1 the old log-probs are computed once, before the updates.
+- Log-probs are taken from logits divided by the sampling temperature, so the ratio compares the distribution
+  we actually sampled from. One optimiser step per pass over the batch, split into micro-batches.
+- No vLLM, no distributed training: generation is `model.generate`. See README "Scaling up".
+
+The task. Offline default: two-digit addition, e.g. prompt "47+38=", answered with a digit-by-digit trace and
+the result, "<think>7+8=15 4+3+1=8</think><answer>85</answer>". The tiny model is warm-started on demonstrations
+that forget the carry most of the time (--demo_noise), so it starts knowing the format but making a systematic
+mistake; the reward (1 for the right number, +0.1 for the format) is what teaches it to carry. `--dataset gsm8k`
+trains on GSM8K (hub id or local folder) with the same reward.
+
+Run:
+    python grpo.py                                   # tiny model, CPU, a few minutes
+    python grpo.py --model smollm2-135m              # a real pretrained model, offline (requirements-smollm2.txt)
+    python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k   # one GPU, with the hub reachable
+
+Measured (`python grpo.py --seed S`, 2-core x86-64 CPU, empty model cache): held-out accuracy 58.0% -> 98.5%
+(seed 0), 59.0% -> 96.0% (seed 1), 57.5% -> 97.0% (seed 2), in 63-72 s wall time each, of which ~45 s is the
+cached SFT warm start and ~15 s the 60 GRPO steps. A step takes 0.83x the wall time of TRL's GRPOTrainer on the
+same model and batch (tests/bench_grpo_vs_trl.py). Curves: assets/grpo_tiny.png.
+"""
+
+import copy
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from common import MetricsLogger, format_prompt, load_model, make_run_dir, parse_args, seed_everything
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
+    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    # task
+    dataset: Literal["arithmetic", "gsm8k"] = field(default="arithmetic", metadata={"help": "the task"})
+    dataset_path: str = field(default="openai/gsm8k", metadata={"help": "gsm8k: a hub id or a local folder"})
+    num_train: int = field(default=2000, metadata={"help": "training problems (gsm8k: at most)"})
+    num_eval: int = field(default=200, metadata={"help": "held-out problems for evaluation"})
+    demo_noise: float = field(default=0.7, metadata={"help": "tiny warm start: share of demos that drop the carry"})
+    sft_steps: int = field(default=600, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
+    # rollout
+    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; the batch is this x group_size"})
+    group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (at least 2)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "longest completion, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    # advantages and loss
+    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={"help": "std for A"})
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
+    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (DAPO: 0.28)"})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient; > 0 loads a frozen reference model"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions with no EOS"})
+    # optimisation
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
+    num_iterations: int = field(default=1, metadata={"help": "mu, optimisation passes over each batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    # evaluation
+    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task and data
+
+
+SYSTEM_PROMPT = (
+    "Solve the problem. Think step by step inside <think> </think>, then give only the final number "
+    "inside <answer> </answer>."
+)
+
+
+def addition_trace(a: int, b: int, drop_carry: bool = False) -> str:
+    """The digit-by-digit demonstration, e.g. 47+38 -> '<think>7+8=15 4+3+1=8</think><answer>85</answer>'.
+
+    With drop_carry the tens step forgets the carry (4+3=7 -> 75): a consistent trace with a wrong answer.
+    """
+    ones = a % 10 + b % 10
+    carry = ones // 10 if not drop_carry else 0
+    tens = a // 10 + b // 10 + carry
+    tens_step = f"{a // 10}+{b // 10}+1={tens}" if carry else f"{a // 10}+{b // 10}={tens}"
+    return f"<think>{a % 10}+{b % 10}={ones} {tens_step}</think><answer>{tens}{ones % 10}</answer>"
+
+
+def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: float):
+    """Two-digit additions, split into disjoint train and held-out sets. Returns (train, eval, demos)."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]  # 8100 problems
+    rng.shuffle(pairs)
+    if num_eval + num_train > len(pairs):
+        raise ValueError(f"num_train + num_eval must be at most {len(pairs)}, got {num_train} + {num_eval}")
+    to_item = lambda a, b: {"question": f"{a}+{b}=", "answer": str(a + b)}  # noqa: E731
+    eval_items = [to_item(a, b) for a, b in pairs[:num_eval]]
+    train_pairs = pairs[num_eval : num_eval + num_train]
+    train_items = [to_item(a, b) for a, b in train_pairs]
+    demos = [(f"{a}+{b}=", addition_trace(a, b, drop_carry=rng.random() < demo_noise)) for a, b in train_pairs]
+    return train_items, eval_items, demos
+
+
+def load_gsm8k(path: str, num_train: int, num_eval: int):
+    """GSM8K from the hub ('openai/gsm8k') or a local folder with train/test files in its format
+    (fields 'question' and 'answer', the answer ending in '#### <number>'). Returns (train, eval, demos)."""
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(path) if os.path.isdir(path) else load_dataset(path, "main")
+    except Exception as error:  # datasets raises many types: offline, missing files, bad format
+        raise ValueError(
+            f"Could not load GSM8K from {path!r} ({type(error).__name__}: {error}). Pass a local folder with "
+            f"train and test files (JSONL or parquet with 'question' and 'answer'), or run the offline default "
+            f"--dataset arithmetic."
+        ) from None
+
+    def to_items(split, limit):
+        items = []
+        for row in split.select(range(min(limit, len(split)))):
+            reasoning, _, answer = row["answer"].rpartition("####")
+            reasoning = re.sub(r"<<.*?>>", "", reasoning).strip()  # drop the calculator annotations
+            items.append({"question": row["question"], "answer": answer.strip().replace(",", ""), "demo": reasoning})
+        return items
+
+    train_items, eval_items = to_items(data["train"], num_train), to_items(data["test"], num_eval)
+    demos = [(x["question"], f"<think>{x['demo']}</think><answer>{x['answer']}</answer>") for x in train_items]
+    return train_items, eval_items, demos
+
+
+def load_task(args: Args):
+    if args.dataset == "arithmetic":
+        train_items, eval_items, demos = make_arithmetic_task(args.num_train, args.num_eval, args.seed, args.demo_noise)
+    else:
+        train_items, eval_items, demos = load_gsm8k(args.dataset_path, args.num_train, args.num_eval)
+    if not train_items or not eval_items:
+        raise ValueError(
+            f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out problems; "
+            f"both must be non-empty (check --num_train, --num_eval and the data files)."
+        )
+    return train_items, eval_items, demos
+
+
+def extract_answer(completion: str) -> str | None:
+    match = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
+    return match.group(1).strip() if match else None
+
+
+def correctness_reward(completion: str, answer: str) -> float:
+    """1 if the number in <answer> equals the reference (commas and a trailing '.0' ignored), else 0."""
+    predicted = extract_answer(completion)
+    if predicted is None:
+        return 0.0
+    normalise = lambda s: s.replace(",", "").replace("$", "").strip().removesuffix(".0")  # noqa: E731
+    return float(normalise(predicted) == normalise(answer))
+
+
+def format_reward(completion: str) -> float:
+    """1 if the completion is exactly <think>...</think><answer>...</answer>, else 0."""
+    return float(re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", completion, re.DOTALL) is not None)
+
+
+def reward_function(completions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+    """Per-completion rewards by name; the training reward is their weighted sum (correct + 0.1 format)."""
+    if len(completions) != len(answers):
+        raise ValueError(f"{len(completions)} completions but {len(answers)} answers: pass one answer per completion")
+    correct = torch.tensor([correctness_reward(c, a) for c, a in zip(completions, answers)])
+    formatted = torch.tensor([format_reward(c) for c in completions])
+    return {"correct": correct, "format": formatted, "total": correct + 0.1 * formatted}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, greedy=False):
+    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
+
+    Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
+    ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
+    eos may be the same token, so the mask is built from the first EOS position, never from the pad id.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **({"do_sample": False} if greedy else sampling),
+    )
+    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
+    is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
+    has_eos = is_eos.any(dim=1)  # (B*G,)
+    length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
+    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
+    texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,  # (B*G, C)
+        "is_truncated": ~has_eos,  # (B*G,)
+        "texts": texts,
+    }
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
+
+    Position ids count real tokens only, so a left-padded prompt gets the same RoPE positions as an unpadded one.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    num_completion = completion_ids.size(1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+    ).logits[:, :-1]  # (B, C, V)
+    logits = logits.float() / temperature
+    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
+    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    with torch.no_grad():
+        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
+
+    std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
+    divide (Dr. GRPO). A group whose rewards are all equal gets advantage 0: it carries no learning signal.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(
+            f"rewards at positions {bad} are NaN or infinite; a reward function must return a finite number "
+            f"for every completion (return 0.0 for one it cannot score)."
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    # A_i = r_i - mean_group(r)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (num_groups * G,)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)  # (num_groups * G,)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    # A_i = (r_i - mean) / (std + eps)
+    return advantages / (std + eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def policy_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    grad_accum_steps=1,
+):
+    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
+    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
+    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
+    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
+    """
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = masked_mean(per_token_kl, mask).item()
+
+    if loss_type == "grpo":  # mean over completions of each completion's token mean
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":  # token mean of this micro-batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
+        max_len = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
+    else:  # dapo: token mean over the whole batch
+        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
+
+    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
+    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
+    return loss, metrics
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def check_args(args: Args):
+    if args.group_size < 2:
+        raise ValueError(
+            f"--group_size must be at least 2 (GRPO compares completions of one prompt), got {args.group_size}"
+        )
+    if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
+        raise ValueError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+
+
+def train(args: Args):
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items, demos = load_task(args)
+    model, tokenizer = load_model(
+        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps
+    )
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    run_dir = make_run_dir("grpo", args, root=args.output_dir)
+    print(f"[grpo] run folder: {run_dir}")
+    print(
+        "[grpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
+        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
+    )
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
+    rng = random.Random(args.seed)
+    start = time.time()
+
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        print(f"[grpo] held-out before training: accuracy {before['accuracy']:.3f}, format {before['format']:.3f}")
+        bar = tqdm(range(1, args.num_steps + 1), desc="grpo")
+        for step in bar:
+            step_start = time.time()
+            batch_items = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: G completions for each prompt
+            model.eval()
+            rollout = generate_completions(
+                model, tokenizer, [to_prompt(x) for x in batch_items], args.group_size,
+                args.max_new_tokens, args.temperature, args.top_p,
+            )  # fmt: skip
+            answers = [x["answer"] for x in batch_items for _ in range(args.group_size)]
+            # 2. rewards and group-relative advantages
+            rewards = reward_function(rollout["texts"], answers)
+            advantages = group_advantages(rewards["total"], args.group_size, scale=args.scale_rewards)  # (B*G,)
+            advantages = advantages.to(model.device)
+            completion_mask = rollout["completion_mask"]  # (B*G, C)
+            if args.mask_truncated_completions:
+                completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
+            scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], completion_mask)
+            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
+            with torch.no_grad():
+                old_logps = (
+                    completion_logprobs(model, *scoring, args.temperature)[0] if args.num_iterations > 1 else None
+                )
+                ref_logps = completion_logprobs(ref_model, *scoring, args.temperature)[0] if ref_model else None
+            # 4. num_iterations passes of one optimiser step each, over micro-batches
+            model.train()
+            num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
+            step_metrics, loss_sum = [], 0.0
+            for _ in range(args.num_iterations):
+                for rows in torch.arange(len(answers)).chunk(args.gradient_accumulation_steps):
+                    logps, entropy = completion_logprobs(model, *(t[rows] for t in scoring), args.temperature)
+                    loss, metrics = policy_loss(
+                        logps,
+                        logps.detach() if old_logps is None else old_logps[rows],
+                        None if ref_logps is None else ref_logps[rows],
+                        advantages[rows],
+                        completion_mask[rows],
+                        eps_low=args.eps_low,
+                        eps_high=args.eps_high,
+                        beta=args.beta,
+                        loss_type=args.loss_type,
+                        max_completion_length=args.max_new_tokens,
+                        num_items_in_batch=num_items,
+                        grad_accum_steps=args.gradient_accumulation_steps,
+                    )
+                    loss.backward()
+                    metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
+                    step_metrics.append(metrics)
+                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 5. log TRL's metric names
+            group_std = rewards["total"].view(-1, args.group_size).std(dim=1)
+            lengths = rollout["completion_mask"].sum(1).float()
+            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            record |= {
+                "loss": loss_sum,
+                "reward": rewards["total"].mean().item(),
+                "reward_std": rewards["total"].std().item(),
+                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+                "rewards/correct/mean": rewards["correct"].mean().item(),
+                "rewards/format/mean": rewards["format"].mean().item(),
+                "completions/mean_length": lengths.mean().item(),
+                "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
+                "grad_norm": grad_norm.item(),
+                "step_time": time.time() - step_start,
+            }
+            if step % args.eval_every == 0 or step == args.num_steps:
+                record |= {
+                    f"eval/{k}": v
+                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
+                }
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/correct/mean']:.2f}")
+
+    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    results = {
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "wall_time_s": time.time() - start,
+        "run_dir": str(run_dir),
+    }
+    print(
+        f"[grpo] held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+        f"in {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)"
+    )
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = ["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "entropy", "grad_norm"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256):
+    """Greedy decoding on held-out problems: accuracy, share well formatted, mean completion length."""
+    model.eval()
+    correct, formatted, length = [], [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rollout = generate_completions(
+            model, tokenizer, [to_prompt(x) for x in chunk], 1, max_new_tokens, 1.0, 1.0, greedy=True
+        )
+        rewards = reward_function(rollout["texts"], [x["answer"] for x in chunk])
+        correct += rewards["correct"].tolist()
+        formatted += rewards["format"].tolist()
+        length += rollout["completion_mask"].sum(1).tolist()
+    n = len(items)
+    return {"accuracy": sum(correct) / n, "format": sum(formatted) / n, "mean_length": sum(length) / n}
+
+
+if __name__ == "__main__":
+    train(parse_args(Args))

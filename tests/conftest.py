@@ -1,0 +1,16 @@
+"""Test set-up: offline, a private model cache, and the repository root on sys.path."""
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Nothing in the tests may reach a hub: the offline flags make a hub look-up fail at once instead of hanging.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A cache of warm-started tiny models shared by this test session (and its subprocesses), not the user's.
+os.environ["GRPO_FAMILY_CACHE"] = tempfile.mkdtemp(prefix="grpo-family-test-cache-")

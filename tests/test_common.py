@@ -1,0 +1,98 @@
+"""common.py: the tiny model and tokenizer, the loader, the cache, arguments, and the metrics logger."""
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import common
+
+
+def test_tiny_tokenizer_round_trips_and_keeps_tags_whole():
+    tokenizer = common.build_tiny_tokenizer()
+    text = "47+38=<think>7+8=15 4+3+1=8</think><answer>85</answer>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(ids) == len("47+38=") + 1 + len("7+8=15 4+3+1=8") + 1 + 1 + 2 + 1  # each tag is one token
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id, tokenizer.pad_token_id], skip_special_tokens=True) == text
+
+
+def test_tiny_model_is_a_small_gqa_qwen2():
+    model = common.build_tiny_model(common.build_tiny_tokenizer())
+    assert model.config.model_type == "qwen2"
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query attention
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 1.5e6
+
+
+def test_warm_start_is_cached_and_learns(tmp_path):
+    demos = [(f"{a}+{a}=", f"<answer>{2 * a}</answer>") for a in range(10, 40)]
+    model, tokenizer = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)
+    (cached,) = tmp_path.iterdir()
+    assert (cached / "config.json").exists()
+    again, _ = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)  # from the cache: the same weights
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(p, q), name
+    untrained = common.build_tiny_model(tokenizer)
+    enc = tokenizer([p + c + tokenizer.eos_token for p, c in demos], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].clone()
+    labels[:, : len("10+10=")] = -100  # SFT trains the completion only; every prompt here is 6 characters
+    assert model(**enc, labels=labels).loss < 0.5 * untrained(**enc, labels=labels).loss
+
+
+def test_load_model_from_a_local_folder(tmp_path):
+    tokenizer = common.build_tiny_tokenizer()
+    common.build_tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded = common.load_model(str(tmp_path), device="cpu")
+    assert model.config.model_type == "qwen2" and loaded.padding_side == "left"
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+
+
+def test_unknown_model_offline_is_one_clear_error():
+    with pytest.raises(ValueError, match="Could not load model 'no-such-model'.*--model tiny"):
+        common.load_model("no-such-model")
+
+
+def test_smollm2_preset_without_its_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(common.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="requirements-smollm2.txt"):
+        common.load_model("smollm2-135m")
+
+
+def test_pick_device_and_dtype():
+    assert common.pick_device("cpu").type == "cpu"
+    assert common.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert common.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+@dataclass
+class ToyArgs:
+    num_steps: int = field(default=3, metadata={"help": "steps"})
+    prefix_grouper: bool = field(default=False, metadata={"help": "flag"})
+
+
+def test_parse_args_takes_underscores_and_dashes():
+    assert common.parse_args(ToyArgs, ["--num-steps", "5", "--prefix-grouper"]) == ToyArgs(5, True)
+    assert common.parse_args(ToyArgs, ["--num_steps", "7"]) == ToyArgs(7, False)
+
+
+def test_metrics_logger_keeps_curves_when_interrupted(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with common.MetricsLogger(tmp_path) as logger:
+            logger.log(1, {"reward": 0.5})
+            logger.log(2, {"reward": 0.7, "eval/accuracy": 0.9})
+            raise KeyboardInterrupt
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "reward": 0.5}, {"step": 2, "reward": 0.7, "eval/accuracy": 0.9}]
+    assert (tmp_path / "metrics.png").stat().st_size > 1000
+    assert (tmp_path / "metrics.csv").read_text().splitlines()[0] == "step,reward,eval/accuracy"
+
+
+def test_run_dir_saves_args(tmp_path):
+    import grpo
+
+    run_dir = common.make_run_dir("grpo", grpo.Args(), root=tmp_path)
+    assert run_dir.name.startswith("grpo__tiny__seed0__")
+    assert json.loads((run_dir / "args.json").read_text())["group_size"] == 8
