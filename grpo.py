@@ -62,6 +62,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import MetricsLogger, format_prompt, load_model, make_run_dir, parse_args, seed_everything
+from prefix_grouper import shared_prefix_logprobs
 
 
 @dataclass
@@ -98,6 +99,9 @@ class Args:
     num_iterations: int = field(default=1, metadata={"help": "mu, optimisation passes over each batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    prefix_grouper: bool = field(
+        default=False, metadata={"help": "encode each group's prompt once (prefix_grouper.py)"}
+    )
     # evaluation
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
 
@@ -247,11 +251,23 @@ def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, 
     }
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, group_size=None):
     """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
 
     Position ids count real tokens only, so a left-padded prompt gets the same RoPE positions as an unpadded one.
+    With `group_size` (--prefix_grouper) the rows come in groups that share one prompt, and each prompt is encoded
+    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
     """
+    if group_size is not None:
+        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[::group_size], prompt_mask[::group_size])]
+        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
+        groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
+        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
+        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
+        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
+            completion_mask.bool(), torch.cat([x for group in nested for x in group])
+        )  # fmt: skip
+        return to_padded(logps), to_padded(entropy)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
@@ -262,7 +278,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
         position_ids=position_ids,
         logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
     ).logits[:, :-1]  # (B, C, V)
-    logits = logits.float() / temperature
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
     # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
     log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
     logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
@@ -384,6 +400,10 @@ def check_args(args: Args):
         )
     if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
         raise ValueError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+    if args.prefix_grouper and args.prompts_per_step % args.gradient_accumulation_steps:
+        raise ValueError(
+            "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
+        )
     if args.temperature <= 0:
         raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
 
@@ -404,6 +424,8 @@ def train(args: Args):
         "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
     )
     to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
+    group_size = args.group_size if args.prefix_grouper else None  # rows of a group share their prompt
+    score = lambda m, *tensors: completion_logprobs(m, *tensors, args.temperature, group_size)  # noqa: E731
     rng = random.Random(args.seed)
     start = time.time()
 
@@ -432,17 +454,15 @@ def train(args: Args):
             scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], completion_mask)
             # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
             with torch.no_grad():
-                old_logps = (
-                    completion_logprobs(model, *scoring, args.temperature)[0] if args.num_iterations > 1 else None
-                )
-                ref_logps = completion_logprobs(ref_model, *scoring, args.temperature)[0] if ref_model else None
+                old_logps = score(model, *scoring)[0] if args.num_iterations > 1 else None
+                ref_logps = score(ref_model, *scoring)[0] if ref_model else None
             # 4. num_iterations passes of one optimiser step each, over micro-batches
             model.train()
             num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
             step_metrics, loss_sum = [], 0.0
             for _ in range(args.num_iterations):
                 for rows in torch.arange(len(answers)).chunk(args.gradient_accumulation_steps):
-                    logps, entropy = completion_logprobs(model, *(t[rows] for t in scoring), args.temperature)
+                    logps, entropy = score(model, *(t[rows] for t in scoring))
                     loss, metrics = policy_loss(
                         logps,
                         logps.detach() if old_logps is None else old_logps[rows],

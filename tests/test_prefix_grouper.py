@@ -1,0 +1,233 @@
+"""prefix_grouper.py: the same log-probs and gradients as the naive repeated-prefix forward, on CPU and CUDA."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+import grpo
+import prefix_grouper as pg
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+VOCAB = 61
+
+
+def tiny_model(family, kernel="sdpa", device="cpu", dtype=torch.float32, seed=0):
+    """A random two-layer model with grouped-query attention (4 query heads share 2 key/value heads)."""
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[family](**shape)
+    config._attn_implementation = kernel
+    torch.manual_seed(seed)
+    model_class = {"qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}[family]
+    return model_class(config).to(device=device, dtype=dtype).train()
+
+
+def uneven_batch(group_sizes, seed=0, device="cpu"):
+    """Prompts of 5, 11, 2, ... tokens; completions of 1 to 9 tokens (random), so every row is padded differently."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lengths = [5, 11, 2, 8][: len(group_sizes)]
+    prompts = [torch.randint(1, VOCAB, (p,), generator=g).to(device) for p in prompt_lengths]
+    completions = [
+        [torch.randint(1, VOCAB, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g).to(device)
+         for _ in range(size)]
+        for size in group_sizes
+    ]  # fmt: skip
+    return prompts, completions
+
+
+def logprobs_and_grads(fn, model, prompts, completions, **kwargs):
+    model.zero_grad(set_to_none=True)
+    logps = fn(model, prompts, completions, **kwargs)
+    # a weighted sum, so every token's gradient matters with a different weight
+    weights = torch.linspace(0.5, 1.5, sum(len(x) for group in logps for x in group), device=logps[0][0].device)
+    flat = torch.cat([x for group in logps for x in group])
+    (flat * weights).sum().backward()
+    return logps, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def assert_same(grouped, naive, logp_atol, grad_rtol):
+    (logps_g, grads_g), (logps_n, grads_n) = grouped, naive
+    assert [len(group) for group in logps_g] == [len(group) for group in logps_n]
+    for group_g, group_n in zip(logps_g, logps_n):
+        for a, b in zip(group_g, group_n):
+            assert a.shape == b.shape and torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, atol=logp_atol, rtol=0)
+    for name, grad in grads_n.items():
+        assert torch.isfinite(grads_g[name]).all(), name
+        relative = ((grads_g[name] - grad).norm() / grad.norm().clamp(min=1e-12)).item()
+        assert relative < grad_rtol, f"{name}: relative gradient difference {relative:.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "group_sizes", [[1, 1, 1], [2, 2, 2], [4, 4, 4], [1, 3, 2, 4]], ids=["G1", "G2", "G4", "mixed"]
+)
+def test_same_logprobs_and_gradients_as_naive(device, family, kernel, group_sizes):
+    """fp32: log-probs within 1e-5, every parameter's gradient within 1e-4 (relative norm)."""
+    model = tiny_model(family, kernel, device)
+    prompts, completions = uneven_batch(group_sizes, device=device)
+    grouped = logprobs_and_grads(pg.shared_prefix_logprobs, model, prompts, completions)
+    naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
+    assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
+    assert model.config._attn_implementation == kernel  # restored after the grouped forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_temperature_and_entropy_match_naive(device):
+    model = tiny_model("qwen2", device=device)
+    prompts, completions = uneven_batch([3, 2], device=device)
+    with torch.no_grad():
+        lp_g, ent_g = pg.shared_prefix_logprobs(model, prompts, completions, temperature=0.7, return_entropy=True)
+        lp_n, ent_n = pg.repeated_prefix_logprobs(model, prompts, completions, temperature=0.7, return_entropy=True)
+        lp_1 = pg.repeated_prefix_logprobs(model, prompts, completions)
+    for a, b, c, d, e in zip(sum(lp_g, []), sum(lp_n, []), sum(ent_g, []), sum(ent_n, []), sum(lp_1, [])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c, d, atol=1e-5, rtol=0)
+        assert not torch.allclose(a, e)  # the temperature is really applied
+
+
+def test_changing_one_completion_leaves_the_others_unchanged():
+    model = tiny_model("llama").eval()
+    prompts, completions = uneven_batch([4, 2])
+    with torch.no_grad():
+        before = pg.shared_prefix_logprobs(model, prompts, completions)
+        completions[0][1] = torch.randint(1, VOCAB, (7,), generator=torch.Generator().manual_seed(9))
+        after = pg.shared_prefix_logprobs(model, prompts, completions)
+    for i, j in [(0, 0), (0, 2), (0, 3), (1, 0), (1, 1)]:
+        torch.testing.assert_close(before[i][j], after[i][j], atol=1e-6, rtol=0)
+    assert after[0][1].shape == (7,)
+
+
+def test_packing_by_hand():
+    prompts = [torch.tensor([11, 12, 13]), torch.tensor([21])]
+    completions = [[torch.tensor([14, 15]), torch.tensor([16])], [torch.tensor([22, 23, 24])]]
+    layout = pg.pack(prompts, completions, pad_token_id=0)
+    assert layout.input_ids.tolist() == [[11, 12, 13, 14, 15, 16], [21, 22, 23, 24, 0, 0]]
+    # every completion restarts at its prompt's length
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 0, 0]]
+    # prompts left-padded to P_max = 3, completions right-padded to S_max = 3; flat index = row * 6 + column
+    assert layout.prefix_index.tolist() == [[0, 1, 2], [0, 0, 6]]
+    assert layout.prefix_valid.tolist() == [[True, True, True], [False, False, True]]
+    assert layout.suffix_index.tolist() == [[3, 4, 0], [5, 0, 0], [7, 8, 9]]
+    assert layout.suffix_row.tolist() == [0, 0, 1]
+    prefix_mask, suffix_mask = layout.masks(torch.float32)
+    allowed = lambda mask: (mask[:, 0] == 0).int().tolist()  # noqa: E731
+    assert allowed(prefix_mask)[1] == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # padding sees itself only; 21 sees 21
+    # completion [16] (row 0): sees the 3 prompt tokens and itself, not [14, 15]
+    assert allowed(suffix_mask)[1][0] == [1, 1, 1, 1, 0, 0]
+    # completion [22, 23, 24]: sees prompt token 21 (last prefix slot) and itself causally
+    assert allowed(suffix_mask)[2] == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+
+
+def test_registered_and_a_plain_forward_is_sdpa():
+    assert ALL_ATTENTION_FUNCTIONS["prefix_grouper"] is pg.prefix_grouper_attention
+    model = tiny_model("qwen2").eval()
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    model.set_attn_implementation("prefix_grouper")  # left on it, without a layout: plain sdpa
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_flex_attention_on_cuda_matches_naive():
+    """flex_attention takes our additive masks too. CUDA only: on CPU, PyTorch's flex_attention has no backward,
+    and its compiled forward crashed the interpreter in our runs (torch 2.13, 2-core x86-64)."""
+    model = tiny_model("qwen2", device="cuda")
+    prompts, completions = uneven_batch([2, 3, 1], device="cuda")
+    grouped = logprobs_and_grads(pg.shared_prefix_logprobs, model, prompts, completions, kernel="flex_attention")
+    naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
+    assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_bf16_on_cuda_is_as_accurate_as_naive_bf16(family):
+    """bf16 keeps 8 mantissa bits, so neither path matches fp32 to 1e-5. The tolerance we justify: against an fp32
+    reference, the grouped bf16 log-probs and gradients may be at most 2x (+ a bf16 ulp) further off than the
+    naive bf16 computation is: prefix sharing must not cost accuracy beyond bf16's own rounding."""
+    prompts, completions = uneven_batch([4, 4, 2], device="cuda")
+    reference = logprobs_and_grads(pg.repeated_prefix_logprobs, tiny_model(family, device="cuda"), prompts, completions)
+    model = tiny_model(family, device="cuda", dtype=torch.bfloat16)
+    errors = {}
+    for name, fn in (("grouped", pg.shared_prefix_logprobs), ("naive", pg.repeated_prefix_logprobs)):
+        logps, grads = logprobs_and_grads(fn, model, prompts, completions)
+        flat, flat_ref = torch.cat(sum(logps, [])).float(), torch.cat(sum(reference[0], []))
+        grad_error = max(((grads[n].float() - g).norm() / g.norm()).item() for n, g in reference[1].items())
+        errors[name] = ((flat - flat_ref).abs().max().item(), grad_error)
+    assert errors["grouped"][0] <= 2 * errors["naive"][0] + 2**-8
+    assert errors["grouped"][1] <= 2 * errors["naive"][1] + 2**-8
+
+
+@pytest.mark.parametrize(
+    "prompts, completions, message",
+    [
+        ([torch.tensor([1, 2])], [[torch.tensor([3])], [torch.tensor([4])]], "1 prompts but 2 completion lists"),
+        ([torch.tensor([1, 2]), torch.tensor([5])], [[torch.tensor([3])], []], "prompt 1 has an empty group"),
+        ([torch.tensor([[1, 2]])], [[torch.tensor([3])]], "1-D tensor"),
+        ([torch.tensor([], dtype=torch.long)], [[torch.tensor([3])]], "non-empty"),
+    ],
+)
+def test_bad_input_is_a_clear_error(prompts, completions, message):
+    model = tiny_model("qwen2")
+    for fn in (pg.shared_prefix_logprobs, pg.repeated_prefix_logprobs):
+        with pytest.raises(ValueError, match=message):
+            fn(model, prompts, completions)
+
+
+def test_kernels_without_explicit_masks_are_refused():
+    with pytest.raises(ValueError, match="explicit attention mask"):
+        pg.shared_prefix_logprobs(tiny_model("qwen2"), [torch.tensor([1, 2])], [[torch.tensor([3])]],
+                                  kernel="flash_attention_2")  # fmt: skip
+
+
+def test_a_model_without_attention_interface_is_refused():
+    from transformers import MambaConfig, MambaForCausalLM
+
+    model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, state_size=4))
+    with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
+        pg.shared_prefix_logprobs(model, [torch.tensor([1, 2])], [[torch.tensor([3])]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grpo.py --prefix_grouper
+
+
+def test_grpo_step_is_the_same_with_prefix_grouper():
+    """One GRPO loss on a rollout with padded prompts, EOS-masked completions and a fully masked (truncated)
+    completion: the same loss and the same gradient of every parameter with and without prefix grouping."""
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(0)
+    group_size, prompt_lengths = 3, [4, 7]
+    prompt_ids = torch.zeros(6, 7, dtype=torch.long)
+    prompt_mask = torch.zeros(6, 7, dtype=torch.long)
+    for i, p in enumerate(prompt_lengths):  # left-padded, repeated per group member
+        prompt_ids[i * 3 : i * 3 + 3, 7 - p :] = torch.randint(1, VOCAB, (p,), generator=g)
+        prompt_mask[i * 3 : i * 3 + 3, 7 - p :] = 1
+    completion_ids = torch.randint(1, VOCAB, (6, 9), generator=g)
+    lengths = torch.tensor([9, 3, 5, 0, 6, 1])  # row 3: a truncated completion, masked out entirely
+    completion_mask = (torch.arange(9)[None] < lengths[:, None]).long()
+    advantages = torch.randn(6, generator=g)
+    results = []
+    for group_size_arg in (None, group_size):
+        model.zero_grad(set_to_none=True)
+        logps, entropy = grpo.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                                  1.0, group_size=group_size_arg)  # fmt: skip
+        loss, _ = grpo.policy_loss(logps, logps.detach(), None, advantages, completion_mask, loss_type="grpo")
+        loss.backward()
+        results.append((loss, logps * completion_mask, entropy * completion_mask,
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))  # fmt: skip
+    (loss_n, logps_n, ent_n, grads_n), (loss_g, logps_g, ent_g, grads_g) = results
+    torch.testing.assert_close(loss_g, loss_n, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logps_g, logps_n, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent_g, ent_n, atol=1e-5, rtol=0)
+    for name, grad in grads_n.items():
+        assert ((grads_g[name] - grad).norm() / grad.norm()).item() < 1e-4, name
+
+
+def test_grpo_rejects_groups_split_across_micro_batches():
+    with pytest.raises(ValueError, match="keeps groups whole"):
+        grpo.check_args(grpo.Args(prefix_grouper=True, prompts_per_step=3, gradient_accumulation_steps=2))
