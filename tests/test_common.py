@@ -31,9 +31,11 @@ def test_warm_start_is_cached_and_learns(tmp_path):
     model, tokenizer = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)
     (cached,) = tmp_path.iterdir()
     assert (cached / "config.json").exists()
-    again, _ = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)  # from the cache: the same weights
+    again, cached_tokenizer = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)  # from the cache
     for (name, p), q in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), name
+    text = "a b, c? <dx>A fits; B no cough</dx>"  # spaces and tags tokenize as before saving
+    assert cached_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
     untrained = common.build_tiny_model(tokenizer)
     enc = tokenizer([p + c + tokenizer.eos_token for p, c in demos], return_tensors="pt", padding=True)
     labels = enc["input_ids"].clone()
@@ -47,6 +49,7 @@ def test_load_model_from_a_local_folder(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     model, loaded = common.load_model(str(tmp_path), device="cpu")
     assert model.config.model_type == "qwen2" and loaded.padding_side == "left"
+    assert loaded("a b c")["input_ids"] == tokenizer("a b c")["input_ids"]
     assert model.dtype == torch.float32 and model.device.type == "cpu"
 
 

@@ -1,0 +1,785 @@
+"""CRPO: Clinical-objective Relative Policy Optimization (Clinical-R1), in one file.
+
+Paper: Clinical-R1: Empowering Large Language Models for Faithful and Comprehensive Reasoning with Clinical
+Objective Relative Policy Optimization (Gu, Zhou et al., 2025), https://arxiv.org/abs/2512.00601.
+Read it against grpo.py: `diff grpo.py crpo.py` shows what CRPO changes (the task, the rewards, the advantage of
+several objectives and the evaluation); rollout, loss and training loop are GRPO's, line for line.
+
+The idea. GRPO with a correctness reward learns to answer right, but nothing stops it from reasoning lazily,
+citing findings the patient does not have, or never saying why the other options are wrong. CRPO keeps GRPO and
+adds rule-based, verifiable rewards for two more clinical objectives, with no human labels and no reward model:
+faithfulness (the reasoning cites findings that are in the case and invents none, and the conclusion follows from
+it) and comprehensiveness (the reasoning covers the case's findings and rejects each distractor for a reason).
+The response is split into a diagnostic analysis <dx>...</dx> and a final <conclusion>...</conclusion>.
+
+Equations (k = 10, so accuracy dominates and the other terms add at most 2, the paper's k + 2 = 12):
+
+    R_i   = k * R_acc + R_faith + R_comp                                   CRPO   (--method crpo)
+    R_i   = k * R_acc + R_format                                           GRPO baseline (--method grpo)
+    A_i   = (R_i - mean(R_group)) / (std(R_group) + eps)                   mode sum_then_normalize (default)
+    A_i   = z_batch( sum_j w_j * z_group(R_ij) )                           mode normalize_then_sum (ablation, GDPO)
+    loss  = GRPO's clipped surrogate with TRL's aggregation (see grpo.py)
+
+    R_acc    = 1 if the option letter in <conclusion> is the gold one
+    R_faith  = 0.5 * precision(findings cited in <dx> that are in the stem)  + 0.5 * [the <dx> says the concluded
+               option fits and does not reject it]                          (0 if the format is wrong)
+    R_comp   = 0.5 * (stem findings cited / stem findings) + 0.5 * (distractors rejected with a stem finding as
+               the reason / distractors)                                    (0 if the format is wrong)
+    R_format = 1 if the response is exactly <dx>...</dx><conclusion>X</conclusion>
+
+Why it works without hurting accuracy: in a group where every answer is right (or every one is wrong) the
+accuracy term has no variance, so the whole advantage comes from faithfulness and comprehensiveness; in mixed
+groups the k = 10 accuracy term dominates. `frac_accuracy_zero_std` logs the share of such groups.
+
+What is the paper's and what is ours (shared/papers/crpo-and-grpo-pp.md, part A):
+- The paper's: the three objectives, rule-based rewards, <dx>/<conclusion>, k = 10 and the k + 2 bound, GRPO
+  with correctness + format as the baseline, evaluation of faithfulness, evidence citation and distractor
+  rejection. Its exact reward rules, weights of the auxiliary terms and data pipeline are not public.
+- Ours (interpretation): the formulas of R_faith and R_comp above; summing before normalising (the k + 2 bound
+  points to one summed reward); a synthetic clinical task whose findings are exact words, so "cites a finding"
+  is a string match (real MedQA would need clinical NER: on the MedQA path we use MedQA's metamap phrases);
+  an evaluation checked against the knowledge graph, stricter than the training reward (a rejection counts as
+  valid only if the rejected disease really lacks the finding).
+- Simplified: a 0.8M-parameter model warm-started on templated traces instead of Qwen2.5-3B with R1 traces.
+
+The task. A knowledge graph of 12 diseases and their findings, with deliberate overlaps. A vignette lists 3
+findings of the gold disease and 4 options whose distractors share findings with it, e.g.
+    prompt:  "anosmia, fever, cough? A covid B strep C flu D mono"
+    full:    "<dx>anosmia, fever, cough; A fits; B no cough; C no anosmia; D no fever</dx><conclusion>A</conclusion>"
+    lazy:    "<dx>A fits</dx><conclusion>A</conclusion>"
+The stem always holds the gold disease's key finding. The tiny model is warm-started on a mix of lazy (50%),
+partial (30%), full (10%) and wrong or hallucinated (10%) demonstrations, so it starts lazy; GRPO, indifferent
+among right answers, has no reason to leave the lazy ones; CRPO does.
+No held-out question appears in training. `--dataset medqa` reads MedQA (4 options) from
+the hub or a local folder.
+
+Run:
+    python crpo.py                          # CRPO on the tiny model, CPU
+    python crpo.py --method grpo            # the GRPO baseline: same loop, accuracy + format reward
+    python crpo.py --compare                # GRPO vs CRPO, 3 seeds each: table and plot (README)
+
+Measured (`python crpo.py --compare`, seeds 0-2, 2-core x86-64 CPU, ~9 minutes from an empty cache): held-out
+accuracy GRPO 0.378 +- 0.010 vs CRPO 0.364 +- 0.039 (within 3 points); faithfulness 0.456 +- 0.226 vs
+0.789 +- 0.087; stem findings cited 1.00 +- 0.21 vs 2.08 +- 0.11; distractors rejected with a valid reason
+0.130 +- 0.008 vs 0.147 +- 0.041 (no clear gain). Table and plot in README; `python crpo.py` alone: ~4 minutes.
+"""
+
+import copy
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from common import (
+    MetricsLogger,
+    format_prompt,
+    load_model,
+    make_run_dir,
+    parse_args,
+    plot_comparison,
+    seed_everything,
+    summarize_runs,
+)
+from prefix_grouper import shared_prefix_logprobs
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = field(default=0, metadata={"help": "random seed of training (python, numpy, torch)"})
+    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    # task
+    dataset: Literal["clinic", "medqa"] = field(default="clinic", metadata={"help": "the task"})
+    dataset_path: str = field(default="GBaker/MedQA-USMLE-4-options", metadata={"help": "medqa: hub id or folder"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the generated items (seeds share one warm start)"})
+    num_train: int = field(default=2000, metadata={"help": "training items (medqa: at most)"})
+    num_eval: int = field(default=120, metadata={"help": "held-out items for evaluation"})
+    sft_steps: int = field(
+        default=800, metadata={"help": "tiny warm start: SFT steps of 32 (cached after the first run)"}
+    )
+    # CRPO
+    method: Literal["crpo", "grpo"] = field(default="crpo", metadata={"help": "crpo objectives, or the grpo baseline"})
+    weights: str = field(default="", metadata={"help": "override the objective weights, e.g. 'accuracy=10,format=1'"})
+    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
+        default="sum_then_normalize", metadata={"help": "combine objectives before or after normalising"}
+    )
+    compare: bool = field(default=False, metadata={"help": "run grpo and crpo for every seed in --seeds, then plot"})
+    seeds: str = field(default="0,1,2", metadata={"help": "--compare: comma-separated seeds"})
+    # rollout
+    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step; the batch is this x group_size"})
+    group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (at least 2)"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    # advantages and loss
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
+    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (DAPO: 0.28)"})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient; > 0 loads a frozen reference model"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions with no EOS"})
+    # optimisation
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
+    num_iterations: int = field(default=1, metadata={"help": "mu, optimisation passes over each batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    prefix_grouper: bool = field(
+        default=False, metadata={"help": "encode each group's prompt once (prefix_grouper.py)"}
+    )
+    # evaluation
+    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task and data
+
+
+SYSTEM_PROMPT = (
+    "Diagnose the case. Inside <dx> </dx> cite the case's findings, say which option fits and reject each other "
+    "option with a finding it lacks (e.g. 'B no cough'); then give only the option letter inside "
+    "<conclusion> </conclusion>."
+)
+
+# The knowledge graph: disease -> findings, the first one its key finding (no other disease has it). The others
+# are shared across diseases on purpose, so each distractor matches part of the case. Names are the usual
+# clinical abbreviations (appy = appendicitis, chole = cholecystitis, pna = pneumonia, ...) to keep prompts short.
+KNOWLEDGE_GRAPH = {
+    "flu": ["myalgia", "fever", "cough", "headache"],
+    "covid": ["anosmia", "fever", "cough", "dyspnea"],
+    "strep": ["exudate", "fever", "pharyngitis", "adenopathy"],
+    "mono": ["splenomegaly", "fatigue", "pharyngitis", "adenopathy"],
+    "hepatitis": ["jaundice", "fatigue", "nausea", "fever"],
+    "chole": ["murphy-sign", "fever", "ruq-pain", "nausea"],
+    "appy": ["rlq-pain", "fever", "nausea", "anorexia"],
+    "pna": ["crackles", "fever", "cough", "dyspnea"],
+    "asthma": ["wheeze", "dyspnea", "cough", "nausea"],
+    "migraine": ["aura", "headache", "nausea", "photophobia"],
+    "meningitis": ["neck-stiffness", "fever", "headache", "photophobia"],
+    "anemia": ["pallor", "fatigue", "dyspnea", "headache"],
+}
+FINDINGS = sorted({f for findings in KNOWLEDGE_GRAPH.values() for f in findings})
+LETTERS = "ABCD"
+
+
+def make_item(gold, stem, rng):
+    """A vignette: the stem's findings, and 4 options: the gold disease and 3 distractors, each lacking a stem
+    finding (so it can be rejected for a reason). Distractors that share a stem finding are preferred; a few
+    stems have fewer than 3 of those, and get the rest from the other diseases."""
+    others = [d for d in KNOWLEDGE_GRAPH if d != gold and set(stem) - set(KNOWLEDGE_GRAPH[d])]
+    sharing = [d for d in others if set(stem) & set(KNOWLEDGE_GRAPH[d])]
+    distractors = rng.sample(sharing, min(3, len(sharing)))
+    distractors += rng.sample([d for d in others if d not in sharing], 3 - len(distractors))
+    options = distractors + [gold]
+    rng.shuffle(options)
+    return {
+        "question": f"{', '.join(stem)}? " + " ".join(f"{L} {d}" for L, d in zip(LETTERS, options)),
+        "options": dict(zip(LETTERS, options)),
+        "answer": LETTERS[options.index(gold)],
+        "findings": list(stem),  # the stem's findings
+        "vocabulary": FINDINGS,  # the words that count as findings when the reasoning is parsed
+    }
+
+
+def clinical_trace(item, style, rng):
+    """A demonstration in one of four styles: lazy, partial, full, or wrong (a wrong answer or an invented finding)."""
+    gold, findings = item["answer"], item["findings"]
+    distractors = [L for L in item["options"] if L != gold]
+
+    def rejection(letter):  # "B no cough": a stem finding the distractor lacks
+        missing = [f for f in findings if f not in KNOWLEDGE_GRAPH[item["options"][letter]]]
+        return f"{letter} no {rng.choice(missing)}"
+
+    if style == "lazy":
+        clauses = [f"{gold} fits"]
+    elif style == "partial":
+        clauses = [rng.choice(findings), f"{gold} fits", rejection(rng.choice(distractors))]
+    elif style == "full":
+        clauses = [", ".join(findings), f"{gold} fits"] + [rejection(L) for L in distractors]
+    else:  # wrong: half a wrong conclusion, half an invented finding
+        if rng.random() < 0.5:
+            gold = rng.choice(distractors)
+            clauses = [", ".join(findings), f"{gold} fits"]
+        else:
+            invented = rng.choice([f for f in FINDINGS if f not in findings])
+            clauses = [", ".join(findings[:2] + [invented]), f"{gold} fits"]
+    return f"<dx>{'; '.join(clauses)}</dx><conclusion>{gold}</conclusion>"
+
+
+DEMO_STYLES = {"lazy": 0.5, "partial": 0.3, "full": 0.1, "wrong": 0.1}
+
+
+def make_clinic_task(num_train: int, num_eval: int, seed: int):
+    """Vignettes from the knowledge graph; no held-out question appears in training. Returns (train, eval, demos)."""
+    rng = random.Random(seed)
+    combos = [(d, stem) for d, fs in KNOWLEDGE_GRAPH.items() for stem in _key_and_two(fs)]  # 12 diseases x 3
+    eval_items = [make_item(*rng.choice(combos), rng) for _ in range(num_eval)]
+    held_out = {x["question"] for x in eval_items}
+    train_items = []
+    while len(train_items) < num_train:
+        item = make_item(*rng.choice(combos), rng)
+        if item["question"] not in held_out:
+            train_items.append(item)
+    styles = rng.choices(list(DEMO_STYLES), weights=list(DEMO_STYLES.values()), k=num_train)
+    demos = [(x["question"], clinical_trace(x, style, rng)) for x, style in zip(train_items, styles)]
+    return train_items, eval_items, demos
+
+
+def _key_and_two(findings):
+    """The stems of a disease: its key finding and two of its other three findings."""
+    return [[f for f in findings if f != left_out] for left_out in findings[1:]]
+
+
+def load_medqa(path: str, num_train: int, num_eval: int):
+    """MedQA 4-option (GBaker/MedQA-USMLE-4-options format: question, options {A..D}, answer_idx, and
+    metamap_phrases, which stand in for the findings). No knowledge graph: the warm-start demos are lazy."""
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(path)
+    except Exception as error:  # datasets raises many types: offline, missing files, bad format
+        raise ValueError(
+            f"Could not load MedQA from {path!r} ({type(error).__name__}: {error}). Pass a local folder with "
+            f"train and test JSONL files in MedQA's format, or run the offline default --dataset clinic."
+        ) from None
+
+    def to_items(split, limit):
+        items = []
+        for row in split.select(range(min(limit, len(split)))):
+            options = {L: row["options"][L] for L in sorted(row["options"])}
+            phrases = [p.lower() for p in row.get("metamap_phrases") or []]
+            question = row["question"] + " " + " ".join(f"{L} {text}" for L, text in options.items())
+            item = {"question": question, "options": options, "answer": row["answer_idx"],
+                    "findings": phrases, "vocabulary": phrases}  # fmt: skip
+            items.append(check_item(item))
+        return items
+
+    train_items, eval_items = to_items(data["train"], num_train), to_items(data["test"], num_eval)
+    demos = [(x["question"], f"<dx>{x['answer']} fits</dx><conclusion>{x['answer']}</conclusion>") for x in train_items]
+    return train_items, eval_items, demos
+
+
+def check_item(item):
+    """One clear error for a malformed item, naming what is wrong."""
+    for key in ("question", "options", "answer", "findings", "vocabulary"):
+        if key not in item:
+            raise ValueError(f"item is missing {key!r}: each item needs question, options, answer, findings")
+    if not isinstance(item["options"], dict) or len(item["options"]) < 2:
+        raise ValueError(f"item needs at least 2 options as a dict letter -> text, got {item['options']!r}")
+    if item["answer"] not in item["options"]:
+        raise ValueError(f"item's answer {item['answer']!r} is not one of its options {sorted(item['options'])}")
+    return item
+
+
+def load_task(args: Args):
+    if args.dataset == "clinic":
+        train_items, eval_items, demos = make_clinic_task(args.num_train, args.num_eval, args.data_seed)
+    else:
+        train_items, eval_items, demos = load_medqa(args.dataset_path, args.num_train, args.num_eval)
+    if not train_items or not eval_items:
+        raise ValueError(
+            f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out items; "
+            f"both must be non-empty (check --num_train, --num_eval and the data files)."
+        )
+    return train_items, eval_items, demos
+
+
+def parse_response(completion: str, item) -> dict:
+    """Split a response into what the rewards look at: format, conclusion letter, cited findings, the options the
+    <dx> says fit, and the (option, reason) rejections."""
+    match = re.fullmatch(r"\s*<dx>(.*?)</dx>\s*<conclusion>\s*(.*?)\s*</conclusion>\s*", completion, re.DOTALL)
+    if match is None:
+        return {"formatted": False, "conclusion": None, "cited": [], "fits": set(), "rejections": []}
+    dx, conclusion = match.group(1), match.group(2)
+    letters = "".join(item["options"])
+    return {
+        "formatted": conclusion in item["options"],
+        "conclusion": conclusion,
+        "cited": [f for f in item["vocabulary"] if f in dx],  # findings named anywhere in the reasoning
+        "fits": set(re.findall(rf"\b([{letters}]) fits\b", dx)),
+        "rejections": [(L, reason.strip()) for L, reason in re.findall(rf"\b([{letters}]) no ([^;]+)", dx)],
+    }
+
+
+def accuracy_reward(parsed, item) -> float:
+    return float(parsed["conclusion"] == item["answer"])
+
+
+def faithfulness_reward(parsed, item) -> float:
+    """0.5 * share of cited findings that are in the stem (none cited: 0) + 0.5 * conclusion grounded in the <dx>."""
+    if not parsed["formatted"]:
+        return 0.0
+    cited = parsed["cited"]
+    precision = sum(f in item["findings"] for f in cited) / len(cited) if cited else 0.0
+    rejected = {L for L, _ in parsed["rejections"]}
+    grounded = parsed["conclusion"] in parsed["fits"] and parsed["conclusion"] not in rejected
+    return 0.5 * precision + 0.5 * float(grounded)
+
+
+def comprehensiveness_reward(parsed, item) -> float:
+    """0.5 * share of stem findings cited + 0.5 * share of distractors rejected with a stem finding as the reason."""
+    if not parsed["formatted"] or not item["findings"]:
+        return 0.0
+    coverage = sum(f in parsed["cited"] for f in item["findings"]) / len(item["findings"])
+    distractors = [L for L in item["options"] if L != item["answer"]]
+    reasons = {L: reason for L, reason in parsed["rejections"]}
+    rejected = sum(reasons.get(L) in item["findings"] for L in distractors) / len(distractors)
+    return 0.5 * coverage + 0.5 * rejected
+
+
+def format_reward(parsed, item) -> float:
+    return float(parsed["formatted"])
+
+
+OBJECTIVES = {
+    "accuracy": accuracy_reward,
+    "faithfulness": faithfulness_reward,
+    "comprehensiveness": comprehensiveness_reward,
+    "format": format_reward,
+}
+METHOD_WEIGHTS = {
+    "crpo": {"accuracy": 10.0, "faithfulness": 1.0, "comprehensiveness": 1.0},
+    "grpo": {"accuracy": 10.0, "format": 1.0},
+}
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'accuracy=10,format=1' -> {'accuracy': 10.0, 'format': 1.0}; unknown objectives are an error."""
+    weights = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name.strip()!r} in --weights; known: {', '.join(OBJECTIVES)}")
+        weights[name.strip()] = float(value)
+    return weights
+
+
+def reward_function(completions: list[str], items: list[dict]) -> dict[str, torch.Tensor]:
+    """Every objective's reward for every completion, by name: {objective: (B*G,)}."""
+    if len(completions) != len(items):
+        raise ValueError(f"{len(completions)} completions but {len(items)} items: pass one item per completion")
+    parsed = [parse_response(c, x) for c, x in zip(completions, items)]
+    return {name: torch.tensor([fn(p, x) for p, x in zip(parsed, items)]) for name, fn in OBJECTIVES.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+@torch.no_grad()
+def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, greedy=False):
+    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
+
+    Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
+    ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
+    eos may be the same token, so the mask is built from the first EOS position, never from the pad id.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **({"do_sample": False} if greedy else sampling),
+    )
+    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
+    is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
+    has_eos = is_eos.any(dim=1)  # (B*G,)
+    length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
+    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
+    texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,  # (B*G, C)
+        "is_truncated": ~has_eos,  # (B*G,)
+        "texts": texts,
+    }
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, group_size=None):
+    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
+
+    Position ids count real tokens only, so a left-padded prompt gets the same RoPE positions as an unpadded one.
+    With `group_size` (--prefix_grouper) the rows come in groups that share one prompt, and each prompt is encoded
+    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
+    """
+    if group_size is not None:
+        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[::group_size], prompt_mask[::group_size])]
+        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
+        groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
+        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
+        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
+        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
+            completion_mask.bool(), torch.cat([x for group in nested for x in group])
+        )  # fmt: skip
+        return to_padded(logps), to_padded(entropy)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    num_completion = completion_ids.size(1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+    ).logits[:, :-1]  # (B, C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
+    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
+    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    with torch.no_grad():
+        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def objective_advantages(rewards_by_objective, weights, group_size, mode="sum_then_normalize", eps=1e-4):
+    """Advantages from several objectives; rewards_by_objective: {name: (num_groups * group_size,)}, grouped rows.
+
+    sum_then_normalize (CRPO): R_i = sum_j w_j R_ij, then A_i = (R_i - mean_group) / (std_group + eps), std unbiased.
+    normalize_then_sum (ablation, GDPO/TRL): z-score each objective in its group, take the weighted sum, then
+    z-score that sum over the whole batch. A group with no variance in any weighted objective gets advantage 0.
+    """
+    unknown = [name for name in weights if name not in rewards_by_objective]
+    if unknown:
+        raise ValueError(f"unknown objective {unknown[0]!r}; rewards exist for: {', '.join(rewards_by_objective)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    for name in weights:
+        rewards = rewards_by_objective[name]
+        if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+            raise ValueError(f"rewards of {name!r} must be 1-D with a multiple of group_size={group_size} values")
+        if not torch.isfinite(rewards).all():
+            raise ValueError(f"rewards of {name!r} are NaN or infinite; every objective must return a finite number")
+    if mode == "sum_then_normalize":
+        # R_i = sum_j w_j R_ij
+        total = sum(w * rewards_by_objective[name].float() for name, w in weights.items())
+        grouped = total.view(-1, group_size)  # (num_groups, G)
+        # A_i = (R_i - mean_group) / (std_group + eps)
+        return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).view(-1)
+    if mode == "normalize_then_sum":
+        # z_ij = (R_ij - mean_group) / (std_group + eps), for each objective j
+        z_scores = []
+        for name, w in weights.items():
+            grouped = rewards_by_objective[name].float().view(-1, group_size)
+            z_scores.append(w * (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps))
+        # A_i = z_batch(sum_j w_j z_ij)
+        combined = sum(z_scores).view(-1)
+        return (combined - combined.mean()) / (combined.std() + eps)
+    raise ValueError(f"mode must be 'sum_then_normalize' or 'normalize_then_sum', got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+def policy_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    grad_accum_steps=1,
+):
+    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
+    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
+    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
+    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
+    """
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = masked_mean(per_token_kl, mask).item()
+
+    if loss_type == "grpo":  # mean over completions of each completion's token mean
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":  # token mean of this micro-batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
+        max_len = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
+    else:  # dapo: token mean over the whole batch
+        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
+
+    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
+    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
+    return loss, metrics
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def check_args(args: Args):
+    if args.group_size < 2:
+        raise ValueError(
+            f"--group_size must be at least 2 (GRPO compares completions of one prompt), got {args.group_size}"
+        )
+    if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
+        raise ValueError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+    if args.prefix_grouper and args.prompts_per_step % args.gradient_accumulation_steps:
+        raise ValueError(
+            "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
+        )
+    parse_weights(args.weights)  # fails early on an unknown objective name
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+
+
+def train(args: Args):
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items, demos = load_task(args)
+    model, tokenizer = load_model(
+        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps, sft_batch_size=32
+    )
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    weights = parse_weights(args.weights) or METHOD_WEIGHTS[args.method]
+    run_dir = make_run_dir("crpo" if args.method == "crpo" else "crpo-baseline-grpo", args, root=args.output_dir)
+    print(f"[crpo] run folder: {run_dir}; objective weights {weights}")
+    print(
+        "[crpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
+        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
+    )
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
+    group_size = args.group_size if args.prefix_grouper else None  # rows of a group share their prompt
+    score = lambda m, *tensors: completion_logprobs(m, *tensors, args.temperature, group_size)  # noqa: E731
+    rng = random.Random(args.seed)
+    start = time.time()
+
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        print(f"[crpo] held-out before: accuracy {before['accuracy']:.3f}, faithfulness {before['faithfulness']:.3f}")
+        bar = tqdm(range(1, args.num_steps + 1), desc=f"crpo ({args.method})")
+        for step in bar:
+            step_start = time.time()
+            batch_items = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: G completions for each prompt
+            model.eval()
+            rollout = generate_completions(
+                model, tokenizer, [to_prompt(x) for x in batch_items], args.group_size,
+                args.max_new_tokens, args.temperature, args.top_p,
+            )  # fmt: skip
+            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
+            # 2. rewards and group-relative advantages
+            rewards = reward_function(rollout["texts"], group_items)  # {objective: (B*G,)}
+            advantages = objective_advantages(rewards, weights, args.group_size, mode=args.advantage_mode)  # (B*G,)
+            rewards["total"] = sum(w * rewards[name] for name, w in weights.items())
+            advantages = advantages.to(model.device)
+            completion_mask = rollout["completion_mask"]  # (B*G, C)
+            if args.mask_truncated_completions:
+                completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
+            scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], completion_mask)
+            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
+            with torch.no_grad():
+                old_logps = score(model, *scoring)[0] if args.num_iterations > 1 else None
+                ref_logps = score(ref_model, *scoring)[0] if ref_model else None
+            # 4. num_iterations passes of one optimiser step each, over micro-batches
+            model.train()
+            num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
+            step_metrics, loss_sum = [], 0.0
+            for _ in range(args.num_iterations):
+                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
+                    logps, entropy = score(model, *(t[rows] for t in scoring))
+                    loss, metrics = policy_loss(
+                        logps,
+                        logps.detach() if old_logps is None else old_logps[rows],
+                        None if ref_logps is None else ref_logps[rows],
+                        advantages[rows],
+                        completion_mask[rows],
+                        eps_low=args.eps_low,
+                        eps_high=args.eps_high,
+                        beta=args.beta,
+                        loss_type=args.loss_type,
+                        max_completion_length=args.max_new_tokens,
+                        num_items_in_batch=num_items,
+                        grad_accum_steps=args.gradient_accumulation_steps,
+                    )
+                    loss.backward()
+                    metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
+                    step_metrics.append(metrics)
+                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 5. log TRL's metric names
+            group_std = rewards["total"].view(-1, args.group_size).std(dim=1)
+            accuracy_std = rewards["accuracy"].view(-1, args.group_size).std(dim=1)
+            lengths = rollout["completion_mask"].sum(1).float()
+            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            record |= {
+                "loss": loss_sum,
+                "reward": rewards["total"].mean().item(),
+                "reward_std": rewards["total"].std().item(),
+                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+                # groups whose answers are all right (or all wrong): only the other objectives give them a signal
+                "frac_accuracy_zero_std": (accuracy_std == 0).float().mean().item(),
+                **{f"rewards/{name}/mean": r.mean().item() for name, r in rewards.items() if name != "total"},
+                "completions/mean_length": lengths.mean().item(),
+                "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
+                "grad_norm": grad_norm.item(),
+                "step_time": time.time() - step_start,
+            }
+            if step % args.eval_every == 0 or step == args.num_steps:
+                record |= {
+                    f"eval/{k}": v
+                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
+                }
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/accuracy/mean']:.2f}")
+
+    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    results = {"before": before, "after": after, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}
+    for key in ("accuracy", "faithfulness", "valid_rejections"):
+        print(f"[crpo] held-out {key} {before[key]:.3f} -> {after[key]:.3f}")
+    print(f"[crpo] {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)")
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = [
+    "reward",
+    "eval/accuracy",
+    "eval/faithfulness",
+    "eval/valid_rejections",
+    "eval/citations",
+    "rewards/faithfulness/mean",
+    "rewards/comprehensiveness/mean",
+    "completions/mean_length",
+    "entropy",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def strict_metrics(completion: str, item) -> dict:
+    """One answer checked against the knowledge graph, stricter than the training reward.
+
+    faithful: the <dx> cites at least one stem finding, invents none, and says the concluded option fits;
+    hallucinated: it cites a finding the case does not have; citations: stem findings cited; rejections: share
+    of distractors rejected with a stem finding as the reason (what the training reward counts); valid_rejections:
+    those whose reason the graph confirms, the disease really lacks it (MedQA has no graph: equal to rejections).
+    """
+    parsed = parse_response(completion, item)
+    in_stem = [f for f in parsed["cited"] if f in item["findings"]]
+    invented = [f for f in parsed["cited"] if f not in item["findings"]]
+    reasons = dict(parsed["rejections"])
+    distractors = {letter: d for letter, d in item["options"].items() if letter != item["answer"]}
+    rejected = [letter for letter in distractors if reasons.get(letter) in item["findings"]]  # as the reward counts
+    valid = [letter for letter in rejected if reasons[letter] not in KNOWLEDGE_GRAPH.get(distractors[letter], [])]
+    return {
+        "accuracy": accuracy_reward(parsed, item),
+        "faithfulness": float(bool(in_stem) and not invented and parsed["conclusion"] in parsed["fits"]),
+        "hallucination": float(bool(invented)),
+        "citations": float(len(in_stem)),
+        "rejections": len(rejected) / len(distractors),
+        "valid_rejections": len(valid) / len(distractors),
+    }
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256):
+    """Greedy decoding on held-out items: the mean of `strict_metrics` over answers, and the mean length."""
+    model.eval()
+    per_answer, lengths = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rollout = generate_completions(model, tokenizer, [to_prompt(x) for x in chunk], 1, max_new_tokens, 1.0, 1.0,
+                                       greedy=True)  # fmt: skip
+        per_answer += [strict_metrics(text, item) for text, item in zip(rollout["texts"], chunk)]
+        lengths += rollout["completion_mask"].sum(1).tolist()
+    metrics = {key: sum(m[key] for m in per_answer) / len(per_answer) for key in per_answer[0]}
+    metrics["mean_length"] = sum(lengths) / len(lengths)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's comparison: GRPO baseline vs CRPO, same budget, several seeds
+
+
+COMPARE_KEYS = [
+    "accuracy",
+    "faithfulness",
+    "hallucination",
+    "citations",
+    "rejections",
+    "valid_rejections",
+    "mean_length",
+]
+
+
+def compare(args: Args):
+    """Train --method grpo and crpo for every seed (same warm start per seed), then print a table and plot it."""
+    results = {}
+    for method in ("grpo", "crpo"):
+        for seed in map(int, args.seeds.split(",")):
+            run = train(replace(args, method=method, seed=seed, compare=False))
+            results.setdefault(method, []).append(run["after"])
+    table = summarize_runs(results, COMPARE_KEYS)
+    print("\nheld-out, after training (mean ± std over seeds " + args.seeds + ")\n\n" + table)
+    out = os.path.join(args.output_dir, "crpo_compare")
+    os.makedirs(out, exist_ok=True)
+    plot_comparison(results, COMPARE_KEYS, os.path.join(out, "crpo_compare.png"), title="GRPO vs CRPO (tiny model)")
+    with open(os.path.join(out, "crpo_compare.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results, "table": table}, f, indent=2)
+    print(f"[crpo] table, plot and numbers in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    args = parse_args(Args)
+    compare(args) if args.compare else train(args)

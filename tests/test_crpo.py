@@ -1,0 +1,175 @@
+"""crpo.py: each objective on hand-written responses, the advantage modes by hand, the task, a smoke run, bad input."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import crpo
+
+# "fever, cough, anosmia? A covid B strep C flu D pna", gold A
+ITEM = crpo.check_item(
+    {
+        "question": "fever, cough, anosmia? A covid B strep C flu D pna",
+        "options": {"A": "covid", "B": "strep", "C": "flu", "D": "pna"},
+        "answer": "A",
+        "findings": ["fever", "cough", "anosmia"],
+        "vocabulary": crpo.FINDINGS,
+    }
+)
+FULL = "<dx>fever, cough, anosmia; A fits; B no cough; C no anosmia; D no anosmia</dx><conclusion>A</conclusion>"
+LAZY = "<dx>A fits</dx><conclusion>A</conclusion>"
+WRONG = "<dx>fever, cough; C fits</dx><conclusion>C</conclusion>"
+HALLUCINATED = "<dx>fever, cough, rash-free, myalgia; A fits; B no cough</dx><conclusion>A</conclusion>"
+UNGROUNDED = "<dx>fever, cough, anosmia; B fits; A no fever</dx><conclusion>A</conclusion>"
+MALFORMED = "<dx>fever, cough, anosmia; A fits<conclusion>A</conclusion>"
+
+
+def rewards_of(text):
+    return {name: r.item() for name, r in crpo.reward_function([text], [ITEM]).items()}
+
+
+def test_rewards_on_hand_written_responses():
+    assert rewards_of(FULL) == {"accuracy": 1, "faithfulness": 1, "comprehensiveness": 1, "format": 1}
+    # lazy: right and grounded, but cites nothing and rejects nothing
+    assert rewards_of(LAZY) == {"accuracy": 1, "faithfulness": 0.5, "comprehensiveness": 0, "format": 1}
+    # wrong: cites 2 of 3 findings, grounded in its own (wrong) reasoning
+    assert rewards_of(WRONG) == pytest.approx(
+        {"accuracy": 0, "faithfulness": 1.0, "comprehensiveness": 0.5 * 2 / 3, "format": 1}
+    )
+    # hallucinated: myalgia is not in the case (precision 2/3); 1 of 3 distractors rejected for a stem finding
+    assert rewards_of(HALLUCINATED) == pytest.approx(
+        {"accuracy": 1, "faithfulness": 0.5 * 2 / 3 + 0.5, "comprehensiveness": 0.5 * 2 / 3 + 0.5 / 3, "format": 1}
+    )
+    # the conclusion contradicts the reasoning: not grounded
+    assert rewards_of(UNGROUNDED)["faithfulness"] == 0.5
+    # no closing </dx>: nothing is parsed, not even the conclusion
+    assert rewards_of(MALFORMED) == {"accuracy": 0, "faithfulness": 0, "comprehensiveness": 0, "format": 0}
+    assert rewards_of("<dx>A fits</dx><conclusion>E</conclusion>")["format"] == 0  # not an option
+
+
+def test_strict_metrics_check_the_knowledge_graph():
+    full = crpo.strict_metrics(FULL, ITEM)
+    assert full == {"accuracy": 1, "faithfulness": 1, "hallucination": 0, "citations": 3, "rejections": 1,
+                    "valid_rejections": 1}  # fmt: skip
+    # pna HAS cough: rejecting D for 'cough' earns the training reward (a stem finding) but is not valid
+    text = "<dx>fever, cough, anosmia; A fits; B no cough; C no anosmia; D no cough</dx><conclusion>A</conclusion>"
+    assert rewards_of(text)["comprehensiveness"] == 1.0
+    assert crpo.strict_metrics(text, ITEM)["rejections"] == 1.0
+    assert crpo.strict_metrics(text, ITEM)["valid_rejections"] == pytest.approx(2 / 3)
+    hallucinated = crpo.strict_metrics(HALLUCINATED, ITEM)
+    assert hallucinated["hallucination"] == 1 and hallucinated["faithfulness"] == 0 and hallucinated["citations"] == 2
+    assert crpo.strict_metrics(LAZY, ITEM)["faithfulness"] == 0  # cites nothing
+
+
+def test_objective_advantages_by_hand():
+    # one group of 4: accuracy [1, 1, 0, 0], faithfulness [1, 0, 1, 0]; weights 10 and 1
+    rewards = {"accuracy": torch.tensor([1.0, 1, 0, 0]), "faithfulness": torch.tensor([1.0, 0, 1, 0])}
+    weights = {"accuracy": 10.0, "faithfulness": 1.0}
+    # sum then normalise: R = [11, 10, 1, 0], mean 5.5, unbiased std sqrt((30.25 + 20.25) * 2 / 3)
+    std = math.sqrt((5.5**2 + 4.5**2) * 2 / 3)
+    expected = torch.tensor([5.5, 4.5, -4.5, -5.5]) / (std + 1e-4)
+    torch.testing.assert_close(crpo.objective_advantages(rewards, weights, 4), expected)
+    # normalise then sum: each objective's z-score is +-0.5 / sqrt(1/3); weighted sum, then a batch z-score
+    z = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    combined = torch.tensor([11 * z, 9 * z, -9 * z, -11 * z])
+    expected = (combined - combined.mean()) / (combined.std() + 1e-4)
+    torch.testing.assert_close(crpo.objective_advantages(rewards, weights, 4, mode="normalize_then_sum"), expected)
+
+
+def test_all_correct_group_learns_from_the_other_objectives():
+    """Zero accuracy variance: the advantage is the faithfulness/comprehensiveness ranking, not 0."""
+    rewards = crpo.reward_function([FULL, LAZY, LAZY, FULL], [ITEM] * 4)
+    advantages = crpo.objective_advantages(rewards, crpo.METHOD_WEIGHTS["crpo"], 4)
+    assert advantages[0] > 0 > advantages[1] and torch.isclose(advantages[0], advantages[3])
+    baseline = crpo.objective_advantages(rewards, crpo.METHOD_WEIGHTS["grpo"], 4)
+    torch.testing.assert_close(baseline, torch.zeros(4))  # GRPO sees no difference between them
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown objective 'safety'"):
+        crpo.parse_weights("accuracy=10,safety=1")
+    with pytest.raises(ValueError, match="unknown objective 'safety'"):
+        crpo.objective_advantages({"accuracy": torch.ones(4)}, {"safety": 1.0}, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        crpo.objective_advantages({"accuracy": torch.tensor([1.0, float("nan")])}, {"accuracy": 1.0}, 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        crpo.objective_advantages({"accuracy": torch.ones(4)}, {"accuracy": 1.0}, 1)
+    with pytest.raises(ValueError, match="answer 'E' is not one of its options"):
+        crpo.check_item({**ITEM, "answer": "E"})
+    with pytest.raises(ValueError, match="missing 'findings'"):
+        crpo.check_item({k: v for k, v in ITEM.items() if k != "findings"})
+    with pytest.raises(ValueError, match="at least 2 options"):
+        crpo.check_item({**ITEM, "options": {"A": "covid"}})
+
+
+def test_clinic_task():
+    train, held_out, demos = crpo.make_clinic_task(300, 50, seed=0)
+    assert (train, held_out, demos) == crpo.make_clinic_task(300, 50, seed=0)
+    assert not {x["question"] for x in train} & {x["question"] for x in held_out}
+    for item in train + held_out:
+        gold = item["options"][item["answer"]]
+        assert set(item["findings"]) <= set(crpo.KNOWLEDGE_GRAPH[gold])  # the gold disease has every finding
+        for letter, disease in item["options"].items():
+            if letter != item["answer"]:  # every distractor can be rejected for a stem finding it lacks
+                assert set(item["findings"]) - set(crpo.KNOWLEDGE_GRAPH[disease])
+    # the demos are scored as their style says: full ones get the maximum CRPO reward
+    scored = [rewards_of_item(c, x) for (_, c), x in zip(demos, train)]
+    assert max(r["comprehensiveness"] for r in scored) == 1.0 and min(r["comprehensiveness"] for r in scored) == 0.0
+    assert 0.8 < sum(r["accuracy"] for r in scored) / len(scored) < 0.99
+
+
+def rewards_of_item(text, item):
+    return {name: r.item() for name, r in crpo.reward_function([text], [item]).items()}
+
+
+def test_medqa_fixture_loads():
+    train, held_out, demos = crpo.load_medqa(str(ROOT / "tests/fixtures/medqa"), 10, 10)
+    assert [x["answer"] for x in train] == ["B", "C", "D"] and len(held_out) == 2
+    assert "fever" in train[0]["findings"]
+    text = "<dx>fever, sore throat, enlarged spleen; B fits; A no enlarged spleen</dx><conclusion>B</conclusion>"
+    r = rewards_of_item(text, train[0])
+    assert r["accuracy"] == 1 and r["faithfulness"] == 1.0 and r["comprehensiveness"] > 0.3
+
+
+def run_script(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "crpo.py"), *argv], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("method", ["crpo", "grpo"])
+def test_two_step_smoke_run(tmp_path, method):
+    result = run_script("--method", method, "--num_steps", "2", "--sft_steps", "40", "--num_train", "200",
+                        "--num_eval", "8", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "48",
+                        "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for key in ["rewards/accuracy/mean", "rewards/faithfulness/mean", "frac_accuracy_zero_std", "eval/faithfulness"]:
+        assert key in records[-1]
+    assert (run_dir / "metrics.png").exists()
+
+
+def test_medqa_path_runs_on_the_fixture(tmp_path):
+    result = run_script("--dataset", "medqa", "--dataset_path", str(ROOT / "tests/fixtures/medqa"), "--num_steps",
+                        "1", "--sft_steps", "5", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens",
+                        "8", "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--weights", "accuracy=10,empathy=1"], "unknown objective 'empathy'"),
+        (["--group_size", "1"], "group_size must be at least 2"),
+        (["--dataset", "medqa", "--dataset_path", "/no/such/folder"], "Could not load MedQA"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tmp_path, argv, message):
+    result = run_script(*argv, "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
