@@ -385,7 +385,8 @@ def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    sampling = {} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    # top_k=0: generate's default keeps only the 50 likeliest tokens; we sample from the whole distribution
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
@@ -399,7 +400,9 @@ def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, 
     has_eos = is_eos.any(dim=1)  # (B*G,)
     length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
     completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
-    texts = tokenizer.batch_decode(completion_ids * completion_mask, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(  # each completion up to its EOS: what follows is padding, not text
+        [ids[:n] for ids, n in zip(completion_ids.tolist(), length.tolist())], skip_special_tokens=True
+    )
     return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
