@@ -48,10 +48,9 @@ findings of the gold disease and 4 options whose distractors share findings with
     full:    "<dx>anosmia, fever, cough; A fits; B no cough; C no anosmia; D no fever</dx><conclusion>A</conclusion>"
     lazy:    "<dx>A fits</dx><conclusion>A</conclusion>"
 The stem always holds the gold disease's key finding. The tiny model is warm-started on a mix of lazy (50%),
-partial (30%), full (10%) and wrong or hallucinated (10%) demonstrations, so it starts lazy; GRPO, indifferent
-among right answers, has no reason to leave the lazy ones; CRPO does.
-No held-out question appears in training. `--dataset medqa` reads MedQA (4 options) from
-the hub or a local folder.
+partial (30%), full (10%) and wrong or hallucinated (10%) demonstrations, so most of what it samples reasons
+lazily or partly; GRPO, indifferent among right answers, has no reason to prefer the full ones; CRPO does.
+No held-out question appears in training. `--dataset medqa` reads MedQA (4 options) from the hub or a folder.
 
 Run:
     python crpo.py                          # CRPO on the tiny model, CPU
@@ -61,7 +60,9 @@ Run:
 Measured (`python crpo.py --compare`, seeds 0-2, 2-core x86-64 CPU, ~9 minutes from an empty cache): held-out
 accuracy GRPO 0.378 +- 0.010 vs CRPO 0.364 +- 0.039 (within 3 points); faithfulness 0.456 +- 0.226 vs
 0.789 +- 0.087; stem findings cited 1.00 +- 0.21 vs 2.08 +- 0.11; distractors rejected with a valid reason
-0.130 +- 0.008 vs 0.147 +- 0.041 (no clear gain). Table and plot in README; `python crpo.py` alone: ~4 minutes.
+0.130 +- 0.008 vs 0.147 +- 0.041 (no clear gain). With --advantage_mode normalize_then_sum CRPO's valid
+rejections do rise (0.168 vs 0.092) but its accuracy falls 8 points. Table and plot in README; `python crpo.py`
+alone: ~4 minutes.
 """
 
 import copy
