@@ -426,7 +426,7 @@ def forward_backward(fn, model, prompts, completions):
 
 
 def benchmark(args: Args):
-    from common import parse_args, pick_device  # noqa: F401  (plumbing only)
+    from common import pick_device
 
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
