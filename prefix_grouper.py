@@ -44,6 +44,7 @@ less for backward (110 vs 372 MB). Full table in README. GPU: not measured yet (
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from transformers import AttentionInterface
@@ -102,6 +103,7 @@ class GroupLayout:
             self._masks[dtype] = (to_additive(prefix_allowed), to_additive(suffix_allowed))
         return self._masks[dtype]
 
+    @cached_property
     def flat_valid_index(self):
         """Flat positions of every real token: the prompts' then the completions', matching the attention output."""
         return torch.cat([self.prefix_index[self.prefix_valid], self.suffix_index[self.suffix_valid]])
@@ -219,7 +221,7 @@ def prefix_grouper_attention(
                                dropout=dropout, is_causal=False, **kwargs)  # (N, S_max, H, D)  # fmt: skip
     # scatter the real tokens back to their packed positions; padding stays 0
     real = torch.cat([out_prompt[layout.prefix_valid], out_completion[layout.suffix_valid]])  # (tokens, H, D)
-    output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, layout.flat_valid_index(), real)
+    output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, layout.flat_valid_index, real)
     return output.view(batch, width, heads, head_dim), None
 
 
