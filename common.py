@@ -91,23 +91,25 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 # The embedded `tiny` model
 
 
-def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer over printable ASCII, with each task tag as a single token.
+def build_tiny_tokenizer(extra_tags=()) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII, with each task tag (TINY_TAGS + extra_tags) as one token.
 
-    pad and eos are different tokens, so a completion's end is never confused with padding.
+    pad and eos are different tokens, so a completion's end is never confused with padding. A script whose task
+    needs more tags (tree_grpo.py: <search>, <information>) passes them as extra_tags; they go after the default
+    vocabulary, so the other scripts' tiny models stay exactly as they were.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<pad>", "<eos>", "<unk>"]
     characters = list(string.printable[:95]) + ["\n"]  # digits, letters, punctuation, space, newline
-    vocab = {token: i for i, token in enumerate(specials + list(TINY_TAGS) + characters)}
+    vocab = {token: i for i, token in enumerate(specials + list(TINY_TAGS) + characters + list(extra_tags))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one piece per character
     backend.decoder = decoders.Fuse()  # join the pieces back with nothing in between
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", padding_side="left"
     )
-    tokenizer.add_tokens(list(TINY_TAGS))  # match the tags before the character split
+    tokenizer.add_tokens(list(TINY_TAGS) + list(extra_tags))  # match the tags before the character split
     return tokenizer
 
 
@@ -131,7 +133,11 @@ def build_tiny_model(tokenizer, seed: int = 0) -> Qwen2ForCausalLM:
 
 
 def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, seed=0, desc="SFT warm start"):
-    """Short supervised fine-tuning on (prompt, completion) pairs; the loss is on completion tokens only."""
+    """Short supervised fine-tuning on (prompt, completion) pairs; the loss is on completion tokens only.
+
+    A completion may also be a list of (text, trained) segments, e.g. an agent's steps (trained) and the tool's
+    observations (not trained), so a whole multi-turn trajectory is one sequence.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=steps // 20, num_training_steps=steps)
@@ -139,13 +145,16 @@ def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, s
     bar = tqdm(range(steps), desc=desc, leave=False)
     for _ in bar:
         batch = [demos[i] for i in torch.randint(len(demos), (batch_size,), generator=generator).tolist()]
-        prompt_lens = [len(tokenizer(p)["input_ids"]) for p, _ in batch]
-        texts = [p + c + tokenizer.eos_token for p, c in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
-        labels = enc["input_ids"].clone()  # (B, T)
-        labels[enc["attention_mask"] == 0] = -100
-        for row, prompt_len in enumerate(prompt_lens):
-            labels[row, :prompt_len] = -100
+        if isinstance(batch[0][1], str):
+            prompt_lens = [len(tokenizer(p)["input_ids"]) for p, _ in batch]
+            texts = [p + c + tokenizer.eos_token for p, c in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+            labels = enc["input_ids"].clone()  # (B, T)
+            labels[enc["attention_mask"] == 0] = -100
+            for row, prompt_len in enumerate(prompt_lens):
+                labels[row, :prompt_len] = -100
+        else:
+            enc, labels = segmented_batch(tokenizer, batch)
         loss = model(**enc, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -157,13 +166,32 @@ def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, s
     return model
 
 
-def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64):
+def segmented_batch(tokenizer, batch):
+    """Right-padded input ids and labels for (prompt, [(text, trained), ...]) demos; untrained tokens get -100."""
+    rows = []
+    for prompt, segments in batch:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        labels = [-100] * len(ids)
+        for text, trained in [*segments, (tokenizer.eos_token, True)]:
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids, labels = ids + piece, labels + (piece if trained else [-100] * len(piece))
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    pad = lambda x, value: x + [value] * (width - len(x))  # noqa: E731
+    enc = {
+        "input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in rows]),  # (B, T)
+        "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),  # (B, T)
+    }
+    return enc, torch.tensor([pad(labels, -100) for _, labels in rows])
+
+
+def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, extra_tags=()):
     """The `tiny` model, warm-started on `demos` and cached under a key of everything that shapes it."""
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(extra_tags)
     if not demos:
         return build_tiny_model(tokenizer, seed), tokenizer
     recipe = {"version": TINY_VERSION, "steps": sft_steps, "batch": sft_batch_size, "seed": seed,
-              "demos": [list(d) for d in demos]}  # fmt: skip
+              "demos": [list(d) for d in demos], **({"tags": list(extra_tags)} if extra_tags else {})}  # fmt: skip
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
     path = Path(cache_dir or CACHE_DIR) / f"tiny-{key}"
     if (path / "config.json").exists():
@@ -202,16 +230,20 @@ def smollm2_gguf_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load_model(name="tiny", demos=None, device="auto", dtype="auto", sft_steps=600, seed=0, sft_batch_size=64):
+def load_model(
+    name="tiny", demos=None, device="auto", dtype="auto", sft_steps=600, seed=0, sft_batch_size=64, extra_tags=()
+):
     """Load (model, tokenizer) by preset name, local folder or hub id; put the model on `device` in `dtype`.
 
     `demos` ([(prompt, completion), ...]) warm-start the `tiny` preset (`sft_steps` steps of `sft_batch_size`);
-    other models ignore them.
+    `extra_tags` get one token each in its tokenizer. Other models ignore both.
     The tokenizer pads on the left, as generation needs.
     """
     device = pick_device(device)
     if name == "tiny":
-        model, tokenizer = load_tiny(demos, sft_steps=sft_steps, seed=seed, sft_batch_size=sft_batch_size)
+        model, tokenizer = load_tiny(
+            demos, sft_steps=sft_steps, seed=seed, sft_batch_size=sft_batch_size, extra_tags=extra_tags
+        )
     elif name == "smollm2-135m":
         gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

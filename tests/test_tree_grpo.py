@@ -1,0 +1,238 @@
+"""tree_grpo.py: advantages by hand, tree shape and leaf sequences, observation masking, the budget counter, the
+environment (search, reward table, bad steps), the HotpotQA fixture, smoke runs and bad arguments."""
+
+import json
+import random
+import re
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import ROOT
+
+import grpo
+import tree_grpo as T
+from common import build_tiny_tokenizer
+
+TOKENIZER = build_tiny_tokenizer(T.TAGS)
+TRAIN, EVAL, DEMOS, CORPUS = T.make_kb_task(seed=0, demo_stop=0.6, num_eval=100)
+SEARCH = T.BM25(CORPUS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def test_tree_advantages_by_hand():
+    # one question, trees A = (1, 0, 0) and B = (1, 1, 0)
+    # inter: mean 0.5, unbiased std sqrt(0.3) -> +-0.5 / 0.5477 = +-0.9129
+    # intra A: mean 1/3, std sqrt(1/3) -> (1.1547, -0.5774, -0.5774); intra B: (0.5774, 0.5774, -1.1547)
+    rewards = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+    advantages = T.tree_advantages(rewards, [0] * 6, [0, 0, 0, 1, 1, 1])
+    expected = torch.tensor([2.0676, -1.4903, -1.4903, 1.4903, 1.4903, -2.0676])
+    torch.testing.assert_close(advantages, expected, atol=1e-4, rtol=0)
+
+
+def test_tree_advantages_groups_by_question_and_tree_in_any_order():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.2, 0.2])
+    prompts, trees = [0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 1, 1, 1, 0, 1]  # tree ids restart per question
+    advantages = T.tree_advantages(rewards, prompts, trees)
+    assert advantages[6:].eq(0).all()  # equal rewards: no signal; each tree of question 1 has one leaf: intra 0
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(0))
+    shuffled = T.tree_advantages(rewards[order], torch.tensor(prompts)[order], torch.tensor(trees)[order])
+    torch.testing.assert_close(shuffled, advantages[order])
+
+
+def test_chain_rollout_advantages_are_grpo_z_scores():
+    # chains: every tree has one leaf, so the intra part is 0 and A is GRPO's group z-score
+    rewards = torch.tensor([1.0, 0.2, 0.2, 0.0, 0.8, 0.1, 1.0, 1.0])
+    advantages = T.tree_advantages(rewards, [0, 0, 0, 0, 1, 1, 1, 1], list(range(8)))
+    torch.testing.assert_close(advantages, grpo.group_advantages(rewards, 4, eps=1e-6))
+
+
+def test_tree_advantages_bad_input():
+    with pytest.raises(ValueError, match="one length"):
+        T.tree_advantages([1.0, 0.0], [0, 0, 0], [0, 0, 0])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        T.tree_advantages([1.0, float("nan")], [0, 0], [0, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment
+
+
+def test_reward_table():
+    think, answer = "<think>found</think>", "<answer>Tasa</answer>"
+    hop = "<think>born in</think><search>Kavo</search><information>Kavo was born in Rilu.</information>"
+    assert T.em_format_reward(hop + think + answer, "tasa") == 1.0  # EM (case ignored), valid format
+    assert T.em_format_reward("<answer>the Tasa.</answer>", "Tasa") == 0.8  # EM after normalisation, no think
+    assert T.em_format_reward(hop + think + "<answer>Rilu</answer>", "Tasa") == 0.2  # wrong, valid
+    assert T.em_format_reward("<search>Kavo</search><answer>Rilu</answer>", "Tasa") == 0.1  # wrong, invalid
+    assert T.em_format_reward(hop + think, "Tasa") == 0.0  # no answer
+    assert T.em_format_reward("<answer>Rilu</answer><answer>Tasa</answer>", "Tasa") == 0.8  # the last one counts
+
+
+def test_bad_steps_get_a_clear_observation_not_a_crash():
+    assert T.parse_step("<think>x</think><search>Kavo") == ("invalid", "")  # no closing tag
+    assert T.parse_step("<think>x</think><search>  </search>") == ("search", "")
+    assert T.parse_step("<think>x</think><answer> Tasa </answer>") == ("answer", "Tasa")
+    hint = T.run_tool("invalid", "", SEARCH, 1, 200)
+    assert hint.startswith("<information>invalid step")
+    assert T.run_tool("search", "", SEARCH, 1, 200).startswith("<information>empty query")
+    assert T.run_tool("search", "Qqqq", SEARCH, 1, 200) == "<information>no results</information>"
+    assert T.run_tool("answer", "Tasa", SEARCH, 1, 200) == ""
+
+
+def test_search_finds_every_entity_by_name():
+    for title, text in CORPUS.items():
+        assert SEARCH.search(title, k=1) == [text]
+    assert len(SEARCH.search("Kavo Rilu", k=2)) <= 2
+
+
+def test_kb_task_is_deterministic_with_held_out_people():
+    again = T.make_kb_task(seed=0, demo_stop=0.6, num_eval=100)
+    assert again[0] == TRAIN and again[2] == DEMOS
+    assert {x["path"][0] for x in TRAIN}.isdisjoint({x["path"][0] for x in EVAL})
+    assert {x["hops"] for x in EVAL} == {1, 2, 3}
+    for item in EVAL:  # the answer follows from the documents along the path
+        for entity, relation, nxt in zip(item["path"], item["relations"], item["path"][1:]):
+            assert f"{relation} {nxt}" in CORPUS[entity]
+    # on multi-hop questions, demos answer too early (fewer searches than hops) about as often as demo_stop says
+    hops = lambda question: len(T.QUESTIONS[kind_of(question)][1])  # noqa: E731
+    multihop = [(q, segments) for q, segments in DEMOS if hops(q) > 1]
+    early = [q for q, segments in multihop if sum("<search>" in text for text, _ in segments) < hops(q)]
+    assert 0.5 < len(early) / len(multihop) < 0.8  # 0.6 at the first decision; 2 decisions on 3-hop questions
+    # a demo is a whole trajectory: its steps are trained, the tool's observations are not
+    assert all(bool(trained) == ("<information>" not in text) for _, segments in DEMOS for text, trained in segments)
+
+
+def kind_of(question):
+    return next(
+        k
+        for k, (template, _) in T.QUESTIONS.items()
+        if re.fullmatch(template.format(r"\w+").replace("?", r"\?"), question)
+    )
+
+
+def test_hotpotqa_fixture_loads_and_skips_questions_without_answer(capsys):
+    train, eval_items, demos, corpus = T.load_hotpotqa(str(ROOT / "tests/fixtures/hotpotqa"), 10, 10)
+    assert [x["answer"] for x in train] == ["Norvania", "Vey"]  # the empty-answer question is skipped
+    assert "skipped 1" in capsys.readouterr().out
+    assert len(eval_items) == 2 and train[0]["path"] == ["Quillworks", "Ada Venn"]
+    assert corpus["Quillworks"] == "Quillworks is a paper company. It was founded by Ada Venn."
+    assert T.BM25(corpus).search("Quillworks", 1) == [corpus["Quillworks"]]
+    question, segments = demos[0]
+    assert question == train[0]["question"] and [trained for _, trained in segments] == [1, 0, 1, 0, 1]
+    assert segments[2][0] == "<think>search</think><search>Ada Venn</search>" and "Norvania" in segments[4][0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout: a scripted policy (two searches, then an answer) in place of the model
+
+
+def scripted_steps(model, tokenizer, contexts, max_step_tokens, temperature, top_p, greedy=False):
+    steps = []
+    for context in contexts:
+        searches = tokenizer.decode(context).count("<search>")
+        text = "<think>x</think>" + ("<search>Kavo</search>" if searches < 2 else "<answer>Tasa</answer>")
+        if random.random() < 0.3:  # sometimes a bad step: no closing tag
+            text = "<think>x</think><search>Kav"
+        steps.append((tokenizer(text, add_special_tokens=False)["input_ids"], text))
+    return steps
+
+
+@pytest.mark.parametrize("rollout, shape", [("tree", (2, 2, 1, 3)), ("tree", (3, 3, 2, 4)), ("chain", (4, 0, 0, 1))])
+def test_tree_rollout_shape_sequences_masks_and_budget(monkeypatch, rollout, shape):
+    monkeypatch.setattr(T, "generate_steps", scripted_steps)
+    random.seed(0)
+    m, n, rounds, k = shape
+    args = replace(T.Args(), rollout=rollout, num_trees=m, expand_nodes=n, expand_rounds=rounds, keep_leaves=k,
+                   group_size=m, max_turns=4)  # fmt: skip
+    items = TRAIN[:3]
+    prompts = [TOKENIZER(x["question"])["input_ids"] for x in items]
+    budget = T.Budget()
+    kept, roots = T.tree_rollout(None, TOKENIZER, items, prompts, SEARCH, args, random.Random(0), budget)
+
+    assert len(roots) == 3 * m and len(kept) == 3 * m * k
+    nodes = [d for r in roots for d in r.descendants()]
+    for root in roots:
+        assert sum(d.is_leaf for d in root.descendants()) == 1 + n * rounds  # one leaf per chain and expansion
+    for q, t, leaf in kept:
+        assert leaf.is_leaf and leaf.root() is roots[t] and t // m == q
+        ids, mask = T.leaf_sequence(leaf)
+        path = leaf.path()
+        assert path[0].parent is roots[t] and all(b.parent is a for a, b in zip(path, path[1:]))
+        assert ids == [i for node in path for i in node.step_ids + node.obs_ids]  # the path's steps, in order
+        assert leaf.context_ids() == prompts[q] + ids
+        # the loss mask is 1 exactly on generated tokens, 0 on every <information> block
+        generated = TOKENIZER.decode([i for i, m_ in zip(ids, mask) if m_])
+        observed = TOKENIZER.decode([i for i, m_ in zip(ids, mask) if not m_])
+        steps = ["".join(node.text.partition("<information>")[0]) for node in path]
+        assert generated == "".join(steps)
+        assert observed == "".join(node.text[len(step) :] for node, step in zip(path, steps))
+        assert observed.count("<information>") == sum(node.action != "answer" for node in path)
+        assert leaf.action == "answer" or leaf.depth == args.max_turns
+    # the budget counts every generated step (pruned leaves too), the non-empty searches, and every leaf
+    assert budget.generated_tokens == sum(len(d.step_ids) for d in nodes)
+    assert budget.tool_calls == sum(d.action == "search" for d in nodes)
+    assert budget.trajectories == 3 * m * (1 + n * rounds)
+
+
+def test_trees_get_more_trajectories_per_token_than_chains(monkeypatch):
+    # expanding from a shared node re-uses the steps above it: 6 leaves cost less than 6 chains
+    monkeypatch.setattr(T, "generate_steps", scripted_steps)
+    random.seed(0)
+    costs = {}
+    for rollout in ("chain", "tree"):
+        budget = T.Budget()
+        args = replace(T.Args(), rollout=rollout)
+        items = TRAIN[:32]
+        T.tree_rollout(None, TOKENIZER, items, [[1]] * 32, SEARCH, args, random.Random(0), budget)
+        costs[rollout] = budget.trajectories / budget.generated_tokens
+    assert costs["tree"] > 1.2 * costs["chain"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def run_script(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "tree_grpo.py"), *argv], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("rollout", ["tree", "chain"])
+def test_two_step_smoke_run(tmp_path, rollout):
+    result = run_script("--rollout", rollout, "--num_steps", "2", "--sft_steps", "20", "--num_eval", "10",
+                        "--prompts_per_step", "2", "--max_step_tokens", "16", "--max_turns", "2",
+                        "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert records[-1]["trajectories"] == 2 * (6 if rollout == "tree" else 4)
+    assert records[-1]["budget/generated_tokens"] > records[1]["budget/generated_tokens"] > 0
+    assert "eval/em_multihop" in records[-1] and (run_dir / "metrics.png").exists()
+
+
+def test_hotpotqa_path_runs_on_the_fixture(tmp_path):
+    result = run_script("--dataset", "hotpotqa", "--dataset_path", str(ROOT / "tests/fixtures/hotpotqa"),
+                        "--num_steps", "1", "--sft_steps", "5", "--prompts_per_step", "2", "--max_step_tokens", "8",
+                        "--max_turns", "2", "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep_leaves", "4"], "more than the 1 + N*L = 3 leaves"),
+        (["--rollout", "chain", "--group_size", "1"], "group_size must be at least 2"),
+        (["--num_trees", "1", "--keep_leaves", "1"], "every advantage 0"),
+        (["--dataset", "hotpotqa", "--dataset_path", "/no/such/folder"], "Could not load HotpotQA"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tmp_path, argv, message):
+    result = run_script(*argv, "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]

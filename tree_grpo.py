@@ -1,0 +1,893 @@
+"""Tree-GRPO: tree-search rollouts for a tool-using agent, in one file.
+
+Paper: Tree Search for LLM Agent Reinforcement Learning (Ji et al., 2025), https://arxiv.org/abs/2509.21240.
+Official code: https://github.com/AMAP-ML/Tree-GRPO (a Search-R1 / veRL fork). Read grpo.py first: this file is
+grpo.py with the rollout replaced by tree search and the advantage by a two-level group baseline.
+
+The idea. An agent answers a question in steps: <think>..</think><search>query</search>, the tool appends
+<information>..</information>, and so on until <answer>..</answer>. Chain GRPO samples G whole trajectories per
+question. Tree-GRPO samples them as trees whose nodes are whole agent steps (thought + tool call + observation):
+branches share their prefix, so the same budget of generated tokens and tool calls buys more trajectories, and
+sibling branches that differ in one step tell the policy which step mattered.
+
+Rollout (the official `run_llm_loop_tree_search`):
+    init:   M trees per question, each grown as one chain to a leaf (an <answer>, or max_turns steps)
+    repeat L times:
+      sample N nodes per tree, uniformly with replacement among the root and the tree's non-leaf nodes
+      expand: continue each sampled node to a new leaf (a new branch; from the root: a new chain)
+    keep K random leaves of each tree (a tree has 1 + N*L leaves)
+Advantages (the official `adv_estimator=tree`), for leaf l of tree T of question q, R = the leaf's reward:
+    A_inter(l) = (R_l - mean(R over the M*K leaves of q)) / (std + eps)
+    A_intra(l) = (R_l - mean(R over the K leaves of T))   / (std + eps)      std unbiased; a group of one gives 0
+    A(l)       = A_inter(l) + A_intra(l)
+Each kept leaf is one sequence, prompt + every step on its path; A(l) goes to each token the policy generated,
+and observation tokens are masked out of the loss. A step shared by several leaves is trained once per leaf, so
+it gets the summed advantage of the leaves under it: a step-level credit without a value network. The loss is
+grpo.py's clipped surrogate (token mean), unchanged. Chain GRPO (--rollout chain) is the same code with M = G
+trees of one leaf each: A_intra is then 0 and A is GRPO's group z-score.
+
+Reward (the official `qa_em_format.py`): exact match after normalisation (lower case, no punctuation/articles),
+with a format check (think -> (search -> information -> think)* -> answer):
+    EM and valid format 1.0 | EM, invalid format 0.8 | wrong, valid format 0.2 | wrong, invalid, answered 0.1 |
+    no answer 0
+
+What we kept, simplified or chose:
+- Nodes are whole agent steps, expansion picks nodes uniformly with replacement (root included), K leaves are
+  sampled at random, as in the official code. A branch still open after max_turns steps becomes a leaf with no
+  answer (reward 0); the official code forces one more step with search disabled.
+- eps = 1e-6 as the official code; a group of one leaf contributes 0 (the official code passes the raw reward).
+- On-policy, one optimiser step per batch (num_iterations = 1), so clipping and the official dual clip (c = 3)
+  never act; the official KL (0.001) and entropy bonus (0.001) are off by default (--beta sets the KL).
+- The environment is offline and generated (nothing can be answered from memory): a knowledge base of fictional
+  people, cities, countries and companies, one short document each, a plain-Python BM25 search, and 1-, 2- and
+  3-hop questions about people whose questions never appear in training. `--dataset hotpotqa` uses HotpotQA
+  (hub or local folder) with each question's paragraphs as the searchable corpus.
+- Budget: we count generated tokens and tool calls as they happen. Prefill is recomputed (no prefix cache), and
+  in the update each leaf is its own sequence, as in the official code.
+
+The task for the tiny model. It is warm-started (600 SFT steps of 16 trajectories, loss on the steps only) on
+scripted trajectories that, on a 2- or 3-hop question, answer too early (with the entity in hand after that hop)
+with probability --demo_stop at each hop; RL has to learn to go on searching, and to copy names more reliably.
+Questions: "Where was Kavo born?" (1 hop), "In which country was Kavo born?" (2), "In which country is the
+company Kavo works for based?" (3). A trajectory for a 2-hop question:
+    <think>born in</think><search>Kavo</search><information>Kavo was born in Rilu and works for Zemo.</information>
+    <think>city in</think><search>Rilu</search><information>Rilu is a city in Tasa.</information>
+    <think>found</think><answer>Tasa</answer>
+
+Run:
+    python tree_grpo.py                           # Tree-GRPO, tiny model, CPU
+    python tree_grpo.py --rollout chain           # chain GRPO with G = 4, the baseline
+    python tree_grpo.py --compare                 # both, seeds 0-2: table and plot (README)
+    python tree_grpo.py --model smollm2-135m --dataset hotpotqa --dataset_path hotpot_qa   # a real model
+
+Measured (`python tree_grpo.py --compare`, seeds 0-2, 2-core x86-64 CPU, ~6 minutes with the ~1.5-minute warm
+start): from a warm start at 5% held-out multi-hop EM, chain GRPO reaches 52.2 +- 2.5% and Tree-GRPO 54.4 +- 1.0%
+after 40 steps; at a matched 20k generated tokens, 34.9 +- 3.3% vs 36.8 +- 12.2%. The gap is inside the seed
+spread: on this task the paper's claim does not show. Trees get 1.22x the trajectories per generated token
+(33.8 vs 27.7 per 1k), not the ~1.5x of the paper's longer trajectories: ours have 1-3 searches, and an
+expansion that picks the root (half the candidates in a one-search tree) pays for a whole new chain.
+"""
+
+import copy
+import json
+import math
+import os
+import random
+import re
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from common import MetricsLogger, format_prompt, load_model, make_run_dir, parse_args, seed_everything
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
+    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    # task
+    dataset: Literal["kb", "hotpotqa"] = field(default="kb", metadata={"help": "the task"})
+    dataset_path: str = field(default="hotpot_qa", metadata={"help": "hotpotqa: a hub id or a local folder"})
+    num_train: int = field(default=2000, metadata={"help": "hotpotqa: training questions (at most)"})
+    num_eval: int = field(default=100, metadata={"help": "held-out questions for evaluation (at most)"})
+    data_seed: int = field(default=0, metadata={"help": "kb: seed of the knowledge base (seeds share one warm start)"})
+    top_k_docs: int = field(default=1, metadata={"help": "documents the search tool returns"})
+    max_doc_chars: int = field(default=200, metadata={"help": "each returned document is cut to this many characters"})
+    demo_stop: float = field(default=0.6, metadata={"help": "tiny warm start: chance a demo answers too early per hop"})
+    sft_steps: int = field(default=600, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
+    sft_batch_size: int = field(default=16, metadata={"help": "tiny warm start: trajectories per SFT step"})
+    # rollout
+    rollout: Literal["tree", "chain"] = field(default="tree", metadata={"help": "tree search, or chain GRPO"})
+    num_trees: int = field(default=2, metadata={"help": "tree: M, trees per question"})
+    expand_nodes: int = field(default=2, metadata={"help": "tree: N, nodes expanded per tree and round"})
+    expand_rounds: int = field(default=1, metadata={"help": "tree: L, expansion rounds"})
+    keep_leaves: int = field(default=3, metadata={"help": "tree: K, leaves kept per tree (at most 1 + N*L)"})
+    group_size: int = field(default=4, metadata={"help": "chain: G, trajectories per question"})
+    max_turns: int = field(default=4, metadata={"help": "most agent steps per trajectory"})
+    max_step_tokens: int = field(default=32, metadata={"help": "most tokens generated in one step"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    num_steps: int = field(default=40, metadata={"help": "training steps (one batch of rollouts each)"})
+    prompts_per_step: int = field(default=8, metadata={"help": "questions per step"})
+    # loss
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
+    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high"})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (official: 0.001); > 0 loads a reference"})
+    # optimisation
+    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    # evaluation
+    eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out questions every N steps"})
+    compare: bool = field(default=False, metadata={"help": "run chain and tree for every seed in --seeds, then plot"})
+    seeds: str = field(default="0,1,2", metadata={"help": "--compare: comma-separated seeds"})
+    matched_tokens: int = field(default=20000, metadata={"help": "--compare: EM read off each curve at this budget"})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task: a knowledge base, a search tool, questions and the reward
+
+TAGS = ("<search>", "</search>", "<information>", "</information>")  # the tiny tokenizer gives each one token
+SYSTEM_PROMPT = (
+    "Answer the given question. Reason inside <think> and </think>. To look something up, write "
+    "<search> query </search>; the results come back between <information> and </information>. Search as often as "
+    "you need, then give only the answer inside <answer> and </answer>, for example <answer> Beijing </answer>."
+)
+SYLLABLES = ["ka", "ro", "mi", "ta", "ve", "lo", "zu", "ne", "sa", "di", "po", "ri", "ga", "lu", "te", "bo"]
+# question type: (template, relations followed from the person, one per hop)
+QUESTIONS = {
+    "born": ("Where was {} born?", ["born in"]),
+    "employer": ("Who employs {}?", ["works for"]),
+    "born_country": ("In which country was {} born?", ["born in", "city in"]),
+    "founder": ("Who founded the company {} works for?", ["works for", "founded by"]),
+    "hq_country": ("In which country is the company {} works for based?", ["works for", "based in", "city in"]),
+}
+
+
+def make_knowledge_base(seed: int, num_people=100, num_cities=20, num_countries=6, num_companies=12):
+    """Fictional entities with made-up names, their relations, and one short document each.
+
+    Returns {"docs": {title: text}, "facts": {(entity, relation): entity}, "people": [names]}.
+    """
+    rng = random.Random(seed)
+    names = [a + b for a in SYLLABLES for b in SYLLABLES if a != b]
+    rng.shuffle(names)
+    names = [n.capitalize() for n in names]
+    people, names = names[:num_people], names[num_people:]
+    cities, names = names[:num_cities], names[num_cities:]
+    countries, names = names[:num_countries], names[num_countries:]
+    companies = names[:num_companies]
+    facts, docs = {}, {}
+    for city in cities:
+        facts[city, "city in"] = rng.choice(countries)
+        docs[city] = f"{city} is a city in {facts[city, 'city in']}."
+    for company in companies:
+        facts[company, "founded by"], facts[company, "based in"] = rng.choice(people), rng.choice(cities)
+        docs[company] = f"{company} was founded by {facts[company, 'founded by']} and is based in " + (
+            f"{facts[company, 'based in']}."
+        )
+    for person in people:
+        facts[person, "born in"], facts[person, "works for"] = rng.choice(cities), rng.choice(companies)
+        docs[person] = f"{person} was born in {facts[person, 'born in']} and works for {facts[person, 'works for']}."
+    for country in countries:
+        docs[country] = f"{country} is a country."
+    return {"docs": docs, "facts": facts, "people": people}
+
+
+def kb_question(kb, person: str, kind: str) -> dict:
+    """One question with its gold answer and the entities on the way: path[0] = person, path[-1] = answer."""
+    template, relations = QUESTIONS[kind]
+    path = [person]
+    for relation in relations:
+        path.append(kb["facts"][path[-1], relation])
+    return {"question": template.format(person), "answer": path[-1], "hops": len(relations), "kind": kind,
+            "path": path, "relations": relations}  # fmt: skip
+
+
+def kb_trajectory(item, kb, rng, demo_stop: float) -> list[tuple[str, str]]:
+    """A scripted trajectory as (step, observation) pairs; with probability demo_stop at each hop after the first
+    it answers too early, with the entity in hand (a consistent but wrong habit for RL to unlearn)."""
+    steps = []
+    for hop, relation in enumerate(item["relations"]):
+        if hop > 0 and rng.random() < demo_stop:
+            return steps + [(f"<think>found</think><answer>{item['path'][hop]}</answer>", "")]
+        entity = item["path"][hop]
+        steps.append((f"<think>{relation}</think><search>{entity}</search>", information([kb["docs"][entity]])))
+    return steps + [(f"<think>found</think><answer>{item['answer']}</answer>", "")]
+
+
+def make_kb_task(seed: int, demo_stop: float, num_eval: int, num_demos: int = 3000):
+    """Questions about 80 people for training and 20 held-out people for evaluation, on one knowledge base.
+
+    Returns (train, eval, demos, corpus); a demo is a whole scripted trajectory, its steps and observations.
+    """
+    kb = make_knowledge_base(seed)
+    people = kb["people"]
+    held_out = set(people[-20:])
+    items = [kb_question(kb, person, kind) for person in people for kind in QUESTIONS]
+    train_items = [x for x in items if x["path"][0] not in held_out]
+    eval_items = [x for x in items if x["path"][0] in held_out][:num_eval]
+    rng = random.Random(seed)
+    demos = []  # (question, [(step, trained), (observation, not trained), ...]): the loss is on the steps only
+    for item in rng.choices(train_items, k=num_demos):
+        steps = kb_trajectory(item, kb, rng, demo_stop)
+        demos.append((item["question"], [(text, trained) for s in steps for text, trained in zip(s, (1, 0)) if text]))
+    return train_items, eval_items, demos, kb["docs"]
+
+
+def load_hotpotqa(path: str, num_train: int, num_eval: int):
+    """HotpotQA (distractor setting) from the hub ('hotpot_qa') or a local folder in its format: 'question',
+    'answer', 'context' {'title': [...], 'sentences': [[...]]}, 'supporting_facts' {'title': [...]}. Every
+    question's paragraphs (gold and distractors) form the searchable corpus. Questions without an answer are
+    skipped. Returns (train, eval, demos, corpus)."""
+    from datasets import load_dataset
+
+    try:
+        data = load_dataset(path) if os.path.isdir(path) else load_dataset(path, "distractor")
+    except Exception as error:  # datasets raises many types: offline, missing files, bad format
+        raise ValueError(
+            f"Could not load HotpotQA from {path!r} ({type(error).__name__}: {error}). Pass a local folder with "
+            f"train and validation files in HotpotQA's format, or run the offline default --dataset kb."
+        ) from None
+    corpus, skipped = {}, 0
+
+    def to_items(split, limit):
+        nonlocal skipped
+        items = []
+        for row in split.select(range(min(limit, len(split)))):
+            for title, sentences in zip(row["context"]["title"], row["context"]["sentences"]):
+                corpus[title] = "".join(sentences).strip()
+            if not row["answer"].strip():
+                skipped += 1
+                continue
+            path = list(dict.fromkeys(row["supporting_facts"]["title"]))  # gold paragraphs, in order
+            items.append({"question": row["question"], "answer": row["answer"].strip(), "hops": len(path),
+                          "kind": row.get("type", "hotpotqa"), "path": path})  # fmt: skip
+        return items
+
+    train_items = to_items(data["train"], num_train)
+    eval_items = to_items(data["validation"], num_eval)
+    if skipped:
+        print(f"[tree_grpo] skipped {skipped} HotpotQA questions with an empty answer")
+    demos = []  # search each gold paragraph's title in turn, then answer
+    for item in train_items:
+        segments = []
+        for title in item["path"]:
+            segments += [(f"<think>search</think><search>{title}</search>", 1), (information([corpus[title]]), 0)]
+        demos.append((item["question"], segments + [(f"<think>found</think><answer>{item['answer']}</answer>", 1)]))
+    return train_items, eval_items, demos, corpus
+
+
+def load_task(args: Args):
+    if args.dataset == "kb":
+        train_items, eval_items, demos, corpus = make_kb_task(args.data_seed, args.demo_stop, args.num_eval)
+    else:
+        train_items, eval_items, demos, corpus = load_hotpotqa(args.dataset_path, args.num_train, args.num_eval)
+    if not train_items or not eval_items:
+        raise ValueError(
+            f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out questions; "
+            f"both must be non-empty (check --num_train, --num_eval and the data files)."
+        )
+    return train_items, eval_items, demos, corpus
+
+
+class BM25:
+    """Okapi BM25 over {title: text} in plain Python; deterministic (ties go to the earlier document).
+
+    Title words count twice, a simple field boost: searching an entity's name finds its own document first.
+    """
+
+    def __init__(self, corpus: dict[str, str], k1: float = 1.2, b: float = 0.75):
+        self.titles = list(corpus)
+        self.texts = [corpus[t] for t in self.titles]
+        self.docs = [Counter(words(t) * 2 + words(corpus[t])) for t in self.titles]
+        self.lengths = [sum(d.values()) for d in self.docs]
+        self.avg_length = sum(self.lengths) / max(len(self.docs), 1)
+        df = Counter(w for d in self.docs for w in d)
+        n = len(self.docs)
+        self.idf = {w: math.log((n - f + 0.5) / (f + 0.5) + 1) for w, f in df.items()}
+        self.k1, self.b = k1, b
+
+    def search(self, query: str, k: int = 1) -> list[str]:
+        """The texts of the k best documents (fewer if fewer share a word with the query)."""
+        terms = words(query)
+        scores = []
+        for i, (doc, length) in enumerate(zip(self.docs, self.lengths)):
+            norm = self.k1 * (1 - self.b + self.b * length / self.avg_length)
+            score = sum(self.idf[t] * doc[t] * (self.k1 + 1) / (doc[t] + norm) for t in terms if t in doc)
+            if score > 0:
+                scores.append((-score, i))
+        return [self.texts[i] for _, i in sorted(scores)[:k]]
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def information(docs: list[str]) -> str:
+    return "<information>" + " ".join(docs) + "</information>"
+
+
+def parse_step(text: str) -> tuple[str, str]:
+    """(action, argument) of one generated step: ('search', query), ('answer', answer) or ('invalid', '')."""
+    match = re.search(r"<(search|answer)>([^<]*)</\1>\s*$", text)
+    return (match.group(1), match.group(2).strip()) if match else ("invalid", "")
+
+
+def run_tool(action: str, argument: str, search: BM25, top_k: int, max_doc_chars: int) -> str:
+    """The observation appended after a step: search results, a hint for an empty query or invalid step, or ''."""
+    if action == "search":
+        if not argument:
+            return information(["empty query: write a name inside <search> </search>"])
+        return information([doc[:max_doc_chars] for doc in search.search(argument, top_k)] or ["no results"])
+    if action == "invalid":
+        return information(["invalid step: end it with </search> or </answer>"])
+    return ""
+
+
+VALID_FORMAT = re.compile(
+    r"\s*<think>[^<]*</think>\s*(?:<search>[^<]*</search>\s*<information>[^<]*</information>\s*"
+    r"<think>[^<]*</think>\s*)*<answer>[^<]*</answer>\s*"
+)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def extract_answer(response: str) -> str | None:
+    answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
+    return answers[-1].strip() if answers else None  # the last one counts
+
+
+def em_format_reward(response: str, answer: str) -> float:
+    """The official exact-match + format table: 1.0 / 0.8 / 0.2 / 0.1 / 0 (see the module docstring)."""
+    predicted = extract_answer(response)
+    if predicted is None:
+        return 0.0
+    valid = VALID_FORMAT.fullmatch(response) is not None
+    if normalize_answer(predicted) == normalize_answer(answer):
+        return 1.0 if valid else 0.8
+    return 0.2 if valid else 0.1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout: agent steps, trees, and the budget counter
+
+
+@dataclass(eq=False)
+class Node:
+    """One agent step: what the policy generated (in the loss) and what the tool returned (masked out)."""
+
+    parent: "Node | None" = None
+    step_ids: list[int] = field(default_factory=list)  # thought + action, generated by the policy
+    obs_ids: list[int] = field(default_factory=list)  # <information>..</information>, from the tool
+    text: str = ""  # step + observation, decoded
+    action: str = ""  # search | answer | invalid; "" at the root
+    depth: int = 0  # steps from the root
+    is_leaf: bool = False
+    children: list["Node"] = field(default_factory=list)
+    prompt_ids: list[int] = field(default_factory=list)  # root only
+    item: dict | None = None  # root only
+
+    def path(self) -> list["Node"]:
+        """The steps from the root (excluded) to this node, in order."""
+        return [] if self.parent is None else self.parent.path() + [self]
+
+    def root(self) -> "Node":
+        return self if self.parent is None else self.parent.root()
+
+    def context_ids(self) -> list[int]:
+        """The prompt and every step and observation so far: what the policy sees before its next step."""
+        return self.root().prompt_ids + [t for n in self.path() for t in n.step_ids + n.obs_ids]
+
+    def descendants(self) -> list["Node"]:
+        return [d for child in self.children for d in [child] + child.descendants()]
+
+
+@dataclass
+class Budget:
+    """What the rollouts cost: tokens the policy generated, tool calls made, and trajectories (leaves) obtained."""
+
+    generated_tokens: int = 0
+    tool_calls: int = 0
+    trajectories: int = 0
+
+
+@torch.no_grad()
+def generate_steps(model, tokenizer, contexts, max_step_tokens, temperature, top_p, greedy=False):
+    """One agent step for each context (a list of token ids): sample until </search>, </answer>, EOS or
+    max_step_tokens. Returns [(step token ids, step text)]; the ids end right after the closing tag."""
+    width = max(map(len, contexts))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=model.device)  # (B, W)
+    attention_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=model.device)
+    # top_k=0: generate's default keeps only the 50 likeliest tokens; we sample from the whole distribution
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_step_tokens,
+        stop_strings=["</search>", "</answer>"],
+        tokenizer=tokenizer,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+        **({"do_sample": False} if greedy else sampling),
+    )
+    steps = []
+    for row in output[:, width:].tolist():
+        end = len(row)
+        for i in range(len(row)):  # cut after the first closing tag or EOS (a finished row is padded after it)
+            if row[i] == tokenizer.eos_token_id or re.search(r"</(search|answer)>", tokenizer.decode(row[: i + 1])):
+                end = i + 1
+                break
+        steps.append((row[:end], tokenizer.decode(row[:end], skip_special_tokens=True)))
+    return steps
+
+
+def continue_to_leaf(model, tokenizer, starts, search, args, budget, greedy=False):
+    """Grow a new branch from each start node, one batched step at a time, until each branch answers or has
+    max_turns steps. Each start gets exactly one new leaf. Returns the new leaves."""
+    active, leaves = list(starts), []
+    while active:
+        steps = generate_steps(
+            model, tokenizer, [n.context_ids() for n in active], args.max_step_tokens, args.temperature,
+            args.top_p, greedy,
+        )  # fmt: skip
+        still_active = []
+        for node, (step_ids, step_text) in zip(active, steps):
+            action, argument = parse_step(step_text)
+            observation = run_tool(action, argument, search, args.top_k_docs, args.max_doc_chars)
+            obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"] if observation else []
+            child = Node(node, step_ids, obs_ids, step_text + observation, action, node.depth + 1)
+            node.children.append(child)
+            budget.generated_tokens += len(step_ids)
+            budget.tool_calls += action == "search" and bool(argument)
+            if action == "answer" or child.depth >= args.max_turns:
+                child.is_leaf = True
+                leaves.append(child)
+            else:
+                still_active.append(child)
+        active = still_active
+    budget.trajectories += len(leaves)
+    return leaves
+
+
+def tree_rollout(model, tokenizer, items, prompts, search, args, rng, budget, greedy=False):
+    """M trees per question: init M chains, then L rounds of expanding N sampled nodes per tree, then keep K
+    leaves per tree. Returns the kept leaves as [(question index, tree index, leaf)], and the roots."""
+    num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
+    roots = [Node(prompt_ids=p, item=x) for x, p in zip(items, prompts) for _ in range(num_trees)]
+    continue_to_leaf(model, tokenizer, roots, search, args, budget, greedy)  # init: one chain per tree
+    for _ in range(num_rounds):
+        # sample N nodes per tree, uniformly with replacement, among the root and the non-leaf nodes
+        picks = [rng.choices([r] + [n for n in r.descendants() if not n.is_leaf], k=num_nodes) for r in roots]
+        continue_to_leaf(model, tokenizer, [n for p in picks for n in p], search, args, budget, greedy)
+    kept = []
+    for t, root in enumerate(roots):
+        leaves = [n for n in root.descendants() if n.is_leaf]  # 1 + N*L per tree
+        kept += [(t // num_trees, t, leaf) for leaf in rng.sample(leaves, keep)]
+    return kept, roots
+
+
+def rollout_shape(args: Args):
+    """(M, N, L, K): chain GRPO is M = G trees that are never expanded, one leaf each."""
+    if args.rollout == "chain":
+        return args.group_size, 0, 0, 1
+    return args.num_trees, args.expand_nodes, args.expand_rounds, args.keep_leaves
+
+
+def leaf_sequence(leaf: Node) -> tuple[list[int], list[int]]:
+    """A leaf's response: every step and observation on its path, in order, and the loss mask (1 = generated)."""
+    ids, mask = [], []
+    for node in leaf.path():
+        ids += node.step_ids + node.obs_ids
+        mask += [1] * len(node.step_ids) + [0] * len(node.obs_ids)
+    return ids, mask
+
+
+def pad_batch(sequences, pad_id, left: bool, device):
+    """Token-id lists -> (ids, mask) tensors (B, T), padded on the left (prompts) or the right (responses)."""
+    width = max(map(len, sequences))
+    ids, mask = [], []
+    for s in sequences:
+        padding = [pad_id] * (width - len(s))
+        ids.append(padding + s if left else s + padding)
+        mask.append([0] * len(padding) + [1] * len(s) if left else [1] * len(s) + [0] * len(padding))
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
+
+    Position ids count real tokens only, so a left-padded prompt gets the same RoPE positions as an unpadded one.
+    """
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    num_completion = completion_ids.size(1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+    ).logits[:, :-1]  # (B, C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
+    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
+    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    with torch.no_grad():
+        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Advantages
+
+
+def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6):
+    """A(l) = A_inter(l) + A_intra(l): the leaf's z-score among all leaves of its question plus its z-score among
+    the leaves of its own tree. rewards, prompt_ids, tree_ids: one entry per kept leaf, in any order.
+
+    std is unbiased (n - 1, torch.std); a group of one leaf contributes 0 (as does a group of equal rewards).
+    A tree is identified by (prompt id, tree id), so tree ids may restart at 0 for every question.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float32)
+    prompt_ids, tree_ids = torch.as_tensor(prompt_ids), torch.as_tensor(tree_ids)
+    if not (rewards.dim() == 1 and rewards.shape == prompt_ids.shape == tree_ids.shape):
+        raise ValueError(
+            f"rewards, prompt_ids and tree_ids must be 1-D and of one length (one entry per leaf), got "
+            f"{tuple(rewards.shape)}, {tuple(prompt_ids.shape)}, {tuple(tree_ids.shape)}"
+        )
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(f"rewards at positions {bad} are NaN or infinite; return 0.0 for a leaf you cannot score")
+
+    def z_scores(keys):  # (r - mean of its group) / (std of its group + eps), 0 for a group of one
+        out = torch.zeros_like(rewards)
+        for key in keys.unique(dim=0):
+            members = (keys == key).all(dim=-1) if keys.dim() > 1 else keys == key
+            if members.sum() > 1:
+                group = rewards[members]
+                out[members] = (group - group.mean()) / (group.std() + eps)
+        return out
+
+    # A_inter: the question's M*K leaves are the group
+    inter = z_scores(prompt_ids)
+    # A_intra: the K leaves of one tree are the group
+    intra = z_scores(torch.stack([prompt_ids, tree_ids], dim=1))
+    return inter + intra
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss (grpo.py's, unchanged)
+
+
+def policy_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    grad_accum_steps=1,
+):
+    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
+    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
+    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
+    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
+    """
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = masked_mean(per_token_kl, mask).item()
+
+    if loss_type == "grpo":  # mean over completions of each completion's token mean
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":  # token mean of this micro-batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
+        max_len = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
+    else:  # dapo: token mean over the whole batch
+        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
+
+    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
+    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
+    return loss, metrics
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def check_args(args: Args):
+    num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
+    if args.rollout == "chain" and args.group_size < 2:
+        raise ValueError(f"--group_size must be at least 2 (GRPO compares trajectories), got {args.group_size}")
+    if args.rollout == "tree" and (num_trees < 1 or num_nodes < 0 or num_rounds < 0 or keep < 1):
+        raise ValueError("--num_trees and --keep_leaves must be at least 1, --expand_nodes/--expand_rounds >= 0")
+    if keep > 1 + num_nodes * num_rounds:
+        raise ValueError(
+            f"--keep_leaves {keep} is more than the 1 + N*L = {1 + num_nodes * num_rounds} leaves a tree has; "
+            f"lower it or raise --expand_nodes / --expand_rounds"
+        )
+    if num_trees * keep < 2:
+        raise ValueError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0: a group needs different samples (and we score with it)")
+    if args.max_turns < 1 or args.max_step_tokens < 1:
+        raise ValueError("--max_turns and --max_step_tokens must be at least 1")
+
+
+def train(args: Args):
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items, demos, corpus = load_task(args)
+    model, tokenizer = load_model(
+        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps,
+        sft_batch_size=args.sft_batch_size, extra_tags=TAGS,
+    )  # fmt: skip
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    run_dir = make_run_dir(f"tree_grpo-{args.rollout}", args, root=args.output_dir)
+    print(f"[tree_grpo] run folder: {run_dir}")
+    search = BM25(corpus)
+    encode = lambda item: tokenizer(  # noqa: E731
+        format_prompt(tokenizer, item["question"], SYSTEM_PROMPT), add_special_tokens=False
+    )["input_ids"]
+    score = lambda m, *tensors: completion_logprobs(m, *tensors, args.temperature)  # noqa: E731
+    rng = random.Random(args.seed)
+    budget = Budget()
+    start = time.time()
+
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+        before = evaluate(model, tokenizer, eval_items, encode, search, args)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()} | {"budget/generated_tokens": 0})
+        print(f"[tree_grpo] held-out before training: EM {before['em']:.3f}, multi-hop EM {before['em_multihop']:.3f}")
+        bar = tqdm(range(1, args.num_steps + 1), desc=f"tree_grpo ({args.rollout})")
+        for step in bar:
+            step_start = time.time()
+            batch_items = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: M trees per question (chain: G independent trajectories), K leaves kept per tree
+            model.eval()
+            spent = Budget(**vars(budget))
+            kept, _ = tree_rollout(
+                model, tokenizer, batch_items, [encode(x) for x in batch_items], search, args, rng, budget
+            )
+            prompt_index, tree_index, leaves = zip(*kept)
+            # 2. rewards and tree advantages (inter-tree + intra-tree)
+            responses = [leaf_sequence(leaf) for leaf in leaves]
+            texts = ["".join(n.text for n in leaf.path()) for leaf in leaves]
+            answers = [batch_items[i]["answer"] for i in prompt_index]
+            rewards = torch.tensor([em_format_reward(t, a) for t, a in zip(texts, answers)])  # (num_leaves,)
+            advantages = tree_advantages(rewards, prompt_index, tree_index).to(model.device)  # (num_leaves,)
+            pad = tokenizer.pad_token_id
+            prompt_ids, prompt_mask = pad_batch([leaf.root().prompt_ids for leaf in leaves], pad, True, model.device)
+            response_ids, response_mask = pad_batch([r[0] for r in responses], pad, False, model.device)
+            loss_mask, _ = pad_batch([r[1] for r in responses], 0, False, model.device)  # 0 on observations
+            scoring = (prompt_ids, prompt_mask, response_ids, response_mask)
+            # 3. log-probs of the reference (only if beta > 0)
+            with torch.no_grad():
+                ref_logps = score(ref_model, *scoring)[0] if ref_model else None
+            # 4. one optimiser step over micro-batches (on-policy: old log-probs = current ones, detached)
+            model.train()
+            num_items = loss_mask.sum()  # generated tokens in the whole batch (dapo's normaliser)
+            step_metrics, loss_sum = [], 0.0
+            for rows in torch.arange(len(leaves)).chunk(args.gradient_accumulation_steps):
+                logps, entropy = score(model, *(t[rows] for t in scoring))
+                loss, metrics = policy_loss(
+                    logps,
+                    logps.detach(),
+                    None if ref_logps is None else ref_logps[rows],
+                    advantages[rows],
+                    loss_mask[rows],
+                    eps_low=args.eps_low,
+                    eps_high=args.eps_high,
+                    beta=args.beta,
+                    loss_type=args.loss_type,
+                    max_completion_length=args.max_turns * args.max_step_tokens,
+                    num_items_in_batch=num_items,
+                    grad_accum_steps=args.gradient_accumulation_steps,
+                )
+                loss.backward()
+                metrics["entropy"] = masked_mean(entropy, loss_mask[rows]).item()
+                step_metrics.append(metrics)
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # 5. log
+            correct = torch.tensor([normalize_answer(extract_answer(t) or "") == normalize_answer(a)
+                                    for t, a in zip(texts, answers)]).float()  # fmt: skip
+            tool_calls = sum(node.action == "search" for leaf in leaves for node in leaf.path())
+            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            record |= {
+                "loss": loss_sum,
+                "reward": rewards.mean().item(),
+                "em": correct.mean().item(),
+                "frac_zero_advantage": (advantages == 0).float().mean().item(),
+                "tool_calls_per_episode": tool_calls / len(leaves),
+                "trajectories": budget.trajectories - spent.trajectories,
+                "generated_tokens": budget.generated_tokens - spent.generated_tokens,
+                "budget/generated_tokens": budget.generated_tokens,
+                "budget/tool_calls": budget.tool_calls,
+                "budget/trajectories": budget.trajectories,
+                "grad_norm": grad_norm.item(),
+                "step_time": time.time() - step_start,
+            }
+            if step % args.eval_every == 0 or step == args.num_steps:
+                held_out = evaluate(model, tokenizer, eval_items, encode, search, args)
+                record |= {f"eval/{k}": v for k, v in held_out.items()}
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", em=f"{record['em']:.2f}")
+
+    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    results = {
+        "before": before,
+        "after": after,
+        "budget": vars(budget),
+        "curve": [  # held-out multi-hop EM against the generated tokens so far
+            {k: r[k] for k in ("step", "budget/generated_tokens", "eval/em_multihop")}
+            for r in logger.records
+            if "eval/em_multihop" in r
+        ],
+        "wall_time_s": time.time() - start,
+        "run_dir": str(run_dir),
+    }
+    print(
+        f"[tree_grpo] held-out multi-hop EM {before['em_multihop']:.3f} -> {after['em_multihop']:.3f}, "
+        f"{budget.generated_tokens} tokens generated, {budget.trajectories} trajectories, "
+        f"{results['wall_time_s']:.0f}s"
+    )
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = ["reward", "eval/em_multihop", "eval/em_1hop", "tool_calls_per_episode", "budget/generated_tokens",
+             "entropy"]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
+    """Greedy, one chain per question (as the paper): EM overall, on 1-hop and on multi-hop questions, the share
+    in a valid format, and tool calls per episode."""
+    model.eval()
+    chain = replace(args, rollout="tree", num_trees=1, expand_rounds=0, keep_leaves=1)
+    em, valid, calls, hops = [], [], [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        kept, _ = tree_rollout(
+            model, tokenizer, chunk, [encode(x) for x in chunk], search, chain, random.Random(0), Budget(), greedy=True
+        )
+        for i, _, leaf in kept:
+            text = "".join(n.text for n in leaf.path())
+            em.append(normalize_answer(extract_answer(text) or "") == normalize_answer(chunk[i]["answer"]))
+            valid.append(VALID_FORMAT.fullmatch(text) is not None)
+            calls.append(sum(n.action == "search" for n in leaf.path()))
+            hops.append(chunk[i]["hops"])
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {
+        "em": mean(em),
+        "em_1hop": mean([e for e, h in zip(em, hops) if h == 1]),
+        "em_multihop": mean([e for e, h in zip(em, hops) if h > 1]),
+        "format": mean(valid),
+        "tool_calls": mean(calls),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's comparison: chain GRPO (G = 4) vs Tree-GRPO (M=2, N=2, L=1, K=3) at about the same budget
+
+
+def em_at_budget(curve, tokens):
+    """Held-out multi-hop EM at a given number of generated tokens, linearly interpolated between evaluations."""
+    points = [(p["budget/generated_tokens"], p["eval/em_multihop"]) for p in curve]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= tokens <= x1:
+            return y0 + (y1 - y0) * (tokens - x0) / max(x1 - x0, 1)
+    raise ValueError(f"the run generated {points[-1][0]} tokens, fewer than --matched_tokens {tokens}")
+
+
+def compare(args: Args):
+    """Train chain and tree rollouts for every seed (same warm start), then a table and EM-vs-tokens plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import summarize_runs
+
+    results, runs = {}, {}
+    for rollout in ("chain", "tree"):
+        for seed in map(int, args.seeds.split(",")):
+            run = train(replace(args, rollout=rollout, seed=seed, compare=False))
+            runs.setdefault(rollout, []).append(run)
+            tokens = run["budget"]["generated_tokens"]
+            results.setdefault(rollout, []).append({
+                f"em_multihop_at_{args.matched_tokens // 1000}k": em_at_budget(run["curve"], args.matched_tokens),
+                "em_multihop": run["after"]["em_multihop"],
+                "em_1hop": run["after"]["em_1hop"],
+                "tool_calls": run["after"]["tool_calls"],
+                "generated_tokens": tokens,
+                "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
+            })  # fmt: skip
+    table = summarize_runs(results, list(results["chain"][0]))
+    print(f"\nheld-out after training, and rollout cost (mean ± std over seeds {args.seeds})\n\n{table}")
+    out = os.path.join(args.output_dir, "tree_grpo_compare")
+    os.makedirs(out, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for i, (rollout, seed_runs) in enumerate(runs.items()):
+        for j, run in enumerate(seed_runs):
+            x = [p["budget/generated_tokens"] / 1000 for p in run["curve"]]
+            y = [p["eval/em_multihop"] for p in run["curve"]]
+            axes[0].plot(x, y, color=f"C{i}", alpha=0.8, label=rollout if j == 0 else None)
+        axes[1].bar(i, sum(r["tool_calls"] for r in results[rollout]) / len(seed_runs), color=f"C{i}", alpha=0.6)
+    axes[0].axvline(args.matched_tokens / 1000, color="gray", linestyle="--", linewidth=1)
+    axes[0].set(xlabel="generated tokens (thousands, measured)", ylabel="held-out multi-hop EM")
+    axes[0].legend()
+    axes[0].grid(alpha=0.3)
+    axes[1].set_xticks(range(len(runs)), list(runs))
+    axes[1].set(ylabel="tool calls per episode (held-out)")
+    fig.suptitle("chain GRPO (G=4) vs Tree-GRPO (M=2, N=2, L=1, K=3), tiny model", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "tree_grpo_compare.png"), dpi=110)
+    plt.close(fig)
+    with open(os.path.join(out, "tree_grpo_compare.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results, "curves": {k: [r["curve"] for r in v] for k, v in
+                   runs.items()}, "table": table}, f, indent=2)  # fmt: skip
+    print(f"[tree_grpo] table, plot and numbers in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    args = parse_args(Args)
+    compare(args) if args.compare else train(args)
