@@ -42,6 +42,7 @@ from transformers import (
 )
 
 PRESETS = ("tiny", "smollm2-135m")
+VLM_PRESETS = ("tiny-vlm",)
 CACHE_DIR = Path(os.environ.get("GRPO_FAMILY_CACHE", Path.home() / ".cache" / "grpo-family"))
 # The tags every task uses get one token each in the tiny tokenizer; other text is one token per character.
 TINY_TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<dx>", "</dx>", "<conclusion>", "</conclusion>")
@@ -273,6 +274,74 @@ def format_prompt(tokenizer, question: str, system_prompt: str | None = None) ->
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vision-language models (grpo_pp.py)
+
+IMAGE_TOKEN = "<image>"
+
+
+def build_tiny_vlm(extra_tags=(), image_size=32, patch_size=8, seed=0):
+    """A LLaVA-style model from transformers classes: a 2-layer CLIP vision tower (width 64) on image patches, a
+    2-layer MLP projector, and the tiny Qwen2 as the language model; the processor (CLIP image processor + the
+    tiny character tokenizer with an <image> token) is made in code. Returns (model, processor)."""
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokenizer = build_tiny_tokenizer((*extra_tags, IMAGE_TOKEN))
+    text_config = build_tiny_model(tokenizer).config
+    vision_config = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch_size, projection_dim=64,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",  # drop the CLS token: one text token per image patch
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config), processor
+
+
+def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0):
+    """(model, processor) for a vision-language model: the built-in `tiny-vlm` (randomly initialised; the
+    calling script warm-starts it), or a local folder / hub id through AutoModelForImageTextToText."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    device = pick_device(device)
+    if name == "tiny-vlm":
+        model, processor = build_tiny_vlm(extra_tags, seed=seed)
+    else:
+        try:
+            processor = AutoProcessor.from_pretrained(name)
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=pick_dtype(dtype, device))
+        except (OSError, ValueError) as error:
+            raise ValueError(
+                f"Could not load vision-language model {name!r}: it is not a preset ({', '.join(VLM_PRESETS)}), "
+                f"not a local folder with a model and processor in it, and not reachable on the Hugging Face hub "
+                f"(are you offline?). Run offline with --model tiny-vlm, or pass a local folder. "
+                f"[{type(error).__name__}: {str(error).splitlines()[0]}]"
+            ) from None
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return model.to(device=device, dtype=pick_dtype(dtype, device)), processor
 
 
 # ----------------------------------------------------------------------------------------------------------------

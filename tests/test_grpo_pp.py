@@ -1,0 +1,135 @@
+"""grpo_pp.py (work in progress): the advantages and the DPO loss by hand, the lesion images and the knowledge
+graph, the rewards, the image data set fixture, the tiny VLM, and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ROOT
+from PIL import Image
+
+import grpo_pp as G
+from common import load_vlm
+
+
+def test_binary_advantages_by_hand():
+    rewards = torch.tensor([1.5, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])  # group 1 mean 0.625; group 2 all equal
+    assert G.binary_advantages(rewards, 4).tolist() == [1, -1, -1, -1, 0, 0, 0, 0]
+    # the size of a GRPO advantage depends on the group's std, the sign advantage does not
+    tight = torch.tensor([0.50, 0.51, 0.50, 0.50])
+    assert G.group_advantages(tight, 4).abs().max() > 1.4
+    assert G.binary_advantages(tight, 4).tolist() == [-1, 1, -1, -1]
+    assert G.nonzero_variance_groups(rewards, 4).tolist() == [True] * 4 + [False] * 4
+
+
+def test_binary_advantages_bad_input():
+    with pytest.raises(ValueError, match="at least 2"):
+        G.binary_advantages(torch.ones(4), 1)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        G.binary_advantages(torch.ones(5), 2)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        G.binary_advantages(torch.tensor([1.0, float("nan")]), 2)
+
+
+def test_dpo_loss_by_hand():
+    # chosen: policy -1.0 vs ref -1.5 -> implicit reward 0.1 * 0.5 = 0.05; rejected: -2.0 vs -1.5 -> -0.05
+    loss, metrics = G.dpo_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([-1.5]), torch.tensor([-1.5]))
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.1))), abs=1e-6)  # 0.64440
+    assert metrics["rewards/margins"] == pytest.approx(0.1) and metrics["rewards/accuracies"] == 1.0
+    # policy == reference: loss log 2 for every pair
+    zeros = torch.zeros(3)
+    assert G.dpo_loss(zeros, zeros, zeros, zeros, beta=0.5)[0].item() == pytest.approx(math.log(2))
+    # against the formula written with logsigmoid, on random numbers; the gradient raises chosen, lowers rejected
+    logps = [torch.randn(5, generator=torch.Generator().manual_seed(i)) * 3 for i in range(4)]
+    chosen = logps[0].clone().requires_grad_()
+    loss, _ = G.dpo_loss(chosen, *logps[1:], beta=0.2)
+    expected = -F.logsigmoid(0.2 * ((logps[0] - logps[2]) - (logps[1] - logps[3]))).mean()
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert (chosen.grad < 0).all()  # descending the loss increases log pi(chosen)
+    with pytest.raises(ValueError, match="one shape"):
+        G.dpo_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2), torch.zeros(2))
+
+
+def test_images_are_deterministic_per_seed():
+    a = G.draw_lesion("melanoma", np.random.default_rng(0))
+    assert a.shape == (32, 32, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, G.draw_lesion("melanoma", np.random.default_rng(0)))
+    assert not np.array_equal(a, G.draw_lesion("melanoma", np.random.default_rng(1)))
+    train8, eval_a = G.make_lesion_task(8, 5, seed=3)
+    train16, eval_b = G.make_lesion_task(16, 5, seed=3)
+    assert len(train8) == 8 * len(G.CLASSES) and len(eval_a) == 5 * len(G.CLASSES)
+    assert {x["label"] for x in eval_a} == set(G.CLASSES)
+    # the held-out split does not depend on the training size, and never repeats a training image
+    assert [np.asarray(x["image"]).tobytes() for x in eval_a] == [np.asarray(x["image"]).tobytes() for x in eval_b]
+    assert {np.asarray(x["image"]).tobytes() for x in train16}.isdisjoint(
+        np.asarray(x["image"]).tobytes() for x in eval_a
+    )
+
+
+def test_attributes_show_in_the_pixels():
+    rng = np.random.default_rng(0)
+    mean_colour = {
+        c: np.mean([G.draw_lesion(c, rng)[12:20, 12:20].mean((0, 1)) for _ in range(10)], 0) for c in G.CLASSES
+    }
+    assert (
+        mean_colour["melanoma"].sum() < mean_colour["nevus"].sum() < mean_colour["rosacea"].sum()
+    )  # black < brown < pink
+    red, green = mean_colour["psoriasis"][0], mean_colour["psoriasis"][1]
+    assert red > 1.5 * green
+
+
+def test_recognition_reward():
+    good = "<think>red oval sharp scaly</think><answer>psoriasis</answer>"
+    half = "<think>red oval sharp dotted</think><answer>psoriasis</answer>"  # dotted is not psoriasis
+    wrong = "<think>brown round</think><answer>nevus</answer>"
+    rewards = G.recognition_reward([good, half, wrong, "psoriasis"], ["psoriasis"] * 4, kg_weight=0.5)
+    assert rewards["correct"].tolist() == [1, 1, 0, 0]
+    assert rewards["format"].tolist() == [1, 1, 1, 0]
+    assert rewards["kg"].tolist() == [1.0, 0.75, 1.0, 0.0]  # agreement with the graph of the *predicted* class
+    assert rewards["total"].tolist() == [2.0, 1.875, 1.0, 0.0]
+    with pytest.raises(ValueError, match="one label per completion"):
+        G.recognition_reward([good], [])
+
+
+def test_kg_fact_score():
+    assert G.kg_fact_score("Psoriasis: itching and silvery scale; use a topical steroid.", "psoriasis") == 3
+    # "moisturiser" is eczema's care, not psoriasis': one wrong fact
+    assert G.kg_fact_score("It causes itching; use a moisturiser.", "psoriasis") == 0
+
+
+def test_bad_images_and_classes_are_one_clear_error():
+    image = Image.fromarray(G.draw_lesion("nevus", np.random.default_rng(0)))
+    assert G.check_image(image) is image
+    with pytest.raises(ValueError, match="convert it with image.convert"):
+        G.check_image(image.convert("L"))
+    with pytest.raises(ValueError, match="needs 32x32"):
+        G.check_image(image.resize((64, 64)))
+    with pytest.raises(ValueError, match="knowledge graph knows"):
+        G.draw_lesion("acne", np.random.default_rng(0))
+
+
+def test_image_dataset_fixture_loads():
+    train, held_out = G.load_image_dataset(str(ROOT / "tests/fixtures/lesions"), 2, 5, seed=0)
+    assert sorted(x["label"] for x in train) == ["nevus", "nevus", "psoriasis", "psoriasis"]
+    assert len(held_out) == 4 and all(x["image"].size == (32, 32) for x in held_out)
+    with pytest.raises(ValueError, match="Could not load an image data set"):
+        G.load_image_dataset("/no/such/folder", 2, 2, seed=0)
+
+
+def test_tiny_vlm_sees_the_image_and_round_trips(tmp_path):
+    model, processor = load_vlm("tiny-vlm", device="cpu")
+    images = [Image.fromarray(G.draw_lesion(c, np.random.default_rng(0))) for c in ("nevus", "melanoma")]
+    enc = processor(images=images, text=["<image>" + G.QUESTION] * 2, return_tensors="pt", padding=True)
+    assert (enc["input_ids"] == model.config.image_token_index).sum(1).tolist() == [16, 16]  # 4x4 patches
+    logits = model(**enc).logits
+    assert not torch.allclose(logits[0, -1], logits[1, -1])  # different images, different predictions
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, processor_again = load_vlm(str(tmp_path), device="cpu")
+    torch.testing.assert_close(again(**enc).logits, logits)
+    assert processor_again.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True).endswith(G.QUESTION)
+    with pytest.raises(ValueError, match="Run offline with --model tiny-vlm"):
+        load_vlm("no-such-org/no-such-vlm")
