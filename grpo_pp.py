@@ -1,9 +1,7 @@
 """GRPO++ (DermIQ-VLM): a stabilised GRPO on a vision-language model, then SFT, then knowledge-graph DPO.
 
-Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510.01236. Read grpo.py first.
-
-STATUS: work in progress. This file has the task (procedural lesion images and their knowledge graph), the
-GRPO++ advantage, and the DPO loss, with tests; the three training stages come next (see README).
+Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510.01236. Read grpo.py first: stage 1
+is grpo.py with an image in the prompt and the stabilisers below.
 
 The idea. Three stages that mimic how a dermatologist is trained: (1) GRPO++, a GRPO made stable enough for
 reasoning-based disease recognition from few images; (2) SFT for conversation; (3) DPO whose preference pairs are
@@ -11,26 +9,115 @@ scored against a knowledge graph instead of by experts.
 
 What the paper leaves open, and our interpretation. The paper's text and code are not public: only the abstract,
 and one secondary source saying GRPO++ uses "a binary advantage". Every stabiliser below is therefore our reading,
-each behind its own flag so that GRPO vs GRPO++ is one switch (../shared/papers/crpo-and-grpo-pp.md, part B3):
+each behind its own flag so that GRPO vs GRPO++ is one switch, --grpo_pp (../shared/papers/crpo-and-grpo-pp.md, B3):
     binary advantage   A_i = sign(r_i - mean(r_group))  in {-1, 0, +1}: no division by a near-zero std
-    skip zero-variance groups (no loss where every reward is equal), clip-higher (eps_high 0.28), token-mean
-    loss (DAPO), and a k3 KL anchor to the reference model (beta 0.04).
-DPO (Rafailov et al., 2023), with y_w the answer the knowledge graph scores best and y_l the worst:
-    loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+                       (GRPO: A_i = (r_i - mean) / (std + eps))
+    skip zero-variance groups: no loss on a group whose rewards are all equal
+    clip-higher        eps_high = 0.28 (GRPO: 0.2)
+    token-mean loss    sum_it M_it l_it / sum_it M_it  (GRPO: the mean over completions of each one's token mean)
+    KL anchor          + beta * k3(pi_ref, pi), beta = 0.04, the reference being the warm start (GRPO: beta = 0)
+Reward (VLM-R1 style): 1 for the right class + 0.5 for the <think>..</think><answer>..</answer> format
+(+ --kg_weight x the share of the attributes named in <think> that the graph gives the predicted class).
+Stage 2, SFT: conversations written from the graph (the recognition trace, then symptoms and care), a known
+share (--sft_error_rate) with one fact swapped for another class's. Stage 3, DPO (Rafailov et al., 2023): sample
+K answers per training image, score each against the graph (true-class facts stated minus other classes' facts),
+chosen y_w = best, rejected y_l = worst, kept if the scores differ by at least --dpo_margin:
+    loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),  ref = stage 2
+We simplified: no LoRA (the paper's "memory-efficient" variant; our models are small), full fine-tuning, and
+offline DPO on one set of sampled pairs.
 
 The task. 32x32 RGB "lesions" drawn in code: a blob on a skin-tone background whose colour, shape, border and
 texture encode one of six classes; every class shares attributes with others, so recognising one takes a
-combination. The knowledge graph gives each class's visual attributes, symptoms and care.
+combination. The knowledge graph gives each class's visual attributes, symptoms and care. The low-data training
+split has --images_per_class images per class (8, 16 or 32); the held-out split is balanced. The tiny VLM (a
+LLaVA-style model built from transformers classes, common.py) is warm-started on attribute captions whose class
+name is a look-alike 60% of the time (it sees well but mixes classes up), cached after the first run.
+
+Run:
+    python grpo_pp.py                       # stages 1 -> 2 -> 3 with GRPO in stage 1, tiny VLM, CPU
+    python grpo_pp.py --grpo_pp             # the same with GRPO++
+    python grpo_pp.py --compare             # stage 1, GRPO vs GRPO++, 5 seeds x (8, 16) images per class
+    python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
+    python grpo_pp.py --model <a local VLM folder> --dataset_path <an image folder with train/ and test/>
+
+Measured: see README "GRPO++" (numbers from `python grpo_pp.py --compare` and `python grpo_pp.py --grpo_pp`).
 """
 
 import colorsys
+import copy
+import hashlib
+import json
 import math
 import random
 import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common import CACHE_DIR, MetricsLogger, load_vlm, make_run_dir, parse_args, seed_everything
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
+    model: str = field(default="tiny-vlm", metadata={"help": "tiny-vlm | a local folder | a hub id (a VLM)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    # task
+    dataset_path: str = field(default="", metadata={"help": "an image data set (hub id or folder); '' = generated"})
+    images_per_class: int = field(default=16, metadata={"help": "training images per class (low data: 8, 16, 32)"})
+    eval_per_class: int = field(default=20, metadata={"help": "held-out images per class (balanced)"})
+    data_seed: int = field(default=0, metadata={"help": "seed of the generated images (seeds share one split)"})
+    warm_start_steps: int = field(default=600, metadata={"help": "tiny-vlm: SFT steps on attribute captions"})
+    warm_start_noise: float = field(default=0.6, metadata={"help": "tiny-vlm: share of captions naming a look-alike"})
+    # stage 1: GRPO, or GRPO++ with every stabiliser on (--grpo_pp); each stabiliser also has its own flag
+    grpo_pp: bool = field(default=False, metadata={"help": "GRPO++: binary advantage, skip, clip-higher, dapo, KL"})
+    advantage: Literal["group", "binary"] = field(default="group", metadata={"help": "(r-mean)/std or sign(r-mean)"})
+    skip_zero_variance: bool = field(default=False, metadata={"help": "no loss on groups with equal rewards"})
+    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
+    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (GRPO++: 0.28)"})
+    loss_type: Literal["grpo", "dapo"] = field(default="grpo", metadata={"help": "sequence mean | token mean"})
+    beta: float = field(default=0.0, metadata={"help": "k3 KL anchor to the warm start (GRPO++: 0.04)"})
+    kg_weight: float = field(default=0.0, metadata={"help": "reward weight of the attributes' graph agreement"})
+    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
+    prompts_per_step: int = field(default=12, metadata={"help": "images per step; the batch is this x group_size"})
+    group_size: int = field(default=8, metadata={"help": "G, completions sampled per image (at least 2)"})
+    max_new_tokens: int = field(default=48, metadata={"help": "longest completion, in tokens"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
+    num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each batch"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out split every N steps"})
+    # stages 2 and 3
+    stage: Literal["all", "1", "2", "3"] = field(default="all", metadata={"help": "run one stage, or 1 -> 2 -> 3"})
+    init: str = field(default="", metadata={"help": "stage 2 or 3 alone: the model folder to start from"})
+    sft_steps: int = field(default=150, metadata={"help": "stage 2: SFT steps on graph conversations"})
+    sft_error_rate: float = field(default=0.3, metadata={"help": "stage 2: share of conversations with a wrong fact"})
+    sft_learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: AdamW learning rate"})
+    dpo_samples: int = field(default=4, metadata={"help": "stage 3: answers sampled per image to build a pair"})
+    dpo_margin: float = field(
+        default=1.0, metadata={"help": "stage 3: keep a pair if its graph scores differ this much"}
+    )
+    dpo_beta: float = field(default=0.1, metadata={"help": "stage 3: DPO beta"})
+    dpo_epochs: int = field(default=4, metadata={"help": "stage 3: passes over the preference pairs"})
+    dpo_learning_rate: float = field(default=1e-4, metadata={"help": "stage 3: AdamW learning rate"})
+    answer_tokens: int = field(default=112, metadata={"help": "stages 2-3: longest conversational answer, in tokens"})
+    compare: bool = field(default=False, metadata={"help": "stage 1 GRPO vs GRPO++ for --seeds x --sizes, then plot"})
+    seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
+    sizes: str = field(default="8,16", metadata={"help": "--compare: comma-separated training images per class"})
+
+    def __post_init__(self):
+        if self.grpo_pp:  # our reading of GRPO++ (module docstring): every stabiliser on
+            self.advantage, self.skip_zero_variance, self.eps_high, self.loss_type = "binary", True, 0.28, "dapo"
+            self.beta = self.beta or 0.04
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Task: a knowledge graph, lesion images drawn from it, and the rewards
@@ -195,6 +282,75 @@ def recognition_reward(completions: list[str], labels: list[str], kg_weight: flo
             "total": correct + 0.5 * formatted + kg_weight * agreement}  # fmt: skip
 
 
+def make_prompt(processor) -> str:
+    """The question with the image placeholder: the model's chat template if it has one, else '<image>question'."""
+    text = f"{QUESTION} Describe its colour, shape, border and texture inside <think> </think>, then name it inside " \
+        "<answer> </answer>."  # fmt: skip
+    if getattr(processor, "chat_template", None) is None:
+        return "<image>" + QUESTION
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def caption(label: str, answer: str) -> str:
+    """A recognition trace: the class's visual attributes, then a class name."""
+    attrs = KNOWLEDGE_GRAPH[label]
+    return f"<think>{' '.join(attrs[k] for k in ATTRIBUTES)}</think><answer>{answer}</answer>"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rollout and log-probs (grpo.py's, with the image passed along)
+
+
+def encode_prompts(processor, images, device):
+    """Left-padded prompt ids and mask (B, P) and pixel values (B, 3, H, W) for a list of images."""
+    prompt = make_prompt(processor)
+    enc = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device), enc["pixel_values"].to(device)
+
+
+@torch.no_grad()
+def generate_completions(model, processor, images, group_size, max_new_tokens, temperature, greedy=False):
+    """Sample `group_size` completions per image; rows grouped [img0 x G, img1 x G, ...] (see grpo.py)."""
+    tokenizer = processor.tokenizer
+    prompt_ids, prompt_mask, pixels = encode_prompts(processor, images, model.device)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+    pixels = pixels.repeat_interleave(group_size, 0).to(model.dtype)  # (B*G, 3, H, W)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0}
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        pixel_values=pixels,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **({"do_sample": False} if greedy else sampling),
+    )
+    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
+    is_eos = completion_ids == tokenizer.eos_token_id
+    length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completion_ids.size(1))  # tokens incl. EOS
+    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
+    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids, length.tolist())]
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels,
+            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}  # fmt: skip
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask, temperature):
+    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        logits_to_keep=completion_ids.size(1) + 1,
+    ).logits[:, :-1]  # (B, C, V)
+    logits = logits.float() / temperature
+    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, C)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Advantages
 
@@ -230,6 +386,106 @@ def nonzero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Ten
     only on those; a zero-variance group has advantage 0 anyway but still counts in a token-mean normaliser)."""
     grouped = rewards.view(-1, group_size)
     return (grouped.max(dim=1).values > grouped.min(dim=1).values).repeat_interleave(group_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss (grpo.py's, without the micro-batch options)
+
+
+def policy_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo"):
+    """The clipped GRPO surrogate with an optional k3 KL anchor; loss_type grpo = mean over completions of each
+    completion's token mean (DeepSeekMath), dapo = token mean over the batch. Returns (loss, metrics)."""
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1)
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    per_token_loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = ((per_token_kl * mask).sum() / mask.sum().clamp(min=1.0)).item()
+    if loss_type == "grpo":
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
+    else:
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+    metrics["clip_ratio"] = ((clipped.float() * mask).sum() / mask.sum().clamp(min=1.0)).item()
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT (the tiny model's warm start, and stage 2)
+
+
+def vlm_sft(model, processor, demos, steps, batch_size=32, lr=3e-3, seed=0, desc="SFT"):
+    """Supervised fine-tuning on (image, completion) pairs after the recognition prompt; loss on the completion."""
+    tokenizer = processor.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        batch = [demos[i] for i in torch.randint(len(demos), (batch_size,), generator=generator).tolist()]
+        prompt_ids, prompt_mask, pixels = encode_prompts(processor, [image for image, _ in batch], model.device)
+        completions = tokenizer([c + tokenizer.eos_token for _, c in batch], return_tensors="pt", padding=True,
+                                padding_side="right", add_special_tokens=False).to(model.device)  # fmt: skip
+        labels = completions["input_ids"].masked_fill(completions["attention_mask"] == 0, -100)  # (B, C)
+        input_ids = torch.cat([prompt_ids, completions["input_ids"]], 1)
+        attention_mask = torch.cat([prompt_mask, completions["attention_mask"]], 1)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
+            pixel_values=pixels.to(model.dtype),
+            logits_to_keep=labels.size(1) + 1,
+        ).logits[:, :-1]  # (B, C, V): the last prompt position predicts the first completion token
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+# the tiny VLM's warm start mixes up each class with one that shares attributes with it
+CONFUSED_WITH = {"nevus": "keratosis", "keratosis": "psoriasis", "psoriasis": "eczema", "eczema": "melanoma",
+                 "melanoma": "rosacea", "rosacea": "nevus"}  # fmt: skip
+
+
+def warm_start_demos(seed: int, noise: float, per_class: int = 200):
+    """The tiny VLM's stand-in for pretraining: images (a separate stream from the task's splits) captioned with
+    their true attributes, and with the class a look-alike (CONFUSED_WITH) with probability `noise`: a model that
+    sees well but has a systematic mix-up for RL to correct."""
+    from PIL import Image
+
+    rng, pick = np.random.default_rng([seed, 2]), random.Random(seed)
+    demos = []
+    for c in CLASSES:
+        for _ in range(per_class):
+            answer = CONFUSED_WITH[c] if pick.random() < noise else c
+            demos.append((Image.fromarray(draw_lesion(c, rng)), caption(c, answer)))
+    return demos
+
+
+def load_policy(args: "Args"):
+    """(model, processor): tiny-vlm warm-started on attribute captions (cached), or a real VLM as it is."""
+    if args.model != "tiny-vlm":
+        return load_vlm(args.model, args.device, args.dtype)
+    recipe = {"version": 1, "steps": args.warm_start_steps, "data_seed": args.data_seed, "noise": args.warm_start_noise}
+    path = CACHE_DIR / f"tiny-vlm-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]}"
+    if (path / "config.json").exists():
+        return load_vlm(str(path), args.device, args.dtype)
+    model, processor = load_vlm("tiny-vlm", args.device, args.dtype)
+    print(f"[grpo_pp] warm-starting the tiny VLM on attribute captions (cached in {path})")
+    demos = warm_start_demos(args.data_seed, args.warm_start_noise)
+    vlm_sft(model, processor, demos, args.warm_start_steps, desc="warm start")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return model, processor
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,5 +532,333 @@ def kg_fact_score(answer: str, label: str, penalty: float = 1.0) -> float:
     return stated(true_facts) - penalty * stated(other_facts)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1: GRPO or GRPO++ on few images
+
+
+def check_args(args: Args):
+    if args.group_size < 2:
+        raise ValueError(
+            f"--group_size must be at least 2 (GRPO compares completions of one image), got {args.group_size}"
+        )
+    if args.temperature <= 0:
+        raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+
+
+def load_task(args: Args):
+    if args.dataset_path:
+        return load_image_dataset(args.dataset_path, args.images_per_class, args.eval_per_class, args.data_seed)
+    return make_lesion_task(args.images_per_class, args.eval_per_class, args.data_seed)
+
+
+def train_grpo(args: Args):
+    """Stage 1. Returns the results dict (held-out macro-F1 before, after, best, and each evaluation)."""
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items = load_task(args)
+    model, processor = load_policy(args)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    method = "grpo_pp" if args.grpo_pp else "grpo"
+    run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
+    print(f"[grpo_pp] stage 1 ({method}), run folder: {run_dir}")
+    score = lambda m, r, rows: completion_logprobs(  # noqa: E731
+        m, r["prompt_ids"][rows], r["prompt_mask"][rows], r["pixel_values"][rows], r["completion_ids"][rows],
+        r["completion_mask"][rows], args.temperature,
+    )  # fmt: skip
+    rng = random.Random(args.seed)
+    start = time.time()
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+        before = evaluate(model, processor, eval_items, args.max_new_tokens)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        curve = [before["macro_f1"]]
+        bar = tqdm(range(1, args.num_steps + 1), desc=method)
+        for step in bar:
+            step_start = time.time()
+            batch = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: G completions per image
+            model.eval()
+            rollout = generate_completions(
+                model, processor, [x["image"] for x in batch], args.group_size, args.max_new_tokens, args.temperature
+            )
+            labels = [x["label"] for x in batch for _ in range(args.group_size)]
+            # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
+            rewards = recognition_reward(rollout["texts"], labels, args.kg_weight)
+            if args.advantage == "binary":
+                advantages = binary_advantages(rewards["total"], args.group_size)
+            else:
+                advantages = group_advantages(rewards["total"], args.group_size)
+            # GRPO++: drop groups whose rewards are all equal (they would only dilute a token-mean normaliser)
+            keep = nonzero_variance_groups(rewards["total"], args.group_size)
+            rows = torch.nonzero(keep if args.skip_zero_variance else torch.ones_like(keep)).flatten()
+            advantages = advantages.to(model.device)
+            record = {
+                "reward": rewards["total"].mean().item(),
+                "accuracy": rewards["correct"].mean().item(),
+                "format": rewards["format"].mean().item(),
+                "frac_zero_variance": 1 - keep.float().mean().item(),
+            }
+            if len(rows):
+                # 3. log-probs of the sampling policy and of the reference, then num_iterations passes
+                with torch.no_grad():
+                    old_logps = score(model, rollout, rows)
+                    ref_logps = score(ref_model, rollout, rows) if ref_model else None
+                model.train()
+                for _ in range(args.num_iterations):
+                    logps = score(model, rollout, rows)
+                    loss, metrics = policy_loss(
+                        logps, old_logps, ref_logps, advantages[rows], rollout["completion_mask"][rows],
+                        args.eps_low, args.eps_high, args.beta, args.loss_type,
+                    )  # fmt: skip
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                record |= metrics | {"loss": loss.item(), "grad_norm": grad_norm.item()}
+            record["step_time"] = time.time() - step_start
+            if step % args.eval_every == 0 or step == args.num_steps:
+                held_out = evaluate(model, processor, eval_items, args.max_new_tokens)
+                record |= {f"eval/{k}": v for k, v in held_out.items()}
+                curve.append(held_out["macro_f1"])
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+    # a collapse: held-out F1 falls 10 points below its own best so far
+    collapses = sum(f < max(curve[: i + 1]) - 0.10 for i, f in enumerate(curve))
+    results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "collapses": collapses,
+               "curve": curve, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}  # fmt: skip
+    print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}), "
+          f"{collapses} evaluations 10 points below the best so far, {results['wall_time_s']:.0f}s")  # fmt: skip
+    model.save_pretrained(run_dir / "model")
+    processor.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = ["reward", "eval/macro_f1", "eval/accuracy", "frac_zero_variance", "clip_ratio", "grad_norm"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def macro_f1(predictions: list, labels: list) -> float:
+    """Mean over the classes present in `labels` of F1 = 2 TP / (2 TP + FP + FN); an unparsable answer is a miss."""
+    scores = []
+    for c in sorted(set(labels)):
+        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
+        fp = sum(p == c and y != c for p, y in zip(predictions, labels))
+        fn = sum(p != c and y == c for p, y in zip(predictions, labels))
+        scores.append(2 * tp / max(2 * tp + fp + fn, 1))
+    return sum(scores) / len(scores)
+
+
+@torch.no_grad()
+def evaluate(model, processor, items, max_new_tokens, batch_size=128):
+    """Greedy recognition on held-out images: macro-F1, accuracy, share well formatted."""
+    model.eval()
+    predictions, formatted = [], []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        rollout = generate_completions(model, processor, [x["image"] for x in chunk], 1, max_new_tokens, 1.0, True)
+        parsed = [parse_answer(t) for t in rollout["texts"]]
+        predictions += [p["answer"] for p in parsed]
+        formatted += [p["formatted"] for p in parsed]
+    labels = [x["label"] for x in items]
+    return {"macro_f1": macro_f1(predictions, labels),
+            "accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(items),
+            "format": sum(formatted) / len(items)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 2: SFT on conversations made from the graph (some with a wrong fact)
+
+FACTS = sorted({f for node in KNOWLEDGE_GRAPH.values() for f in [*node["symptoms"], node["care"]]})
+
+
+def conversation(label: str, rng: random.Random, error_rate: float = 0.0) -> tuple[str, bool]:
+    """A conversational answer from the graph: the recognition trace, then symptoms and care. With probability
+    error_rate one of them is another class's (a factual error, as SFT data written in a hurry would have).
+    Returns (text, has_error)."""
+    node = dict(KNOWLEDGE_GRAPH[label])
+    has_error = rng.random() < error_rate
+    if has_error:
+        key = rng.choice(["symptoms", "care"])
+        node[key] = rng.choice([n[key] for n in KNOWLEDGE_GRAPH.values() if n[key] != node[key]])
+    text = f"{caption(label, label)} Symptoms: {', '.join(node['symptoms'])}. Care: {node['care']}."
+    return text, has_error
+
+
+def stated_facts(completion: str) -> set[str]:
+    """The graph's symptoms and care stated after the answer."""
+    text = completion.split("</answer>", 1)[-1].lower()
+    return {f for f in FACTS if re.search(rf"\b{re.escape(f)}\b", text)}
+
+
+def has_factual_error(completion: str) -> bool:
+    """True if the answer states a symptom or care that the graph does not give the class it names."""
+    node = KNOWLEDGE_GRAPH.get(parse_answer(completion)["answer"])
+    facts = stated_facts(completion)
+    return bool(facts) and (node is None or not facts <= {*node["symptoms"], node["care"]})
+
+
+def train_sft(args: Args, model, processor, train_items, run_dir):
+    """Stage 2: SFT on (training image, graph conversation) pairs, args.sft_error_rate of them with a wrong fact."""
+    rng = random.Random(args.seed)
+    demos = [(x["image"], conversation(x["label"], rng, args.sft_error_rate)[0]) for x in train_items for _ in range(8)]
+    vlm_sft(model, processor, demos, args.sft_steps, batch_size=16, lr=args.sft_learning_rate, seed=args.seed,
+            desc="stage 2 SFT")  # fmt: skip
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 3: DPO with the knowledge graph as the preference proxy
+
+
+def sequence_logps(model, rollout, rows):
+    """Sum of log pi over each completion's tokens (rows,)."""
+    logps = completion_logprobs(
+        model, rollout["prompt_ids"][rows], rollout["prompt_mask"][rows], rollout["pixel_values"][rows],
+        rollout["completion_ids"][rows], rollout["completion_mask"][rows], 1.0,
+    )  # fmt: skip
+    return (logps * rollout["completion_mask"][rows]).sum(1)
+
+
+def preference_pairs(model, processor, train_items, args: Args):
+    """Sample args.dpo_samples answers per training image and score each against the graph (kg_fact_score with
+    the true class). chosen = best, rejected = worst, kept when the scores differ by at least args.dpo_margin.
+    Returns the rollout of all samples and [(chosen row, rejected row)]."""
+    k = args.dpo_samples
+    rollout = generate_completions(model, processor, [x["image"] for x in train_items], k, args.answer_tokens, 1.0)
+    scores = torch.tensor([kg_fact_score(t, x["label"]) for t, x in zip(rollout["texts"], (x for x in train_items
+                           for _ in range(k)))]).view(-1, k)  # fmt: skip
+    pairs = []
+    for i, row in enumerate(scores):
+        if row.max() - row.min() >= args.dpo_margin:
+            pairs.append((i * k + int(row.argmax()), i * k + int(row.argmin())))
+    return rollout, pairs
+
+
+def train_dpo(args: Args, model, processor, train_items):
+    """Stage 3: offline DPO on the graph-scored pairs; the reference is the frozen stage-2 model."""
+    rollout, pairs = preference_pairs(model, processor, train_items, args)
+    if not pairs:
+        print("[grpo_pp] stage 3: no answer pair differs enough on the graph score; nothing to train")
+        return model, {"pairs": 0}
+    chosen, rejected = (torch.tensor(x, device=model.device) for x in zip(*pairs))
+    with torch.no_grad():
+        ref_chosen, ref_rejected = sequence_logps(model, rollout, chosen), sequence_logps(model, rollout, rejected)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.dpo_learning_rate, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(args.dpo_epochs), desc="stage 3 DPO", leave=False):
+        for batch in torch.randperm(len(pairs)).split(16):
+            loss, metrics = dpo_loss(
+                sequence_logps(model, rollout, chosen[batch]), sequence_logps(model, rollout, rejected[batch]),
+                ref_chosen[batch], ref_rejected[batch], args.dpo_beta,
+            )  # fmt: skip
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model, {"pairs": len(pairs), "dpo_loss": loss.item(), **metrics}
+
+
+@torch.no_grad()
+def evaluate_answers(model, processor, items, max_new_tokens):
+    """Greedy conversational answers on held-out images: macro-F1 of the named class, and the factual error rate
+    (share of answers stating a symptom or care the graph does not give the named class)."""
+    model.eval()
+    rollout = generate_completions(model, processor, [x["image"] for x in items], 1, max_new_tokens, 1.0, True)
+    predictions = [parse_answer(t)["answer"] for t in rollout["texts"]]
+    return {"macro_f1": macro_f1(predictions, [x["label"] for x in items]),
+            "fact_error_rate": sum(map(has_factual_error, rollout["texts"])) / len(items),
+            "facts_stated": sum(len(stated_facts(t)) for t in rollout["texts"]) / len(items),
+            "example": rollout["texts"][0]}  # fmt: skip
+
+
+def pipeline(args: Args):
+    """Stages 1 -> 2 -> 3 (or one of them from --init); each stage's model is saved in its run folder."""
+    train_items, eval_items = load_task(args)
+    init = args.init
+    results = {}
+    if args.stage in ("all", "1"):
+        results["stage1"] = train_grpo(args)
+        init = results["stage1"]["run_dir"] + "/model"
+    for stage in ("2", "3"):
+        if args.stage not in ("all", stage):
+            continue
+        if not init:
+            raise ValueError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
+        seed_everything(args.seed)
+        model, processor = load_vlm(init, args.device, args.dtype)
+        run_dir = make_run_dir(f"grpo_pp-stage{stage}", args, root=args.output_dir)
+        before = evaluate_answers(model, processor, eval_items, args.answer_tokens)
+        if stage == "2":
+            model, extra = train_sft(args, model, processor, train_items, run_dir), {}
+        else:
+            model, extra = train_dpo(args, model, processor, train_items)
+        after = evaluate_answers(model, processor, eval_items, args.answer_tokens)
+        results[f"stage{stage}"] = {"before": before, "after": after, **extra, "run_dir": str(run_dir)}
+        print(f"[grpo_pp] stage {stage}: held-out macro-F1 {before['macro_f1']:.3f} -> {after['macro_f1']:.3f}, "
+              f"factual error rate {before['fact_error_rate']:.3f} -> {after['fact_error_rate']:.3f}\n"
+              f"          e.g. {after['example']!r}")  # fmt: skip
+        model.save_pretrained(run_dir / "model")
+        processor.save_pretrained(run_dir / "model")
+        (run_dir / "results.json").write_text(json.dumps(results[f"stage{stage}"], indent=2))
+        init = str(run_dir / "model")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The paper's claim: GRPO++ is more stable than GRPO with little data
+
+
+def compare(args: Args):
+    """Stage 1 with GRPO and with GRPO++ for every seed and training size (same warm start and splits), then a
+    table of held-out macro-F1 (mean, seed-to-seed spread, collapses) and the F1 curves."""
+    import os
+    from dataclasses import replace
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import summarize_runs
+
+    sizes, seeds = [int(x) for x in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")]
+    results, curves = {}, {}
+    for size in sizes:
+        for method in ("grpo", "grpo_pp"):
+            for seed in seeds:
+                run_args = replace(args, grpo_pp=method == "grpo_pp", seed=seed, images_per_class=size, compare=False)
+                run = train_grpo(run_args)  # replace() runs __post_init__, which sets GRPO++'s flags
+                results.setdefault(f"{method} ({size}/class)", []).append(
+                    {k: run[k] for k in ("f1_after", "f1_best", "collapses")}
+                )
+                curves.setdefault(f"{method} ({size}/class)", []).append(run["curve"])
+    table = summarize_runs(results, ["f1_after", "f1_best", "collapses"])
+    print(f"\nstage 1, held-out macro-F1 (mean ± std over seeds {args.seeds})\n\n{table}")
+    out = os.path.join(args.output_dir, "grpo_pp_compare")
+    os.makedirs(out, exist_ok=True)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.2), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for i, method in enumerate(("grpo", "grpo_pp")):
+            for j, curve in enumerate(curves[f"{method} ({size}/class)"]):
+                steps = [0] + [min(k * args.eval_every, args.num_steps) for k in range(1, len(curve))]
+                ax.plot(steps, curve, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
+        ax.set(title=f"{size} training images per class", xlabel="step", ylabel="held-out macro-F1")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "grpo_pp_compare.png"), dpi=110)
+    plt.close(fig)
+    with open(os.path.join(out, "grpo_pp_compare.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results, "curves": curves, "table": table}, f, indent=2)
+    print(f"[grpo_pp] table, plot and numbers in {out}")
+    return results
+
+
 if __name__ == "__main__":
-    raise SystemExit("grpo_pp.py is work in progress: the training stages are not in this version yet (see README)")
+    args = parse_args(Args)
+    compare(args) if args.compare else pipeline(args)

@@ -1,7 +1,11 @@
 """grpo_pp.py (work in progress): the advantages and the DPO loss by hand, the lesion images and the knowledge
 graph, the rewards, the image data set fixture, the tiny VLM, and bad input."""
 
+import json
 import math
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -133,3 +137,94 @@ def test_tiny_vlm_sees_the_image_and_round_trips(tmp_path):
     assert processor_again.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True).endswith(G.QUESTION)
     with pytest.raises(ValueError, match="Run offline with --model tiny-vlm"):
         load_vlm("no-such-org/no-such-vlm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 1 runs
+
+
+def test_grpo_pp_flag_turns_every_stabiliser_on():
+    plain, plus = G.Args(), G.Args(grpo_pp=True)
+    assert (plain.advantage, plain.skip_zero_variance, plain.eps_high, plain.loss_type, plain.beta) == (
+        "group", False, 0.2, "grpo", 0.0)  # fmt: skip
+    assert (plus.advantage, plus.skip_zero_variance, plus.eps_high, plus.loss_type, plus.beta) == (
+        "binary", True, 0.28, "dapo", 0.04)  # fmt: skip
+
+
+def test_warm_start_has_the_systematic_mix_up():
+    demos = G.warm_start_demos(seed=0, noise=0.6, per_class=50)
+    named = [(G.parse_answer(c)["answer"], c) for _, c in demos]
+    mixed = sum(answer != G.CLASSES[i // 50] for i, (answer, _) in enumerate(named)) / len(named)
+    assert 0.5 < mixed < 0.7
+    # the description is always the image's true attributes
+    truth = lambda i: {G.KNOWLEDGE_GRAPH[G.CLASSES[i // 50]][k] for k in G.ATTRIBUTES}  # noqa: E731
+    assert all(G.parse_answer(c)["attributes"] == truth(i) for i, (_, c) in enumerate(named))
+
+
+def run_script(*argv, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "grpo_pp.py"), *argv], cwd=cwd, capture_output=True, text=True)
+
+
+SMALL = ["--num_steps", "2", "--eval_every", "1", "--warm_start_steps", "3", "--images_per_class", "2",
+         "--eval_per_class", "2", "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "8"]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags", [[], ["--grpo_pp"], ["--advantage", "binary", "--kg_weight", "0.5"]])
+def test_stage1_two_step_smoke_run(tmp_path, flags):
+    result = run_script(*SMALL, *flags, "--stage", "1", "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert "eval/macro_f1" in records[-1] and "frac_zero_variance" in records[-1]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert len(results["curve"]) == 3 and (run_dir / "metrics.png").exists()
+
+
+def test_stage1_runs_on_the_image_folder_fixture(tmp_path):
+    fixture = str(ROOT / "tests/fixtures/lesions")
+    result = run_script(*SMALL, "--stage", "1", "--dataset_path", fixture, "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_macro_f1_by_hand():
+    # class a: TP 1, FP 1, FN 1 -> 2/4; class b: TP 1, FP 0, FN 1 -> 2/3; an unparsed answer (None) is a miss
+    assert G.macro_f1(["a", "a", "b", None], ["a", "b", "b", "a"]) == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--group_size", "1"], "group_size must be at least 2"),
+        (["--dataset_path", "/no/such/folder"], "Could not load an image data set"),
+        (["--model", "no-such-org/no-such-vlm"], "Run offline with --model tiny-vlm"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tmp_path, argv, message):
+    result = run_script(*argv, "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+
+
+def test_conversations_and_factual_errors():
+    rng = random.Random(0)
+    texts = [G.conversation("psoriasis", rng, error_rate=0.5) for _ in range(200)]
+    assert 0.4 < sum(error for _, error in texts) / 200 < 0.6
+    assert all(G.has_factual_error(text) == error for text, error in texts)  # the check finds every injected error
+    clean = G.conversation("nevus", rng)[0]
+    assert clean.endswith("Symptoms: no symptoms. Care: watch for change.") and not G.has_factual_error(clean)
+    assert G.kg_fact_score(clean, "nevus") == 6  # 4 attributes, 1 symptom, 1 care
+
+
+def test_stages_2_and_3_smoke_run(tmp_path):
+    stages = ["--stage", "all", "--sft_steps", "2", "--dpo_samples", "2", "--dpo_margin", "0", "--dpo_epochs", "1"]
+    result = run_script(*SMALL, *stages, "--answer_tokens", "16", "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.name.split("__")[0] for p in tmp_path.iterdir())
+    assert runs == ["grpo-stage1", "grpo_pp-stage2", "grpo_pp-stage3"]
+    stage3 = next(p for p in tmp_path.iterdir() if p.name.startswith("grpo_pp-stage3"))
+    results = json.loads((stage3 / "results.json").read_text())
+    assert {"macro_f1", "fact_error_rate"} <= set(results["after"]) and results["pairs"] >= 0
+    # stage 3 alone needs the model of stage 2
+    result = run_script(*SMALL, "--stage", "3", "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode != 0 and "needs --init" in result.stderr.splitlines()[-1]
