@@ -14,7 +14,6 @@ Models, by the name given to `--model`:
 - anything else: a local folder or a Hugging Face hub id, through `from_pretrained`.
 """
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -195,17 +194,31 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
               "demos": [list(d) for d in demos], **({"tags": list(extra_tags)} if extra_tags else {})}  # fmt: skip
     key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
     path = Path(cache_dir or CACHE_DIR) / f"tiny-{key}"
-    if (path / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
-    print(f"[common] warm-starting the tiny model on {len(demos)} demonstrations (cached in {path})")
-    model = build_tiny_model(tokenizer, seed)
-    model = sft_warm_start(model, tokenizer, demos, steps=sft_steps, batch_size=sft_batch_size, seed=seed)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # write then rename: parallel runs never see half a model
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with contextlib.suppress(OSError):  # another process may have finished first; theirs is identical
-        tmp.rename(path)
-    return model, tokenizer
+
+    def build(folder):
+        print(f"[common] warm-starting the tiny model on {len(demos)} demonstrations (cached in {path})")
+        model = build_tiny_model(tokenizer, seed)
+        model = sft_warm_start(model, tokenizer, demos, steps=sft_steps, batch_size=sft_batch_size, seed=seed)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    cached(path, build)
+    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
+
+
+def cached(path: Path, build):
+    """Make sure the model folder `path` exists, calling build(folder) to write it if not. The folder is written
+    under another name and renamed, so no run sees half a model, and a file lock makes parallel runs (two scripts,
+    or the test workers of `pytest -n 2`) wait for one build instead of each doing it."""
+    from filelock import FileLock  # a dependency of huggingface_hub, so of transformers
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not (path / "config.json").exists():
+            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+            build(tmp)
+            tmp.rename(path)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

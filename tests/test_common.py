@@ -29,8 +29,8 @@ def test_tiny_model_is_a_small_gqa_qwen2():
 def test_warm_start_is_cached_and_learns(tmp_path):
     demos = [(f"{a}+{a}=", f"<answer>{2 * a}</answer>") for a in range(10, 40)]
     model, tokenizer = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)
-    (cached,) = tmp_path.iterdir()
-    assert (cached / "config.json").exists()
+    (cached,) = [path for path in tmp_path.iterdir() if path.is_dir()]  # and its lock file, beside it
+    assert (cached / "config.json").exists() and cached.with_name(f"{cached.name}.lock").exists()
     again, cached_tokenizer = common.load_tiny(demos, sft_steps=60, cache_dir=tmp_path)  # from the cache
     for (name, p), q in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(p, q), name
@@ -99,3 +99,16 @@ def test_run_dir_saves_args(tmp_path):
     run_dir = common.make_run_dir("grpo", grpo.Args(), root=tmp_path)
     assert run_dir.name.startswith("grpo__tiny__seed0__")
     assert json.loads((run_dir / "args.json").read_text())["group_size"] == 8
+
+
+def test_cached_builds_once_and_renames_into_place(tmp_path):
+    calls = []
+
+    def build(folder):  # writes a model folder under a temporary name
+        calls.append(folder)
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+
+    path = tmp_path / "entry"
+    assert common.cached(path, build) == path and common.cached(path, build) == path
+    assert len(calls) == 1 and calls[0] != path and (path / "config.json").exists() and not calls[0].exists()

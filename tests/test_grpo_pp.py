@@ -102,6 +102,13 @@ def test_kg_fact_score():
     assert G.kg_fact_score("Psoriasis: itching and silvery scale; use a topical steroid.", "psoriasis") == 3
     # "moisturiser" is eczema's care, not psoriasis': one wrong fact
     assert G.kg_fact_score("It causes itching; use a moisturiser.", "psoriasis") == 0
+    # a psoriasis image (red oval sharp scaly) called eczema: the attributes are checked against the image, the
+    # symptoms and care against eczema, the class the answer names. Attributes: 3 right, "irregular" wrong; facts:
+    # itching and dry skin right, topical steroid (psoriasis' care) wrong -> 3 + 2 - 2
+    text = "<think>red irregular sharp scaly</think><answer>eczema</answer> Symptoms: itching, dry skin. "
+    text += "Care: topical steroid."
+    assert G.kg_fact_score(text, "psoriasis") == 3 and G.has_factual_error(text)
+    assert G.kg_fact_score(text.replace("topical steroid", "moisturiser"), "psoriasis") == 5
 
 
 def test_bad_images_and_classes_are_one_clear_error():
@@ -144,11 +151,13 @@ def test_tiny_vlm_sees_the_image_and_round_trips(tmp_path):
 
 
 def test_grpo_pp_flag_turns_every_stabiliser_on():
-    plain, plus = G.Args(), G.Args(grpo_pp=True)
+    plain, plus = G.Args(grpo_pp=False), G.Args()
     assert (plain.advantage, plain.skip_zero_variance, plain.eps_high, plain.loss_type, plain.beta) == (
         "group", False, 0.2, "grpo", 0.0)  # fmt: skip
     assert (plus.advantage, plus.skip_zero_variance, plus.eps_high, plus.loss_type, plus.beta) == (
         "binary", True, 0.28, "dapo", 0.04)  # fmt: skip
+    # compare() turns GRPO++'s args into GRPO's the same way
+    assert G.with_method(plus, grpo_pp=False) == plain and G.with_method(plain, grpo_pp=True) == plus
 
 
 def test_warm_start_has_the_systematic_mix_up():
@@ -169,7 +178,9 @@ SMALL = ["--num_steps", "2", "--eval_every", "1", "--warm_start_steps", "3", "--
          "--eval_per_class", "2", "--prompts_per_step", "2", "--group_size", "3", "--max_new_tokens", "8"]  # fmt: skip
 
 
-@pytest.mark.parametrize("flags", [[], ["--grpo_pp"], ["--advantage", "binary", "--kg_weight", "0.5"]])
+@pytest.mark.parametrize(
+    "flags", [[], ["--no_grpo_pp"], ["--no_grpo_pp", "--advantage", "binary", "--kg_weight", "0.5"]]
+)
 def test_stage1_two_step_smoke_run(tmp_path, flags):
     result = run_script(*SMALL, *flags, "--stage", "1", "--output_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -221,8 +232,8 @@ def test_stages_2_and_3_smoke_run(tmp_path):
     result = run_script(*SMALL, *stages, "--answer_tokens", "16", "--output_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.name.split("__")[0] for p in tmp_path.iterdir())
-    assert runs == ["grpo-stage1", "grpo_pp-stage2", "grpo_pp-stage3"]
-    stage3 = next(p for p in tmp_path.iterdir() if p.name.startswith("grpo_pp-stage3"))
+    assert runs == ["dpo-stage3", "grpo_pp-stage1", "sft-stage2"]
+    stage3 = next(p for p in tmp_path.iterdir() if p.name.startswith("dpo-stage3"))
     results = json.loads((stage3 / "results.json").read_text())
     assert {"macro_f1", "fact_error_rate"} <= set(results["after"]) and results["pairs"] >= 0
     # stage 3 alone needs the model of stage 2
