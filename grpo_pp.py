@@ -578,7 +578,7 @@ def train_grpo(args: Args):
                 "reward": rewards["total"].mean().item(),
                 "accuracy": rewards["correct"].mean().item(),
                 "format": rewards["format"].mean().item(),
-                "frac_zero_variance": 1 - keep.float().mean().item(),
+                "frac_reward_zero_std": 1 - keep.float().mean().item(),
             }
             if len(rows):
                 # 3. log-probs of the sampling policy and of the reference, then num_iterations passes
@@ -616,7 +616,7 @@ def train_grpo(args: Args):
     return results
 
 
-PLOT_KEYS = ["reward", "eval/macro_f1", "eval/accuracy", "frac_zero_variance", "clip_ratio", "grad_norm"]
+PLOT_KEYS = ["reward", "eval/macro_f1", "eval/accuracy", "frac_reward_zero_std", "clip_ratio", "grad_norm"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def test_stage1_two_step_smoke_run(tmp_path, flags):
     (run_dir,) = tmp_path.iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
-    assert "eval/macro_f1" in records[-1] and "frac_zero_variance" in records[-1]
+    assert "eval/macro_f1" in records[-1] and "frac_reward_zero_std" in records[-1]
     results = json.loads((run_dir / "results.json").read_text())
     assert len(results["curve"]) == 3 and (run_dir / "metrics.png").exists()
 
