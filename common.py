@@ -416,10 +416,7 @@ def write_csv(records, path):
 
 def plot_metrics(records, path, keys=None, title=None):
     """One small panel per metric against step; metrics logged only now and then (eval) are drawn as markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switch in the caller's notebook, no display needed
 
     keys = keys or [k for k in dict.fromkeys(k for r in records for k in r) if k != "step"]
     keys = [k for k in keys if any(k in r for r in records)]
@@ -427,7 +424,8 @@ def plot_metrics(records, path, keys=None, title=None):
         return
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
+    fig = Figure(figsize=(4.2 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
         points = [(r["step"], r[key]) for r in records if key in r]
         steps, values = zip(*points)
@@ -441,7 +439,6 @@ def plot_metrics(records, path, keys=None, title=None):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,13 +461,11 @@ def summarize_runs(results, keys) -> str:
 
 def plot_comparison(results, keys, path, title=None):
     """One panel per metric: a bar per method at the mean over seeds, the std as an error bar, each seed a dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switch in the caller's notebook, no display needed
 
     methods = list(results)
-    fig, axes = plt.subplots(1, len(keys), figsize=(2.4 * len(keys), 3.0), squeeze=False)
+    fig = Figure(figsize=(2.4 * len(keys), 3.0))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, method in enumerate(methods):
             values = [run[key] for run in results[method]]
@@ -484,4 +479,3 @@ def plot_comparison(results, keys, path, title=None):
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

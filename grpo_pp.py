@@ -847,10 +847,7 @@ def compare(args: Args):
     table of held-out macro-F1 (mean, seed-to-seed spread, collapses) and the F1 curves."""
     import os
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from common import summarize_runs
 
@@ -869,7 +866,8 @@ def compare(args: Args):
     print(f"\nstage 1, held-out macro-F1 (mean ± std over seeds {args.seeds})\n\n{table}")
     out = os.path.join(args.output_dir, "grpo_pp_compare")
     os.makedirs(out, exist_ok=True)
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.2), squeeze=False)
+    fig = Figure(figsize=(5 * len(sizes), 3.2))
+    axes = fig.subplots(1, len(sizes), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for i, method in enumerate(("grpo", "grpo_pp")):
             for j, curve in enumerate(curves[f"{method} ({size}/class)"]):
@@ -880,7 +878,6 @@ def compare(args: Args):
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, "grpo_pp_compare.png"), dpi=110)
-    plt.close(fig)
     with open(os.path.join(out, "grpo_pp_compare.json"), "w") as f:
         json.dump({"args": vars(args), "results": results, "curves": curves, "table": table}, f, indent=2)
     print(f"[grpo_pp] table, plot and numbers in {out}")

@@ -839,10 +839,7 @@ def em_at_budget(curve, tokens):
 
 def compare(args: Args):
     """Train chain and tree rollouts for every seed (same warm start), then a table and EM-vs-tokens plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from common import summarize_runs
 
@@ -864,7 +861,8 @@ def compare(args: Args):
     print(f"\nheld-out after training, and rollout cost (mean ± std over seeds {args.seeds})\n\n{table}")
     out = os.path.join(args.output_dir, "tree_grpo_compare")
     os.makedirs(out, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    axes = fig.subplots(1, 2)
     for i, (rollout, seed_runs) in enumerate(runs.items()):
         for j, run in enumerate(seed_runs):
             x = [p["budget/generated_tokens"] / 1000 for p in run["curve"]]
@@ -880,7 +878,6 @@ def compare(args: Args):
     fig.suptitle("chain GRPO (G=4) vs Tree-GRPO (M=2, N=2, L=1, K=3), tiny model", fontsize=10)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "tree_grpo_compare.png"), dpi=110)
-    plt.close(fig)
     with open(os.path.join(out, "tree_grpo_compare.json"), "w") as f:
         json.dump({"args": vars(args), "results": results, "curves": {k: [r["curve"] for r in v] for k, v in
                    runs.items()}, "table": table}, f, indent=2)  # fmt: skip

@@ -112,3 +112,15 @@ def test_cached_builds_once_and_renames_into_place(tmp_path):
     path = tmp_path / "entry"
     assert common.cached(path, build) == path and common.cached(path, build) == path
     assert len(calls) == 1 and calls[0] != path and (path / "config.json").exists() and not calls[0].exists()
+
+
+def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # stands for a notebook's inline backend: a plot after training must still show
+    try:
+        common.plot_metrics([{"step": 0, "reward": 1.0}, {"step": 1, "reward": 2.0}], tmp_path / "metrics.png")
+        assert (tmp_path / "metrics.png").exists() and matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
