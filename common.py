@@ -208,8 +208,8 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
 
 def cached(path: Path, build):
     """Make sure the model folder `path` exists, calling build(folder) to write it if not. The folder is written
-    under another name and renamed, so no run sees half a model, and a file lock makes parallel runs (two scripts,
-    or the test workers of `pytest -n 2`) wait for one build instead of each doing it."""
+    under another name and renamed, so no run sees half a model, and a file lock makes parallel runs (two scripts
+    started at once) wait for one build instead of each doing it."""
     from filelock import FileLock  # a dependency of huggingface_hub, so of transformers
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -359,18 +359,23 @@ def generate_completions(model, processor, images, group_size, max_new_tokens, t
             "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}  # fmt: skip
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask, temperature):
-    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
+def completion_logits(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask):
+    """Logits (B, C, V) that predict each completion token from the image, the prompt and the tokens before it."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    logits = model(
+    return model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         pixel_values=pixel_values,
         logits_to_keep=completion_ids.size(1) + 1,
-    ).logits[:, :-1]  # (B, C, V)
+    ).logits[:, :-1]  # (B, C, V): the last prompt position predicts the first completion token
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask, temperature):
+    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
+    logits = completion_logits(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask)
     logits = logits.float() / temperature
     return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, C)
 
@@ -457,15 +462,10 @@ def vlm_sft(model, processor, demos, steps, batch_size=32, lr=3e-3, seed=0, desc
         completions = tokenizer([c + tokenizer.eos_token for _, c in batch], return_tensors="pt", padding=True,
                                 padding_side="right", add_special_tokens=False).to(model.device)  # fmt: skip
         labels = completions["input_ids"].masked_fill(completions["attention_mask"] == 0, -100)  # (B, C)
-        input_ids = torch.cat([prompt_ids, completions["input_ids"]], 1)
-        attention_mask = torch.cat([prompt_mask, completions["attention_mask"]], 1)
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(1) - 1).clamp(min=0),
-            pixel_values=pixels.to(model.dtype),
-            logits_to_keep=labels.size(1) + 1,
-        ).logits[:, :-1]  # (B, C, V): the last prompt position predicts the first completion token
+        logits = completion_logits(
+            model, prompt_ids, prompt_mask, pixels.to(model.dtype), completions["input_ids"],
+            completions["attention_mask"],
+        )  # fmt: skip
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -533,11 +533,12 @@ def load_task(args: Args):
     return make_lesion_task(args.images_per_class, args.eval_per_class, args.data_seed)
 
 
-def train_grpo(args: Args):
-    """Stage 1. Returns the results dict (held-out macro-F1 before, after, best, and each evaluation)."""
+def train_grpo(args: Args, task=None):
+    """Stage 1 on `task` ((train items, held-out items); default load_task(args)). Returns the results dict
+    (held-out macro-F1 before, after, best, and each evaluation)."""
     check_args(args)
     seed_everything(args.seed)
-    train_items, eval_items = load_task(args)
+    train_items, eval_items = task or load_task(args)
     model, processor = load_policy(args)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -808,7 +809,7 @@ def pipeline(args: Args):
     init = args.init
     results = {}
     if args.stage in ("all", "1"):
-        results["stage1"] = train_grpo(args)
+        results["stage1"] = train_grpo(args, (train_items, eval_items))
         init = results["stage1"]["run_dir"] + "/model"
     for stage in ("2", "3"):
         if args.stage not in ("all", stage):
