@@ -1,6 +1,7 @@
 """Test set-up: offline, a private model cache, and the repository root on sys.path."""
 
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -14,3 +15,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A cache of warm-started tiny models shared by this test session (and its subprocesses), not the user's.
 os.environ["GRPO_FAMILY_CACHE"] = tempfile.mkdtemp(prefix="grpo-family-test-cache-")
+
+
+def script_runner(script: str):
+    """run(*argv, cwd) runs `python <script> *argv` from the repository root in a fresh process, output captured."""
+    return lambda *argv, cwd: subprocess.run(
+        [sys.executable, str(ROOT / script), *argv], cwd=cwd, capture_output=True, text=True
+    )

@@ -2,12 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, script_runner
 
 import crpo
 
@@ -136,8 +134,7 @@ def test_medqa_fixture_loads():
     assert r["accuracy"] == 1 and r["faithfulness"] == 1.0 and r["comprehensiveness"] > 0.3
 
 
-def run_script(*argv, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "crpo.py"), *argv], cwd=cwd, capture_output=True, text=True)
+run_script = script_runner("crpo.py")
 
 
 @pytest.mark.parametrize("method", ["crpo", "grpo"])

@@ -2,12 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, script_runner
 
 import grpo
 from common import load_model
@@ -276,8 +274,7 @@ def test_rollout_masks_after_first_eos(tiny):
 # the script end to end
 
 
-def run_script(*argv, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "grpo.py"), *argv], cwd=cwd, capture_output=True, text=True)
+run_script = script_runner("grpo.py")
 
 
 def test_help_lists_every_option(tmp_path):

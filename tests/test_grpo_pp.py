@@ -4,14 +4,12 @@ graph, the rewards, the image data set fixture, the tiny VLM, and bad input."""
 import json
 import math
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT
+from conftest import ROOT, script_runner
 from PIL import Image
 
 import grpo_pp as G
@@ -170,8 +168,7 @@ def test_warm_start_has_the_systematic_mix_up():
     assert all(G.parse_answer(c)["attributes"] == truth(i) for i, (_, c) in enumerate(named))
 
 
-def run_script(*argv, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "grpo_pp.py"), *argv], cwd=cwd, capture_output=True, text=True)
+run_script = script_runner("grpo_pp.py")
 
 
 SMALL = ["--num_steps", "2", "--eval_every", "1", "--warm_start_steps", "3", "--images_per_class", "2",

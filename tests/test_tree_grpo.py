@@ -4,13 +4,11 @@ environment (search, reward table, bad steps), the HotpotQA fixture, smoke runs 
 import json
 import random
 import re
-import subprocess
-import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, script_runner
 
 import grpo
 import tree_grpo as T
@@ -198,8 +196,7 @@ def test_trees_get_more_trajectories_per_token_than_chains(monkeypatch):
 # Runs
 
 
-def run_script(*argv, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "tree_grpo.py"), *argv], cwd=cwd, capture_output=True, text=True)
+run_script = script_runner("tree_grpo.py")
 
 
 @pytest.mark.parametrize("rollout", ["tree", "chain"])
