@@ -262,6 +262,9 @@ def load_model(
         gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # the weights are dequantised to plain tensors on load: drop the GGUF quantizer, which refuses to save them
+        model.hf_quantizer, model.is_quantized = None, False
+        del model.config.quantization_config
     else:
         try:
             tokenizer = load_tokenizer(name)
@@ -280,11 +283,19 @@ def load_model(
     return model.to(device=device, dtype=pick_dtype(dtype, device)), tokenizer
 
 
-def format_prompt(tokenizer, question: str, system_prompt: str | None = None) -> str:
-    """A chat model gets its chat template (with an optional system prompt); the tiny model gets the raw text."""
+def format_prompt(tokenizer, question: str, system_prompt: str | None = None, examples=()) -> str:
+    """A chat model gets its chat template, with an optional system prompt and worked `examples` ((question,
+    answer) pairs) as earlier turns; the tiny model gets the raw text (its warm start taught it the format)."""
     if tokenizer.chat_template is None:
+        if examples:
+            raise ValueError(
+                "Worked examples (--num_shots) need a chat model with a chat template, e.g. --model smollm2-135m; "
+                "the tiny model has none and learns the format from its warm start: use --num_shots 0."
+            )
         return question
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for example_question, example_answer in examples:
+        messages += [{"role": "user", "content": example_question}, {"role": "assistant", "content": example_answer}]
     messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
@@ -338,6 +349,11 @@ def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     device = pick_device(device)
+    if name in PRESETS:
+        raise ValueError(
+            f"{name!r} is a text-only model; this script trains a vision-language model: use --model tiny-vlm "
+            f"(built in), a local folder or a hub id of a VLM (e.g. HuggingFaceTB/SmolVLM-256M-Instruct)."
+        )
     if name == "tiny-vlm":
         model, processor = build_tiny_vlm(extra_tags, seed=seed)
     else:

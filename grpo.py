@@ -1,4 +1,4 @@
-"""GRPO: Group Relative Policy Optimization, in one file.
+r"""GRPO: Group Relative Policy Optimization, in one file.
 
 Paper: DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models (Shao et al., 2024),
 https://arxiv.org/abs/2402.03300. Reference implementation for every formula below: TRL's GRPOTrainer.
@@ -37,10 +37,15 @@ the result, "<think>7+8=15 4+3+1=8</think><answer>85</answer>". The tiny model i
 that forget the carry most of the time (--demo_noise), so it starts knowing the format but making a systematic
 mistake; the reward (1 for the right number, +0.1 for the format) is what teaches it to carry. `--dataset gsm8k`
 trains on GSM8K (hub id or local folder) with the same reward.
+A pretrained chat model gets no warm start: `--num_shots K` shows it K solved training problems as earlier chat
+turns, which is how it learns the format. `--small_addend` (47+8=, answered "<think>47+8=55</think><answer>55
+</answer>") is the task SmolLM2-135M-Instruct partly solves: with 3 shots it gets 48% of these right and none of
+the two-digit sums (tests/probe_smollm2_arithmetic.py), and GRPO needs some right answers in a group to learn.
 
 Run:
     python grpo.py                                   # tiny model, CPU, a few minutes
-    python grpo.py --model smollm2-135m              # a real pretrained model, offline (requirements-smollm2.txt)
+    python grpo.py --model smollm2-135m --small_addend --num_shots 3 --num_train 600 --prompts_per_step 4 \
+        --learning_rate 2e-5 --num_steps 80 --eval_every 20 --prefix_grouper   # SmolLM2-135M, offline, ~30 min CPU
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k   # one GPU, with the hub reachable
 
 Measured (`python grpo.py --seed S`, 2-core x86-64 CPU, empty model cache): held-out accuracy 58.0% -> 98.5%
@@ -78,6 +83,8 @@ class Args:
     dataset_path: str = field(default="openai/gsm8k", metadata={"help": "gsm8k: a hub id or a local folder"})
     num_train: int = field(default=2000, metadata={"help": "training problems (gsm8k: at most)"})
     num_eval: int = field(default=200, metadata={"help": "held-out problems for evaluation"})
+    small_addend: bool = field(default=False, metadata={"help": "arithmetic: 47+8= instead of 47+38= (810 problems)"})
+    num_shots: int = field(default=0, metadata={"help": "chat models: solved training problems as earlier turns"})
     demo_noise: float = field(default=0.7, metadata={"help": "tiny warm start: share of demos that drop the carry"})
     sft_steps: int = field(default=600, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
     # rollout
@@ -120,7 +127,12 @@ def addition_trace(a: int, b: int, drop_carry: bool = False) -> str:
     """The digit-by-digit demonstration, e.g. 47+38 -> '<think>7+8=15 4+3+1=8</think><answer>85</answer>'.
 
     With drop_carry the tens step forgets the carry (4+3=7 -> 75): a consistent trace with a wrong answer.
+    A one-digit b gets the sum in one step, 47+8 -> '<think>47+8=55</think><answer>55</answer>' (drop_carry: 45):
+    SmolLM2-135M copies the digit trace badly (4% right vs 48% in tests/probe_smollm2_arithmetic.py).
     """
+    if b < 10:
+        total = a + b - (10 if drop_carry and a % 10 + b >= 10 else 0)
+        return f"<think>{a}+{b}={total}</think><answer>{total}</answer>"
     ones = a % 10 + b % 10
     carry = ones // 10 if not drop_carry else 0
     tens = a // 10 + b // 10 + carry
@@ -128,14 +140,17 @@ def addition_trace(a: int, b: int, drop_carry: bool = False) -> str:
     return f"<think>{a % 10}+{b % 10}={ones} {tens_step}</think><answer>{tens}{ones % 10}</answer>"
 
 
-def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: float):
-    """Two-digit additions, split into disjoint train and held-out sets. Returns (train, eval, demos)."""
+def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: float, small_addend: bool = False):
+    """Two-digit additions (small_addend: a two-digit plus a one-digit number), split into disjoint train and
+    held-out sets. Each item has its question, answer and a correct solution. Returns (train, eval, demos)."""
     rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100)]  # 8100 problems
-    rng.shuffle(pairs)
+    pairs = [(a, b) for a in range(10, 100) for b in (range(1, 10) if small_addend else range(10, 100))]
+    rng.shuffle(pairs)  # 8100 problems (small_addend: 810)
     if num_eval + num_train > len(pairs):
-        raise ValueError(f"num_train + num_eval must be at most {len(pairs)}, got {num_train} + {num_eval}")
-    to_item = lambda a, b: {"question": f"{a}+{b}=", "answer": str(a + b)}  # noqa: E731
+        raise ValueError(
+            f"--num_train + --num_eval must be at most {len(pairs)} (the task's problems), got {num_train} + {num_eval}"
+        )
+    to_item = lambda a, b: {"question": f"{a}+{b}=", "answer": str(a + b), "solution": addition_trace(a, b)}  # noqa: E731
     eval_items = [to_item(a, b) for a, b in pairs[:num_eval]]
     train_pairs = pairs[num_eval : num_eval + num_train]
     train_items = [to_item(a, b) for a, b in train_pairs]
@@ -162,17 +177,20 @@ def load_gsm8k(path: str, num_train: int, num_eval: int):
         for row in split.select(range(min(limit, len(split)))):
             reasoning, _, answer = row["answer"].rpartition("####")
             reasoning = re.sub(r"<<.*?>>", "", reasoning).strip()  # drop the calculator annotations
-            items.append({"question": row["question"], "answer": answer.strip().replace(",", ""), "demo": reasoning})
+            answer = answer.strip().replace(",", "")
+            solution = f"<think>{reasoning}</think><answer>{answer}</answer>"
+            items.append({"question": row["question"], "answer": answer, "solution": solution})
         return items
 
     train_items, eval_items = to_items(data["train"], num_train), to_items(data["test"], num_eval)
-    demos = [(x["question"], f"<think>{x['demo']}</think><answer>{x['answer']}</answer>") for x in train_items]
-    return train_items, eval_items, demos
+    return train_items, eval_items, [(x["question"], x["solution"]) for x in train_items]
 
 
 def load_task(args: Args):
     if args.dataset == "arithmetic":
-        train_items, eval_items, demos = make_arithmetic_task(args.num_train, args.num_eval, args.seed, args.demo_noise)
+        train_items, eval_items, demos = make_arithmetic_task(
+            args.num_train, args.num_eval, args.seed, args.demo_noise, args.small_addend
+        )
     else:
         train_items, eval_items, demos = load_gsm8k(args.dataset_path, args.num_train, args.num_eval)
     if not train_items or not eval_items:
@@ -407,6 +425,8 @@ def check_args(args: Args):
         raise ValueError(
             "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
         )
+    if not 0 <= args.num_shots < args.num_train:
+        raise ValueError(f"--num_shots must be at least 0 and below --num_train, got {args.num_shots}")
     if args.temperature <= 0:
         raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
 
@@ -426,7 +446,12 @@ def train(args: Args):
         "[grpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
         "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
     )
-    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
+    # --num_shots: the first training problems, solved, shown to a chat model as earlier turns (not trained on)
+    shots, train_items = (
+        [(x["question"], x["solution"]) for x in train_items[: args.num_shots]],
+        train_items[args.num_shots :],
+    )
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT, shots)  # noqa: E731
     group_size = args.group_size if args.prefix_grouper else None  # rows of a group share their prompt
     score = lambda m, *tensors: completion_logprobs(m, *tensors, args.temperature, group_size)  # noqa: E731
     rng = random.Random(args.seed)

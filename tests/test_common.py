@@ -124,3 +124,22 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
         assert (tmp_path / "metrics.png").exists() and matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
+
+
+def test_format_prompt_puts_worked_examples_before_the_question():
+    tokenizer = common.build_tiny_tokenizer()
+    assert common.format_prompt(tokenizer, "1+2=", "Be brief.") == "1+2="  # no chat template: the raw question
+    with pytest.raises(ValueError, match="need a chat model"):
+        common.format_prompt(tokenizer, "1+2=", "Be brief.", examples=[("3+4=", "7")])
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    prompt = common.format_prompt(tokenizer, "1+2=", "Be brief.", examples=[("3+4=", "7"), ("5+1=", "6")])
+    assert prompt == "[system]Be brief.[user]3+4=[assistant]7[user]5+1=[assistant]6[user]1+2=[assistant]"
+
+
+@pytest.mark.parametrize("name", common.PRESETS)
+def test_a_text_preset_is_a_clear_error_where_a_vlm_is_needed(name):
+    with pytest.raises(ValueError, match="is a text-only model; this script trains a vision-language model"):
+        common.load_vlm(name)

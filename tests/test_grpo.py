@@ -206,6 +206,27 @@ def test_arithmetic_task_is_seeded_and_split():
     assert 0.6 < wrong / len(carries) < 0.8
 
 
+def test_small_addend_task():
+    assert grpo.addition_trace(47, 8) == "<think>47+8=55</think><answer>55</answer>"  # one step for a 1-digit b
+    assert grpo.addition_trace(47, 8, drop_carry=True) == "<think>47+8=45</think><answer>45</answer>"
+    assert grpo.addition_trace(41, 3, drop_carry=True) == "<think>41+3=44</think><answer>44</answer>"  # no carry
+    train, held_out, demos = grpo.make_arithmetic_task(600, 200, seed=0, demo_noise=0.0, small_addend=True)
+    questions = [x["question"] for x in train + held_out]
+    assert len(set(questions)) == 800 and all(1 <= int(q.rstrip("=").split("+")[1]) <= 9 for q in questions)
+    assert [c for _, c in demos] == [x["solution"] for x in train]  # demo_noise=0: the demos are the solutions
+    with pytest.raises(ValueError, match="at most 810"):
+        grpo.make_arithmetic_task(700, 200, seed=0, demo_noise=0.0, small_addend=True)
+
+
+def test_solutions_earn_the_full_reward():
+    """The solutions --num_shots shows a chat model are right and well formed, on both tasks and on GSM8K."""
+    items = grpo.make_arithmetic_task(50, 50, seed=1, demo_noise=0.7)[0]
+    items += grpo.make_arithmetic_task(50, 50, seed=1, demo_noise=0.7, small_addend=True)[0]
+    items += grpo.load_gsm8k(str(ROOT / "tests/fixtures/gsm8k"), num_train=10, num_eval=10)[0]
+    rewards = grpo.reward_function([x["solution"] for x in items], [x["answer"] for x in items])
+    assert rewards["total"].tolist() == pytest.approx([1.1] * len(items))
+
+
 def test_gsm8k_fixture_loads():
     train, held_out, demos = grpo.load_gsm8k(str(ROOT / "tests/fixtures/gsm8k"), num_train=10, num_eval=10)
     assert [x["answer"] for x in train] == ["72", "10", "10", "2700"]
@@ -314,6 +335,8 @@ def test_gsm8k_path_runs_on_the_fixture(tmp_path):
         (["--model", "no-such-org/no-such-model"], "Could not load model 'no-such-org/no-such-model'"),
         (["--dataset", "gsm8k", "--dataset_path", "/no/such/folder"], "Could not load GSM8K"),
         (["--temperature", "0"], "temperature must be > 0"),
+        (["--num_shots", "5", "--num_train", "5"], "num_shots must be at least 0 and below --num_train"),
+        (["--small_addend"], "must be at most 810 (the task's problems), got 2000 + 200"),
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):

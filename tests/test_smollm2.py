@@ -48,3 +48,14 @@ def test_one_grpo_step_changes_the_model(smollm2):
     loss.backward()
     torch.optim.AdamW(model.parameters(), lr=1e-5).step()
     assert torch.isfinite(loss) and not torch.equal(before, model.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_preset_saves_and_reloads_from_its_folder(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    model.save_pretrained(tmp_path)  # the GGUF quantizer would refuse: the preset drops it after dequantising
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer = load_model(str(tmp_path), device="cpu", dtype="float32")
+    ids = tokenizer("12+7=", return_tensors="pt")["input_ids"]
+    assert reloaded_tokenizer("12+7=")["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
