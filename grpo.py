@@ -39,7 +39,7 @@ mistake; the reward (1 for the right number, +0.1 for the format) is what teache
 trains on GSM8K (hub id or local folder) with the same reward.
 A pretrained chat model gets no warm start: `--num_shots K` shows it K solved training problems as earlier chat
 turns, which is how it learns the format. `--small_addend` (47+8=, answered "<think>47+8=55</think><answer>55
-</answer>") is the task SmolLM2-135M-Instruct partly solves: with 3 shots it gets 48% of these right and none of
+</answer>") is the task SmolLM2-135M-Instruct partly solves: with 3 shots it gets 41% of these right and none of
 the two-digit sums (tests/probe_smollm2_arithmetic.py), and GRPO needs some right answers in a group to learn.
 
 Run:
@@ -52,6 +52,9 @@ Measured (`python grpo.py --seed S`, 2-core x86-64 CPU, empty model cache): held
 (seed 0), 59.0% -> 96.0% (seed 1), 57.5% -> 97.0% (seed 2), in 63-72 s wall time each, of which ~45 s is the
 cached SFT warm start and ~15 s the 60 GRPO steps. A step takes 0.83x the wall time of TRL's GRPOTrainer on the
 same model and batch (tests/bench_grpo_vs_trl.py). Curves: assets/grpo_tiny.png.
+SmolLM2-135M-Instruct (the second command above, seeds 0-2, same CPU): held-out accuracy 28.0% -> 75.5%,
+39.0% -> 82.0%, 24.0% -> 80.5% in 26-27 minutes each, with dips on the way (seed 2: 61% at step 20, 49% at
+step 60). Curves: assets/grpo_smollm2_seed0.png.
 """
 
 import copy
@@ -128,7 +131,7 @@ def addition_trace(a: int, b: int, drop_carry: bool = False) -> str:
 
     With drop_carry the tens step forgets the carry (4+3=7 -> 75): a consistent trace with a wrong answer.
     A one-digit b gets the sum in one step, 47+8 -> '<think>47+8=55</think><answer>55</answer>' (drop_carry: 45):
-    SmolLM2-135M copies the digit trace badly (4% right vs 48% in tests/probe_smollm2_arithmetic.py).
+    SmolLM2-135M copies the digit trace badly (0% right vs 41% in tests/probe_smollm2_arithmetic.py).
     """
     if b < 10:
         total = a + b - (10 if drop_carry and a % 10 + b >= 10 else 0)
