@@ -190,18 +190,23 @@ def load_gsm8k(path: str, num_train: int, num_eval: int):
 
 
 def load_task(args: Args):
+    """(train items, held-out items, the tiny model's demos, the --num_shots worked examples for a chat model)."""
     if args.dataset == "arithmetic":
         train_items, eval_items, demos = make_arithmetic_task(
             args.num_train, args.num_eval, args.seed, args.demo_noise, args.small_addend
         )
     else:
         train_items, eval_items, demos = load_gsm8k(args.dataset_path, args.num_train, args.num_eval)
+    # --num_shots: the first training problems, solved, shown to a chat model as earlier turns (not trained on)
+    shots = [(x["question"], x["solution"]) for x in train_items[: args.num_shots]]
+    train_items = train_items[args.num_shots :]
     if not train_items or not eval_items:
         raise ValueError(
-            f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out problems; "
-            f"both must be non-empty (check --num_train, --num_eval and the data files)."
+            f"The {args.dataset} task has {len(train_items)} training (after {args.num_shots} worked examples) and "
+            f"{len(eval_items)} held-out problems; both must be non-empty (check --num_train, --num_eval, "
+            f"--num_shots and the data files)."
         )
-    return train_items, eval_items, demos
+    return train_items, eval_items, demos, shots
 
 
 def extract_answer(completion: str) -> str | None:
@@ -437,7 +442,7 @@ def check_args(args: Args):
 def train(args: Args):
     check_args(args)
     seed_everything(args.seed)
-    train_items, eval_items, demos = load_task(args)
+    train_items, eval_items, demos, shots = load_task(args)
     model, tokenizer = load_model(
         args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps
     )
@@ -448,11 +453,6 @@ def train(args: Args):
     print(
         "[grpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
         "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
-    )
-    # --num_shots: the first training problems, solved, shown to a chat model as earlier turns (not trained on)
-    shots, train_items = (
-        [(x["question"], x["solution"]) for x in train_items[: args.num_shots]],
-        train_items[args.num_shots :],
     )
     to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT, shots)  # noqa: E731
     group_size = args.group_size if args.prefix_grouper else None  # rows of a group share their prompt

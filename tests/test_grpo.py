@@ -337,6 +337,10 @@ def test_gsm8k_path_runs_on_the_fixture(tmp_path):
         (["--temperature", "0"], "temperature must be > 0"),
         (["--num_shots", "5", "--num_train", "5"], "num_shots must be at least 0 and below --num_train"),
         (["--small_addend"], "must be at most 810 (the task's problems), got 2000 + 200"),
+        (
+            ["--dataset", "gsm8k", "--dataset_path", str(ROOT / "tests/fixtures/gsm8k"), "--num_shots", "4"],
+            "The gsm8k task has 0 training (after 4 worked examples)",
+        ),  # the fixture has 4 training problems
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, argv, message):
