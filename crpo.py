@@ -41,6 +41,10 @@ What is the paper's and what is ours (shared/papers/crpo-and-grpo-pp.md, part A)
   an evaluation checked against the knowledge graph, stricter than the training reward (a rejection counts as
   valid only if the rejected disease really lacks the finding).
 - Simplified: a 0.8M-parameter model warm-started on templated traces instead of Qwen2.5-3B with R1 traces.
+- Samples are what the loss scores: every rollout and greedy evaluation calls `generate` with our settings only
+  (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
+  would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
+  scores the full one: keep it at 1 for on-policy training.
 
 The task. A knowledge graph of 12 diseases and their findings, with deliberate overlaps. A vignette lists 3
 findings of the gold disease and 4 options whose distractors share findings with it, e.g.
@@ -79,11 +83,16 @@ from tqdm.auto import tqdm
 
 from common import (
     MetricsLogger,
+    UsageError,
+    check_args_shared,
     format_prompt,
+    generate,
+    int_list,
+    load_data,
     load_model,
     make_run_dir,
-    parse_args,
     plot_comparison,
+    run_cli,
     seed_everything,
     summarize_runs,
 )
@@ -96,7 +105,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed of training (python, numpy, torch)"})
     model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
     dataset: Literal["clinic", "medqa"] = field(default="clinic", metadata={"help": "the task"})
@@ -121,7 +132,7 @@ class Args:
     group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (at least 2)"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
     # advantages and loss
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
     eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
@@ -138,6 +149,9 @@ class Args:
     )
     # evaluation
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
+
+    def __post_init__(self):
+        check_args(self)  # bad values fail here, before any model is loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,15 +256,8 @@ def _key_and_two(findings):
 def load_medqa(path: str, num_train: int, num_eval: int):
     """MedQA 4-option (GBaker/MedQA-USMLE-4-options format: question, options {A..D}, answer_idx, and
     metamap_phrases, which stand in for the findings). No knowledge graph: the warm-start demos are lazy."""
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(path)
-    except Exception as error:  # datasets raises many types: offline, missing files, bad format
-        raise ValueError(
-            f"Could not load MedQA from {path!r} ({type(error).__name__}: {error}). Pass a local folder with "
-            f"train and test JSONL files in MedQA's format, or run the offline default --dataset clinic."
-        ) from None
+    columns = ("question", "options", "answer_idx")
+    data = load_data(path, "MedQA", {"train": ("train",), "eval": ("test",)}, columns, "--dataset clinic")
 
     def to_items(split, limit):
         items = []
@@ -263,7 +270,7 @@ def load_medqa(path: str, num_train: int, num_eval: int):
             items.append(check_item(item))
         return items
 
-    train_items, eval_items = to_items(data["train"], num_train), to_items(data["test"], num_eval)
+    train_items, eval_items = to_items(data["train"], num_train), to_items(data["eval"], num_eval)
     demos = [(x["question"], f"<dx>{x['answer']} fits</dx><conclusion>{x['answer']}</conclusion>") for x in train_items]
     return train_items, eval_items, demos
 
@@ -272,11 +279,11 @@ def check_item(item):
     """One clear error for a malformed item, naming what is wrong."""
     for key in ("question", "options", "answer", "findings", "vocabulary"):
         if key not in item:
-            raise ValueError(f"item is missing {key!r}: each item needs question, options, answer, findings")
+            raise UsageError(f"item is missing {key!r}: each item needs question, options, answer, findings")
     if not isinstance(item["options"], dict) or len(item["options"]) < 2:
-        raise ValueError(f"item needs at least 2 options as a dict letter -> text, got {item['options']!r}")
+        raise UsageError(f"item needs at least 2 options as a dict letter -> text, got {item['options']!r}")
     if item["answer"] not in item["options"]:
-        raise ValueError(f"item's answer {item['answer']!r} is not one of its options {sorted(item['options'])}")
+        raise UsageError(f"item's answer {item['answer']!r} is not one of its options {sorted(item['options'])}")
     return item
 
 
@@ -286,7 +293,7 @@ def load_task(args: Args):
     else:
         train_items, eval_items, demos = load_medqa(args.dataset_path, args.num_train, args.num_eval)
     if not train_items or not eval_items:
-        raise ValueError(
+        raise UsageError(
             f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out items; "
             f"both must be non-empty (check --num_train, --num_eval and the data files)."
         )
@@ -358,8 +365,11 @@ def parse_weights(text: str) -> dict[str, float]:
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
         if name.strip() not in OBJECTIVES:
-            raise ValueError(f"unknown objective {name.strip()!r} in --weights; known: {', '.join(OBJECTIVES)}")
-        weights[name.strip()] = float(value)
+            raise UsageError(f"unknown objective {name.strip()!r} in --weights; known: {', '.join(OBJECTIVES)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--weights: {part!r} is not objective=number, e.g. 'accuracy=10,format=1'") from None
     return weights
 
 
@@ -386,16 +396,11 @@ def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    # top_k=0: generate's default keeps only the 50 likeliest tokens; we sample from the whole distribution
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    output = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **({"do_sample": False} if greedy else sampling),
-    )
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
+    output = generate(
+        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, greedy=greedy,
+    )  # fmt: skip
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
     has_eos = is_eos.any(dim=1)  # (B*G,)
@@ -562,19 +567,16 @@ def masked_mean(values, mask):
 
 
 def check_args(args: Args):
-    if args.group_size < 2:
-        raise ValueError(
-            f"--group_size must be at least 2 (GRPO compares completions of one prompt), got {args.group_size}"
-        )
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
     if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
-        raise ValueError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+        raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
     if args.prefix_grouper and args.prompts_per_step % args.gradient_accumulation_steps:
-        raise ValueError(
+        raise UsageError(
             "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
         )
     parse_weights(args.weights)  # fails early on an unknown objective name
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+    int_list(args.seeds, "--seeds")
 
 
 def train(args: Args):
@@ -599,7 +601,7 @@ def train(args: Args):
     rng = random.Random(args.seed)
     start = time.time()
 
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
         before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         print(f"[crpo] held-out before: accuracy {before['accuracy']:.3f}, faithfulness {before['faithfulness']:.3f}")
@@ -770,7 +772,7 @@ def compare(args: Args):
     """Train --method grpo and crpo for every seed (same warm start per seed), then print a table and plot it."""
     results = {}
     for method in ("grpo", "crpo"):
-        for seed in map(int, args.seeds.split(",")):
+        for seed in int_list(args.seeds, "--seeds"):
             run = train(replace(args, method=method, seed=seed, compare=False))
             results.setdefault(method, []).append(run["after"])
     table = summarize_runs(results, COMPARE_KEYS)
@@ -785,5 +787,4 @@ def compare(args: Args):
 
 
 if __name__ == "__main__":
-    args = parse_args(Args)
-    compare(args) if args.compare else train(args)
+    run_cli(Args, lambda args: compare(args) if args.compare else train(args))

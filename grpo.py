@@ -31,6 +31,10 @@ What we kept, simplified or chose:
 - Log-probs are taken from logits divided by the sampling temperature, so the ratio compares the distribution
   we actually sampled from. One optimiser step per pass over the batch, split into micro-batches.
 - No vLLM, no distributed training: generation is `model.generate`. See README "Scaling up".
+- Samples are what the loss scores: every rollout and greedy evaluation calls `generate` with our settings only
+  (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
+  would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
+  scores the full one: keep it at 1 for on-policy training.
 
 The task. Offline default: two-digit addition, e.g. prompt "47+38=", answered with a digit-by-digit trace and
 the result, "<think>7+8=15 4+3+1=8</think><answer>85</answer>". The tiny model is warm-started on demonstrations
@@ -59,7 +63,6 @@ step 60). Curves: assets/grpo_smollm2_seed0.png.
 
 import copy
 import json
-import os
 import random
 import re
 import time
@@ -69,7 +72,18 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from common import MetricsLogger, format_prompt, load_model, make_run_dir, parse_args, seed_everything
+from common import (
+    MetricsLogger,
+    UsageError,
+    check_args_shared,
+    format_prompt,
+    generate,
+    load_data,
+    load_model,
+    make_run_dir,
+    run_cli,
+    seed_everything,
+)
 from prefix_grouper import shared_prefix_logprobs
 
 
@@ -79,7 +93,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
     model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
     dataset: Literal["arithmetic", "gsm8k"] = field(default="arithmetic", metadata={"help": "the task"})
@@ -96,7 +112,7 @@ class Args:
     group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (at least 2)"})
     max_new_tokens: int = field(default=32, metadata={"help": "longest completion, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
     # advantages and loss
     scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={"help": "std for A"})
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
@@ -114,6 +130,9 @@ class Args:
     )
     # evaluation
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
+
+    def __post_init__(self):
+        check_args(self)  # bad values fail here, before any model is loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,7 +169,7 @@ def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: f
     pairs = [(a, b) for a in range(10, 100) for b in (range(1, 10) if small_addend else range(10, 100))]
     rng.shuffle(pairs)  # 8100 problems (small_addend: 810)
     if num_eval + num_train > len(pairs):
-        raise ValueError(
+        raise UsageError(
             f"--num_train + --num_eval must be at most {len(pairs)} (the task's problems), got {num_train} + {num_eval}"
         )
     to_item = lambda a, b: {"question": f"{a}+{b}=", "answer": str(a + b), "solution": addition_trace(a, b)}  # noqa: E731
@@ -164,20 +183,17 @@ def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: f
 def load_gsm8k(path: str, num_train: int, num_eval: int):
     """GSM8K from the hub ('openai/gsm8k') or a local folder with train/test files in its format
     (fields 'question' and 'answer', the answer ending in '#### <number>'). Returns (train, eval, demos)."""
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(path) if os.path.isdir(path) else load_dataset(path, "main")
-    except Exception as error:  # datasets raises many types: offline, missing files, bad format
-        raise ValueError(
-            f"Could not load GSM8K from {path!r} ({type(error).__name__}: {error}). Pass a local folder with "
-            f"train and test files (JSONL or parquet with 'question' and 'answer'), or run the offline default "
-            f"--dataset arithmetic."
-        ) from None
+    data = load_data(path, "GSM8K", {"train": ("train",), "eval": ("test",)}, ("question", "answer"),
+                     "--dataset arithmetic", config_name="main")  # fmt: skip
 
     def to_items(split, limit):
         items = []
-        for row in split.select(range(min(limit, len(split)))):
+        for i, row in enumerate(split.select(range(min(limit, len(split))))):
+            if "####" not in row["answer"]:
+                raise UsageError(
+                    f"GSM8K at {path!r}: answer {i} does not end in '#### <number>' ({row['answer'][-60:]!r}); "
+                    f"GSM8K's format puts the final number after '####'."
+                )
             reasoning, _, answer = row["answer"].rpartition("####")
             reasoning = re.sub(r"<<.*?>>", "", reasoning).strip()  # drop the calculator annotations
             answer = answer.strip().replace(",", "")
@@ -185,7 +201,7 @@ def load_gsm8k(path: str, num_train: int, num_eval: int):
             items.append({"question": row["question"], "answer": answer, "solution": solution})
         return items
 
-    train_items, eval_items = to_items(data["train"], num_train), to_items(data["test"], num_eval)
+    train_items, eval_items = to_items(data["train"], num_train), to_items(data["eval"], num_eval)
     return train_items, eval_items, [(x["question"], x["solution"]) for x in train_items]
 
 
@@ -201,7 +217,7 @@ def load_task(args: Args):
     shots = [(x["question"], x["solution"]) for x in train_items[: args.num_shots]]
     train_items = train_items[args.num_shots :]
     if not train_items or not eval_items:
-        raise ValueError(
+        raise UsageError(
             f"The {args.dataset} task has {len(train_items)} training (after {args.num_shots} worked examples) and "
             f"{len(eval_items)} held-out problems; both must be non-empty (check --num_train, --num_eval, "
             f"--num_shots and the data files)."
@@ -252,16 +268,11 @@ def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, 
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    # top_k=0: generate's default keeps only the 50 likeliest tokens; we sample from the whole distribution
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    output = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **({"do_sample": False} if greedy else sampling),
-    )
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
+    output = generate(
+        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, greedy=greedy,
+    )  # fmt: skip
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
     has_eos = is_eos.any(dim=1)  # (B*G,)
@@ -423,20 +434,16 @@ def masked_mean(values, mask):
 
 
 def check_args(args: Args):
-    if args.group_size < 2:
-        raise ValueError(
-            f"--group_size must be at least 2 (GRPO compares completions of one prompt), got {args.group_size}"
-        )
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
     if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
-        raise ValueError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+        raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
     if args.prefix_grouper and args.prompts_per_step % args.gradient_accumulation_steps:
-        raise ValueError(
+        raise UsageError(
             "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
         )
     if not 0 <= args.num_shots < args.num_train:
-        raise ValueError(f"--num_shots must be at least 0 and below --num_train, got {args.num_shots}")
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+        raise UsageError(f"--num_shots must be at least 0 and below --num_train, got {args.num_shots}")
 
 
 def train(args: Args):
@@ -460,7 +467,7 @@ def train(args: Args):
     rng = random.Random(args.seed)
     start = time.time()
 
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
         before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         print(f"[grpo] held-out before training: accuracy {before['accuracy']:.3f}, format {before['format']:.3f}")
@@ -582,4 +589,4 @@ def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256)
 
 
 if __name__ == "__main__":
-    train(parse_args(Args))
+    run_cli(Args, train)

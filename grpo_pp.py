@@ -28,6 +28,10 @@ The factual error rate is measured on answers sampled at T=1 (8 per held-out ima
 most likely fact, which is right when 70% of the SFT data is, and so hides the errors SFT taught.
 We simplified: no LoRA (the paper's "memory-efficient" variant; our models are small), full fine-tuning, and
 offline DPO on one set of sampled pairs.
+Samples are what the loss scores: generation uses our settings only (common.generate), never a checkpoint's
+generation_config.json; it never samples the <image> token, and the log-probs give that token probability 0 too.
+Under GRPO++ each stabiliser takes its GRPO++ value unless set on the command line, so each can be switched off
+alone (e.g. --beta 0); args.json records the values that ran.
 
 The task. 32x32 RGB "lesions" drawn in code: a blob on a skin-tone background whose colour, shape, border and
 texture encode one of six classes; every class shares attributes with others, so recognising one takes a
@@ -60,8 +64,9 @@ import json
 import math
 import random
 import re
+import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -69,7 +74,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import CACHE_DIR, MetricsLogger, cached, load_vlm, make_run_dir, parse_args, seed_everything
+from common import (
+    CACHE_DIR,
+    MetricsLogger,
+    UsageError,
+    cached,
+    check_args_shared,
+    generate,
+    int_list,
+    load_data,
+    load_vlm,
+    make_run_dir,
+    run_cli,
+    seed_everything,
+)
 
 
 @dataclass
@@ -78,7 +96,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
     model: str = field(default="tiny-vlm", metadata={"help": "tiny-vlm | a local folder | a hub id (a VLM)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
     dataset_path: str = field(default="", metadata={"help": "an image data set (hub id or folder); '' = generated"})
@@ -87,14 +107,25 @@ class Args:
     data_seed: int = field(default=0, metadata={"help": "seed of the generated images (seeds share one split)"})
     warm_start_steps: int = field(default=600, metadata={"help": "tiny-vlm: SFT steps on attribute captions"})
     warm_start_noise: float = field(default=0.6, metadata={"help": "tiny-vlm: share of captions naming a look-alike"})
-    # stage 1: GRPO++ with every stabiliser on, or GRPO (--no_grpo_pp), whose stabilisers have a flag each
+    # stage 1: GRPO++ (every stabiliser on) or GRPO (--no_grpo_pp, every one off). A stabiliser given on the command
+    # line keeps its value under either, so each can be switched alone: "GRPO++ minus one" is --skip_zero_variance false
     grpo_pp: bool = field(default=True, metadata={"help": "GRPO++ (binary advantage, skip, clip-higher, dapo, KL)"})
-    advantage: Literal["group", "binary"] = field(default="group", metadata={"help": "(r-mean)/std or sign(r-mean)"})
-    skip_zero_variance: bool = field(default=False, metadata={"help": "no loss on groups with equal rewards"})
+    advantage: Literal["group", "binary"] | None = field(
+        default=None, metadata={"help": "(r-mean)/std or sign(r-mean) [GRPO++: binary, GRPO: group]"}
+    )
+    skip_zero_variance: bool | None = field(
+        default=None, metadata={"help": "true | false: no loss on equal-reward groups [GRPO++: true, GRPO: false]"}
+    )
     eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (GRPO++: 0.28)"})
-    loss_type: Literal["grpo", "dapo"] = field(default="grpo", metadata={"help": "sequence mean | token mean"})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL anchor to the warm start (GRPO++: 0.04)"})
+    eps_high: float | None = field(
+        default=None, metadata={"help": "clip ratio above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]"}
+    )
+    loss_type: Literal["grpo", "dapo"] | None = field(
+        default=None, metadata={"help": "sequence mean | token mean [GRPO++: dapo, GRPO: grpo]"}
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "k3 KL anchor to the warm start [GRPO++: 0.04, GRPO: 0]"}
+    )
     kg_weight: float = field(default=0.0, metadata={"help": "reward weight of the attributes' graph agreement"})
     num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
     prompts_per_step: int = field(default=12, metadata={"help": "images per step; the batch is this x group_size"})
@@ -124,20 +155,29 @@ class Args:
     seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
     sizes: str = field(default="8,16", metadata={"help": "--compare: comma-separated training images per class"})
 
+    # filled in by __post_init__: the stabilisers given explicitly, which a switch of method (with_method) keeps
+    set_by_user: tuple = field(default=(), init=False)
+
     def __post_init__(self):
-        if self.grpo_pp:  # our reading of GRPO++ (module docstring): every stabiliser on
-            for name, value in GRPO_PP.items():
+        self.set_by_user = tuple(name for name in STABILISERS["grpo_pp"] if getattr(self, name) is not None)
+        for name, value in STABILISERS["grpo_pp" if self.grpo_pp else "grpo"].items():
+            if getattr(self, name) is None:  # not given: the method's value (args.json records what runs)
                 setattr(self, name, value)
+        check_args(self)  # bad values fail here, before any model is loaded
 
 
-# What --grpo_pp sets; with --no_grpo_pp each keeps its own flag's value (GRPO's defaults)
-GRPO_PP = {"advantage": "binary", "skip_zero_variance": True, "eps_high": 0.28, "loss_type": "dapo", "beta": 0.04}
+# Each stabiliser's value under GRPO++ (our reading, module docstring) and under plain GRPO
+STABILISERS = {
+    "grpo_pp": {"advantage": "binary", "skip_zero_variance": True, "eps_high": 0.28, "loss_type": "dapo", "beta": 0.04},
+    "grpo": {"advantage": "group", "skip_zero_variance": False, "eps_high": 0.2, "loss_type": "grpo", "beta": 0.0},
+}
 
 
 def with_method(args: Args, grpo_pp: bool, **changes) -> Args:
-    """A copy of args with stage 1 switched to GRPO++, or to GRPO with every stabiliser back to its default."""
-    plain = {} if grpo_pp else {f.name: f.default for f in fields(Args) if f.name in GRPO_PP}
-    return replace(args, grpo_pp=grpo_pp, **plain, **changes)  # replace() runs __post_init__
+    """A copy of args with stage 1 switched to GRPO++ or to GRPO: every stabiliser the user did not set takes the
+    method's value, the ones the user set keep theirs."""
+    unset = {name: None for name in STABILISERS["grpo"] if name not in args.set_by_user}
+    return replace(args, grpo_pp=grpo_pp, **unset, **changes)  # replace() runs __post_init__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +213,7 @@ COLOURS = {"brown": (0.07, 0.65, 0.45), "black": (0.05, 0.35, 0.15), "red": (0.9
 
 def check_class(name: str) -> str:
     if name not in KNOWLEDGE_GRAPH:
-        raise ValueError(f"unknown class {name!r}: the knowledge graph knows {', '.join(CLASSES)}")
+        raise UsageError(f"unknown class {name!r}: the knowledge graph knows {', '.join(CLASSES)}")
     return name
 
 
@@ -231,11 +271,11 @@ def check_image(image, size: int | None = IMAGE_SIZE):
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        raise ValueError(f"expected a PIL image, got {type(image).__name__}")
+        raise UsageError(f"expected a PIL image, got {type(image).__name__}")
     if image.mode != "RGB":
-        raise ValueError(f"image mode is {image.mode!r}, the model needs 'RGB': convert it with image.convert('RGB')")
+        raise UsageError(f"image mode is {image.mode!r}, the model needs 'RGB': convert it with image.convert('RGB')")
     if size is not None and image.size != (size, size):
-        raise ValueError(
+        raise UsageError(
             f"image is {image.size[0]}x{image.size[1]}, the tiny VLM needs {size}x{size}: resize it with "
             f"image.resize(({size}, {size})), or use a real VLM (--model a folder or hub id), whose processor resizes"
         )
@@ -245,15 +285,8 @@ def check_image(image, size: int | None = IMAGE_SIZE):
 def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, seed: int, size: int | None = IMAGE_SIZE):
     """An image classification data set through `datasets` (hub id or local folder, e.g. an `imagefolder` with
     train/ and test/ sub-folders of one folder per class). Its class names must be in the knowledge graph."""
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(path)
-    except Exception as error:  # datasets raises many types: offline, missing files, bad format
-        raise ValueError(
-            f"Could not load an image data set from {path!r} ({type(error).__name__}: {error}). Pass a local "
-            f"folder with train/ and test/ sub-folders of one folder per class, or run the offline default."
-        ) from None
+    splits = {"train": ("train",), "eval": ("test", "validation")}
+    data = load_data(path, "an image classification data set", splits, ("image", "label"), "(no --dataset_path)")
     names = data["train"].features["label"].names
 
     def take(split, per_class):
@@ -265,8 +298,7 @@ def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, se
                 items.append({"image": check_image(row["image"], size), "label": label})
         return items
 
-    test = "test" if "test" in data else "validation"
-    return take(data["train"], images_per_class), take(data[test], eval_per_class)
+    return take(data["train"], images_per_class), take(data["eval"], eval_per_class)
 
 
 QUESTION = "What skin disease is this?"
@@ -338,18 +370,14 @@ def generate_completions(model, processor, images, group_size, max_new_tokens, t
     prompt_ids, prompt_mask, pixels = encode_prompts(processor, images, model.device)
     prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
     pixels = pixels.repeat_interleave(group_size, 0).to(model.dtype)  # (B*G, 3, H, W)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0}
-    output = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        pixel_values=pixels,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        # an <image> token written by the policy would have no image behind it: the next forward would fail
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate).
+    # An <image> token written by the policy would have no image behind it: it is never sampled, and
+    # completion_logits gives it probability 0 too, so the loss scores the distribution we sample from.
+    output = generate(
+        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask, "pixel_values": pixels},
+        max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
         suppress_tokens=[model.config.image_token_id],
-        **({"do_sample": False} if greedy else sampling),
-    )
+    )  # fmt: skip
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id
     length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completion_ids.size(1))  # tokens incl. EOS
@@ -364,13 +392,15 @@ def completion_logits(model, prompt_ids, prompt_mask, pixel_values, completion_i
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    return model(
+    logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         pixel_values=pixel_values,
         logits_to_keep=completion_ids.size(1) + 1,
     ).logits[:, :-1]  # (B, C, V): the last prompt position predicts the first completion token
+    # generation never samples <image> (suppress_tokens): give it probability 0 here too
+    return logits.index_fill(-1, torch.tensor([model.config.image_token_id], device=logits.device), float("-inf"))
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask, temperature):
@@ -400,8 +430,15 @@ def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
             f"rewards at positions {bad} are NaN or infinite; return 0.0 for a completion you cannot score"
         )
     grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    # A_i = sign(r_i - mean_group(r))
-    return torch.sign(grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    # A_i = sign(r_i - mean_group(r)), and 0 where r_i and the mean differ only by float rounding (equal rewards)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (num_groups, G)
+    return torch.where(centred.abs() > rounding(grouped), torch.sign(centred), 0.0).view(-1)
+
+
+def rounding(grouped: torch.Tensor) -> torch.Tensor:
+    """(num_groups, 1): a difference this small is float rounding, not a difference in reward (1.5 + 0.3/3 summed
+    eight times and divided by 8 is not exactly 1.6 in float32)."""
+    return 1e-5 * grouped.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
@@ -413,8 +450,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 def nonzero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """(num_groups * G,) bool: True for the completions of groups whose rewards are not all equal (GRPO++ trains
     only on those; a zero-variance group has advantage 0 anyway but still counts in a token-mean normaliser)."""
-    grouped = rewards.view(-1, group_size)
-    return (grouped.max(dim=1).values > grouped.min(dim=1).values).repeat_interleave(group_size)
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    spread = grouped.amax(dim=1, keepdim=True) - grouped.amin(dim=1, keepdim=True)  # (num_groups, 1)
+    return (spread > rounding(grouped)).flatten().repeat_interleave(group_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -518,12 +556,14 @@ def load_policy(args: "Args"):
 
 
 def check_args(args: Args):
-    if args.group_size < 2:
-        raise ValueError(
-            f"--group_size must be at least 2 (GRPO compares completions of one image), got {args.group_size}"
-        )
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, clipping, beta, output_dir
+    if args.stage in ("2", "3") and not args.init:
+        raise UsageError(f"--stage {args.stage} alone needs --init, the model folder of the previous stage")
+    int_list(args.seeds, "--seeds"), int_list(args.sizes, "--sizes")
+    for name in ("images_per_class", "eval_per_class", "answer_tokens", "answer_samples", "dpo_samples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 
 def load_task(args: Args):
@@ -551,7 +591,7 @@ def train_grpo(args: Args, task=None):
     )  # fmt: skip
     rng = random.Random(args.seed)
     start = time.time()
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, processor)) as logger:
         before = evaluate(model, processor, eval_items, args.max_new_tokens)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         curve = [before["macro_f1"]]
@@ -684,7 +724,7 @@ def has_factual_error(completion: str) -> bool:
     return bool(facts) and (node is None or not facts <= {*node["symptoms"], node["care"]})
 
 
-def train_sft(args: Args, model, processor, train_items, run_dir):
+def train_sft(args: Args, model, processor, train_items):
     """Stage 2: SFT on (training image, graph conversation) pairs, args.sft_error_rate of them with a wrong fact."""
     rng = random.Random(args.seed)
     demos = [(x["image"], conversation(x["label"], rng, args.sft_error_rate)[0]) for x in train_items for _ in range(8)]
@@ -815,16 +855,21 @@ def pipeline(args: Args):
         if args.stage not in ("all", stage):
             continue
         if not init:
-            raise ValueError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
+            raise UsageError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
         seed_everything(args.seed)
         start = time.time()
         model, processor = load_vlm(init, args.device, args.dtype)
         run_dir = make_run_dir(f"{'sft' if stage == '2' else 'dpo'}-stage{stage}", args, root=args.output_dir)
         before = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
-        if stage == "2":
-            model, extra = train_sft(args, model, processor, train_items, run_dir), {}
-        else:
-            model, extra = train_dpo(args, model, processor, train_items)
+        try:
+            if stage == "2":
+                model, extra = train_sft(args, model, processor, train_items), {}
+            else:
+                model, extra = train_dpo(args, model, processor, train_items)
+        except KeyboardInterrupt:  # keep the model as it is, as stage 1's MetricsLogger does
+            model.save_pretrained(run_dir / "model"), processor.save_pretrained(run_dir / "model")
+            print(f"\n[grpo_pp] interrupted: model saved in {run_dir / 'model'}", file=sys.stderr)
+            raise
         after = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
         results[f"stage{stage}"] = {"before": before, "after": after, **extra, "wall_time_s": time.time() - start,
                                     "run_dir": str(run_dir)}  # fmt: skip
@@ -852,7 +897,7 @@ def compare(args: Args):
 
     from common import summarize_runs
 
-    sizes, seeds = [int(x) for x in args.sizes.split(",")], [int(x) for x in args.seeds.split(",")]
+    sizes, seeds = int_list(args.sizes, "--sizes"), int_list(args.seeds, "--seeds")
     results, curves = {}, {}
     for size in sizes:
         for method in ("grpo", "grpo_pp"):
@@ -886,5 +931,4 @@ def compare(args: Args):
 
 
 if __name__ == "__main__":
-    args = parse_args(Args)
-    compare(args) if args.compare else pipeline(args)
+    run_cli(Args, lambda args: compare(args) if args.compare else pipeline(args))

@@ -110,19 +110,37 @@ class GroupLayout:
         return torch.cat([self.prefix_index[self.prefix_valid], self.suffix_index[self.suffix_valid]])
 
 
-def check_inputs(prompts, completions):
+def check_inputs(prompts, completions, vocab_size=None):
+    """One clear error for inputs of the wrong shape or type; token ids are checked against vocab_size if given."""
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of 1-D tensors of token ids, one per group")
     if len(prompts) != len(completions):
         raise ValueError(
             f"{len(prompts)} prompts but {len(completions)} completion lists: pass one list of completions per prompt"
         )
     for i, (prompt, group) in enumerate(zip(prompts, completions)):
+        if isinstance(group, torch.Tensor):
+            raise ValueError(
+                f"the group of prompt {i} is a tensor; pass a list of 1-D tensors, one per completion "
+                f"(e.g. list(group) for a (G, L) tensor without padding)"
+            )
         if not isinstance(group, (list, tuple)) or len(group) == 0:
             raise ValueError(f"prompt {i} has an empty group: every prompt needs a list of at least one completion")
-        if prompt.dim() != 1 or prompt.numel() == 0:
-            raise ValueError(f"prompt {i} must be a non-empty 1-D tensor of token ids, got shape {tuple(prompt.shape)}")
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.numel() == 0:
+            shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise ValueError(f"prompt {i} must be a non-empty 1-D tensor of token ids, got {shape}")
         for j, completion in enumerate(group):
-            if completion.dim() != 1:
+            if not isinstance(completion, torch.Tensor) or completion.dim() != 1:
                 raise ValueError(f"completion {j} of prompt {i} must be a 1-D tensor of token ids")
+    if all(completion.numel() == 0 for group in completions for completion in group):
+        raise ValueError("every completion is empty: there is no token to score")
+    if vocab_size is not None:  # one check over all ids (one device sync), the culprit looked up only on failure
+        ids = torch.cat([*prompts, *(completion for group in completions for completion in group)])
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            raise ValueError(
+                f"token ids {sorted({x for x in ids.tolist() if not 0 <= x < vocab_size})[:5]} are outside the "
+                f"model's vocabulary [0, {vocab_size}): were the prompts tokenized with this model's tokenizer?"
+            )
 
 
 def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None) -> GroupLayout:
@@ -271,6 +289,7 @@ def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=
     Differentiable when the model is in train mode. kernel: sdpa | eager | flex_attention (default: the model's
     current attention implementation if it is one of those, else sdpa).
     """
+    check_inputs(prompts, completions, vocab_size=model.get_input_embeddings().num_embeddings)
     current = model.config._attn_implementation
     kernel = kernel or (current if current in KERNELS else "sdpa")
     layout = pack(prompts, completions, pad_token_id=0, kernel=kernel, device=model.device)
@@ -311,7 +330,7 @@ def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=
 
 def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, return_entropy=False):
     """The naive reference: one row per completion, [left-padded prompt][right-padded completion]."""
-    check_inputs(prompts, completions)
+    check_inputs(prompts, completions, vocab_size=model.get_input_embeddings().num_embeddings)
     rows = [(prompt, completion) for prompt, group in zip(prompts, completions) for completion in group]
     p_max = max(len(p) for p, _ in rows)
     s_max = max(len(c) for _, c in rows)

@@ -44,6 +44,10 @@ What we kept, simplified or chose:
   (hub or local folder) with each question's paragraphs as the searchable corpus.
 - Budget: we count generated tokens and tool calls as they happen. Prefill is recomputed (no prefix cache), and
   in the update each leaf is its own sequence, as in the official code.
+- Samples are what the loss scores: every agent step (and greedy evaluation) calls `generate` with our settings only
+  (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
+  would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
+  scores the full one: keep it at 1 for on-policy training.
 
 The task for the tiny model. It is warm-started (600 SFT steps of 16 trajectories, loss on the steps only) on
 scripted trajectories that, on a 2- or 3-hop question, answer too early (with the entity in hand after that hop)
@@ -83,7 +87,19 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from common import MetricsLogger, format_prompt, load_model, make_run_dir, parse_args, seed_everything
+from common import (
+    MetricsLogger,
+    UsageError,
+    check_args_shared,
+    format_prompt,
+    generate,
+    int_list,
+    load_data,
+    load_model,
+    make_run_dir,
+    run_cli,
+    seed_everything,
+)
 
 
 @dataclass
@@ -92,7 +108,9 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
     model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16"})
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
     dataset: Literal["kb", "hotpotqa"] = field(default="kb", metadata={"help": "the task"})
@@ -115,7 +133,7 @@ class Args:
     max_turns: int = field(default=4, metadata={"help": "most agent steps per trajectory"})
     max_step_tokens: int = field(default=32, metadata={"help": "most tokens generated in one step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
     num_steps: int = field(default=40, metadata={"help": "training steps (one batch of rollouts each)"})
     prompts_per_step: int = field(default=8, metadata={"help": "questions per step"})
     # loss
@@ -132,6 +150,9 @@ class Args:
     compare: bool = field(default=False, metadata={"help": "run chain and tree for every seed in --seeds, then plot"})
     seeds: str = field(default="0,1,2", metadata={"help": "--compare: comma-separated seeds"})
     matched_tokens: int = field(default=20000, metadata={"help": "--compare: EM read off each curve at this budget"})
+
+    def __post_init__(self):
+        check_args(self)  # bad values fail here, before any model is loaded
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,15 +251,9 @@ def load_hotpotqa(path: str, num_train: int, num_eval: int):
     'answer', 'context' {'title': [...], 'sentences': [[...]]}, 'supporting_facts' {'title': [...]}. Every
     question's paragraphs (gold and distractors) form the searchable corpus. Questions without an answer are
     skipped. Returns (train, eval, demos, corpus)."""
-    from datasets import load_dataset
-
-    try:
-        data = load_dataset(path) if os.path.isdir(path) else load_dataset(path, "distractor")
-    except Exception as error:  # datasets raises many types: offline, missing files, bad format
-        raise ValueError(
-            f"Could not load HotpotQA from {path!r} ({type(error).__name__}: {error}). Pass a local folder with "
-            f"train and validation files in HotpotQA's format, or run the offline default --dataset kb."
-        ) from None
+    columns = ("question", "answer", "context", "supporting_facts")
+    splits = {"train": ("train",), "eval": ("validation", "test")}
+    data = load_data(path, "HotpotQA", splits, columns, "--dataset kb", config_name="distractor")
     corpus, skipped = {}, 0
 
     def to_items(split, limit):
@@ -256,7 +271,7 @@ def load_hotpotqa(path: str, num_train: int, num_eval: int):
         return items
 
     train_items = to_items(data["train"], num_train)
-    eval_items = to_items(data["validation"], num_eval)
+    eval_items = to_items(data["eval"], num_eval)
     if skipped:
         print(f"[tree_grpo] skipped {skipped} HotpotQA questions with an empty answer")
     demos = []  # search each gold paragraph's title in turn, then answer
@@ -274,7 +289,7 @@ def load_task(args: Args):
     else:
         train_items, eval_items, demos, corpus = load_hotpotqa(args.dataset_path, args.num_train, args.num_eval)
     if not train_items or not eval_items:
-        raise ValueError(
+        raise UsageError(
             f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out questions; "
             f"both must be non-empty (check --num_train, --num_eval and the data files)."
         )
@@ -414,18 +429,12 @@ def generate_steps(model, tokenizer, contexts, max_step_tokens, temperature, top
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=model.device)  # (B, W)
     attention_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=model.device)
-    # top_k=0: generate's default keeps only the 50 likeliest tokens; we sample from the whole distribution
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_step_tokens,
-        stop_strings=["</search>", "</answer>"],
-        tokenizer=tokenizer,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=pad,
-        **({"do_sample": False} if greedy else sampling),
-    )
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate);
+    # stopping at a closing tag ends the step without changing which tokens are sampled
+    output = generate(
+        model, tokenizer, {"input_ids": input_ids, "attention_mask": attention_mask}, max_new_tokens=max_step_tokens,
+        temperature=temperature, top_p=top_p, greedy=greedy, stop_strings=["</search>", "</answer>"],
+    )  # fmt: skip
     steps = []
     for row in output[:, width:].tolist():
         end = len(row)
@@ -643,22 +652,21 @@ def masked_mean(values, mask):
 
 
 def check_args(args: Args):
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
+    int_list(args.seeds, "--seeds")
     num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
-    if args.rollout == "chain" and args.group_size < 2:
-        raise ValueError(f"--group_size must be at least 2 (GRPO compares trajectories), got {args.group_size}")
     if args.rollout == "tree" and (num_trees < 1 or num_nodes < 0 or num_rounds < 0 or keep < 1):
-        raise ValueError("--num_trees and --keep_leaves must be at least 1, --expand_nodes/--expand_rounds >= 0")
+        raise UsageError("--num_trees and --keep_leaves must be at least 1, --expand_nodes/--expand_rounds >= 0")
     if keep > 1 + num_nodes * num_rounds:
-        raise ValueError(
+        raise UsageError(
             f"--keep_leaves {keep} is more than the 1 + N*L = {1 + num_nodes * num_rounds} leaves a tree has; "
             f"lower it or raise --expand_nodes / --expand_rounds"
         )
     if num_trees * keep < 2:
-        raise ValueError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
-    if args.temperature <= 0:
-        raise ValueError("--temperature must be > 0: a group needs different samples (and we score with it)")
+        raise UsageError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
     if args.max_turns < 1 or args.max_step_tokens < 1:
-        raise ValueError("--max_turns and --max_step_tokens must be at least 1")
+        raise UsageError("--max_turns and --max_step_tokens must be at least 1")
 
 
 def train(args: Args):
@@ -682,7 +690,7 @@ def train(args: Args):
     budget = Budget()
     start = time.time()
 
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS) as logger:
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
         before = evaluate(model, tokenizer, eval_items, encode, search, args)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()} | {"budget/generated_tokens": 0})
         print(f"[tree_grpo] held-out before training: EM {before['em']:.3f}, multi-hop EM {before['em_multihop']:.3f}")
@@ -801,7 +809,8 @@ def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
     """Greedy, one chain per question (as the paper): EM overall, on 1-hop and on multi-hop questions, the share
     in a valid format, and tool calls per episode."""
     model.eval()
-    chain = replace(args, rollout="tree", num_trees=1, expand_rounds=0, keep_leaves=1)
+    chain = copy.copy(args)  # one greedy chain per question: an evaluation setting, not checked as a training one
+    chain.rollout, chain.num_trees, chain.expand_rounds, chain.keep_leaves = "tree", 1, 0, 1
     em, valid, calls, hops = [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
@@ -845,7 +854,7 @@ def compare(args: Args):
 
     results, runs = {}, {}
     for rollout in ("chain", "tree"):
-        for seed in map(int, args.seeds.split(",")):
+        for seed in int_list(args.seeds, "--seeds"):
             run = train(replace(args, rollout=rollout, seed=seed, compare=False))
             runs.setdefault(rollout, []).append(run)
             tokens = run["budget"]["generated_tokens"]
@@ -886,5 +895,4 @@ def compare(args: Args):
 
 
 if __name__ == "__main__":
-    args = parse_args(Args)
-    compare(args) if args.compare else train(args)
+    run_cli(Args, lambda args: compare(args) if args.compare else train(args))

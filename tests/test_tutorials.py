@@ -1,4 +1,4 @@
-"""Every tutorial notebook runs top to bottom on the tiny model; a failing cell fails the test."""
+"""Every tutorial notebook runs top to bottom on the tiny model; a failing cell fails the test. Slower tier."""
 
 import nbformat
 import pytest
@@ -6,6 +6,7 @@ from conftest import ROOT
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
+pytestmark = pytest.mark.slow  # about 6 minutes on 2 CPU cores: in the slower tier
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -1,0 +1,202 @@
+"""Bad input is one clear message: argparse's `error: ...` and exit code 2 for the command line, found before any
+model loads wherever the arguments alone show it; a clear UsageError for data and model folders; Ctrl-C keeps the
+run and ends without a traceback."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+import common
+import crpo
+import grpo
+import grpo_pp
+import prefix_grouper as pg
+import tree_grpo
+
+SCRIPTS = {"grpo.py": grpo, "crpo.py": crpo, "tree_grpo.py": tree_grpo, "grpo_pp.py": grpo_pp}
+
+# (argv, what the error says): every script takes each of these flags
+SHARED = [
+    (["--num_steps", "0"], "--num_steps must be at least 1, got 0"),
+    (["--eval_every", "0"], "--eval_every must be at least 1"),
+    (["--prompts_per_step", "0"], "--prompts_per_step must be at least 1"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be > 0"),
+    (["--beta", "-1"], "--beta must be at least 0"),
+    (["--eps_low", "1"], "--eps_low must be in [0, 1)"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--learning_rate", "0"], "--learning_rate must be > 0"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--output_dir", __file__], "is a file, not a folder"),
+    (["--no_such_flag", "3"], "unrecognized arguments: --no_such_flag 3"),
+    (["--group_size", "1"], "--group_size must be at least 2"),
+]
+# flags some scripts have
+OWN = {
+    "grpo.py": [
+        (["--num_train", "0"], "--num_train must be at least 1"),  # not blamed on --num_shots
+        (["--num_eval", "0"], "--num_eval must be at least 1"),
+        (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+        (["--num_iterations", "0"], "--num_iterations must be at least 1"),
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    ],
+    "crpo.py": [
+        (["--weights", "accuracy"], "is not objective=number"),
+        (["--seeds", "0,x"], "--seeds must be comma-separated whole numbers"),
+        (["--num_iterations", "0"], "--num_iterations must be at least 1"),
+    ],
+    "tree_grpo.py": [
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--keep_leaves", "4"], "more than the 1 + N*L = 3 leaves"),
+    ],
+    "grpo_pp.py": [
+        (["--stage", "3"], "--stage 3 alone needs --init"),
+        (["--sizes", "8;16"], "--sizes must be comma-separated whole numbers"),
+        (["--images_per_class", "0"], "--images_per_class must be at least 1"),
+        (["--num_iterations", "0"], "--num_iterations must be at least 1"),
+    ],
+}
+CASES = [(script, argv, message) for script in SCRIPTS for argv, message in SHARED + OWN[script]]
+
+
+@pytest.mark.parametrize("script, argv, message", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
+def test_bad_arguments_are_argparse_errors(script, argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        common.parse_args(SCRIPTS[script].Args, argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("usage:"), err
+    assert message in err.splitlines()[-1] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_command_line_says_error_and_exits_2_without_a_traceback(script, tmp_path):
+    """Arguments alone: exit 2 before anything loads. An error found later (a missing data folder): the same."""
+    later = {"grpo.py": ["--dataset", "gsm8k", "--dataset_path"], "crpo.py": ["--dataset", "medqa", "--dataset_path"],
+             "tree_grpo.py": ["--dataset", "hotpotqa", "--dataset_path"], "grpo_pp.py": ["--dataset_path"]}  # fmt: skip
+    for argv in (["--num_steps", "0"], [*later[script], str(tmp_path / "missing")]):
+        result = subprocess.run([sys.executable, str(ROOT / script), *argv, "--output_dir", str(tmp_path)],
+                                cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.splitlines()[-1].startswith(f"{script}: error: "), result.stderr[-2000:]
+
+
+def test_ctrl_c_keeps_metrics_plot_and_model_without_a_traceback(tmp_path):
+    command = [sys.executable, str(ROOT / "grpo.py"), "--sft_steps", "20", "--num_steps", "500", "--num_eval", "8",
+               "--prompts_per_step", "2", "--group_size", "2", "--output_dir", str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(p.read_text().count("\n") >= 2 for p in tmp_path.glob("*/metrics.jsonl")):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert (run_dir / "metrics.png").exists() and (run_dir / "metrics.csv").exists()
+    assert (run_dir / "model" / "config.json").exists() and "metrics, plot and model saved" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data files and folders
+
+
+def write_jsonl(folder, split, rows):
+    folder.mkdir(exist_ok=True)
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_gsm8k_with_a_missing_field_split_or_marker(tmp_path):
+    good = {"question": "1+1?", "answer": "1+1=2\n#### 2"}
+    write_jsonl(tmp_path / "no_split", "train", [good])
+    with pytest.raises(common.UsageError, match="has the splits \\['train'\\], but needs 'test'"):
+        grpo.load_gsm8k(str(tmp_path / "no_split"), 10, 10)
+    for split in ("train", "test"):
+        write_jsonl(tmp_path / "no_field", split, [{"question": "1+1?", "solution": "2"}])
+    with pytest.raises(common.UsageError, match="the 'train' split has no field 'answer'"):
+        grpo.load_gsm8k(str(tmp_path / "no_field"), 10, 10)
+    write_jsonl(tmp_path / "no_marker", "train", [good, {"question": "2+2?", "answer": "2+2 is 4"}])
+    write_jsonl(tmp_path / "no_marker", "test", [good])
+    with pytest.raises(common.UsageError, match="answer 1 does not end in '#### <number>'"):
+        grpo.load_gsm8k(str(tmp_path / "no_marker"), 10, 10)
+
+
+def test_medqa_and_hotpotqa_with_a_missing_field_or_split(tmp_path):
+    row = {"question": "q", "options": {"A": "a", "B": "b"}}  # no answer_idx
+    write_jsonl(tmp_path / "medqa", "train", [row])
+    write_jsonl(tmp_path / "medqa", "test", [row])
+    with pytest.raises(common.UsageError, match="MedQA at .* has no field 'answer_idx'"):
+        crpo.load_medqa(str(tmp_path / "medqa"), 10, 10)
+    hotpot = json.loads((ROOT / "tests/fixtures/hotpotqa/train.jsonl").read_text().splitlines()[0])
+    write_jsonl(tmp_path / "hotpotqa", "train", [hotpot])  # no validation or test split
+    with pytest.raises(common.UsageError, match="needs 'validation' or 'test'"):
+        tree_grpo.load_hotpotqa(str(tmp_path / "hotpotqa"), 10, 10)
+
+
+def test_image_folder_without_a_test_split(tmp_path):
+    import shutil
+
+    shutil.copytree(ROOT / "tests/fixtures/lesions/train", tmp_path / "train")
+    with pytest.raises(common.UsageError, match="needs 'test' or 'validation'"):
+        grpo_pp.load_image_dataset(str(tmp_path), 2, 2, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# grpo_pp.py: what the user sets is what runs
+
+
+def test_grpo_pp_keeps_the_stabilisers_the_user_sets(tmp_path):
+    args = common.parse_args(grpo_pp.Args, ["--beta", "0", "--eps_high", "0.2", "--output_dir", str(tmp_path)])
+    assert (args.grpo_pp, args.beta, args.eps_high, args.advantage, args.loss_type) == (
+        True,
+        0.0,
+        0.2,
+        "binary",
+        "dapo",
+    )
+    minus_one = common.parse_args(grpo_pp.Args, ["--skip_zero_variance", "false"])  # GRPO++ minus one stabiliser
+    assert not minus_one.skip_zero_variance and minus_one.beta == 0.04
+    plain = grpo_pp.with_method(args, grpo_pp=False)  # compare()'s switch keeps them too
+    assert (plain.beta, plain.eps_high, plain.advantage, plain.loss_type) == (0.0, 0.2, "group", "grpo")
+    assert grpo_pp.with_method(plain, grpo_pp=True) == args
+    run_dir = common.make_run_dir("grpo_pp", args, root=tmp_path)  # args.json records what runs
+    recorded = json.loads((run_dir / "args.json").read_text())
+    assert (recorded["beta"], recorded["eps_high"], recorded["advantage"]) == (0.0, 0.2, "binary")
+    assert recorded["set_by_user"] == ["eps_high", "beta"]
+
+
+def test_grpo_pp_equal_rewards_within_rounding_get_advantage_zero():
+    for rewards in (torch.full((8,), 1.5) + 0.3 / 3, torch.full((7,), 0.1), torch.tensor([1.5 + 0.1] * 6 + [1.6] * 2)):
+        group = len(rewards)
+        assert torch.equal(grpo_pp.binary_advantages(rewards, group), torch.zeros(group))
+        assert not grpo_pp.nonzero_variance_groups(rewards, group).any()
+    real = torch.tensor([1.6, 1.6, 1.6, 0.6])
+    assert grpo_pp.binary_advantages(real, 4).tolist() == [1, 1, 1, -1]
+    assert grpo_pp.nonzero_variance_groups(real, 4).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prefix_grouper.py
+
+
+@pytest.mark.parametrize(
+    "prompts, completions, message",
+    [
+        ([], [], "prompts must be a non-empty list"),
+        ([torch.tensor([1, 2])], [torch.tensor([[3, 4], [5, 6]])], "is a tensor; pass a list of 1-D tensors"),
+        ([torch.tensor([1, 2])], [[torch.tensor([], dtype=torch.long)]], "every completion is empty"),
+        ([torch.tensor([1, 2])], [[torch.tensor([3, 10_000])]], "outside the model's vocabulary"),
+        ([torch.tensor([-1, 2])], [[torch.tensor([3])]], "outside the model's vocabulary"),
+    ],
+)
+def test_prefix_grouper_bad_input_is_a_clear_error(prompts, completions, message):
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_model(tokenizer)
+    for fn in (pg.shared_prefix_logprobs, pg.repeated_prefix_logprobs):
+        with pytest.raises(ValueError, match=message):
+            fn(model, prompts, completions)
