@@ -439,9 +439,12 @@ def cannot_load(name, presets, error, offline_hint) -> str:
     """The message for a model that would not load: a folder without a model in it, or a hub id not reachable."""
     reason = f"[{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}]"
     if Path(name).is_dir():
+        in_cache = Path(name).absolute().is_relative_to(CACHE_DIR.absolute())
         return (
             f"Could not load model {name!r}: the folder holds no complete model in transformers' format "
-            f"(config.json, the weights and the tokenizer or processor files, as save_pretrained writes them). {reason}"
+            f"(config.json, the weights and the tokenizer or processor files, as save_pretrained writes them). "
+            + ("It is a cache entry: delete that folder and run again to rebuild it. " if in_cache else "")
+            + reason
         )
     return (
         f"Could not load model {name!r}: it is not a preset ({', '.join(presets)}), not a local folder, and not "

@@ -200,3 +200,12 @@ def test_prefix_grouper_bad_input_is_a_clear_error(prompts, completions, message
     for fn in (pg.shared_prefix_logprobs, pg.repeated_prefix_logprobs):
         with pytest.raises(ValueError, match=message):
             fn(model, prompts, completions)
+
+
+def test_a_damaged_cache_entry_says_how_to_rebuild_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "CACHE_DIR", tmp_path)
+    entry = tmp_path / "tiny-vlm-0123"
+    entry.mkdir()
+    (entry / "config.json").write_text("{}")  # the rest of the model gone
+    with pytest.raises(common.UsageError, match="It is a cache entry: delete that folder and run again"):
+        common.load_vlm(str(entry))

@@ -301,3 +301,17 @@ def test_a_model_folder_without_a_model_is_one_clear_error(tmp_path):
         common.load_model(str(tmp_path))
     with pytest.raises(common.UsageError, match="the folder holds no complete model"):
         common.load_vlm(str(tmp_path))
+
+
+def test_an_unreachable_hub_is_found_in_seconds(monkeypatch):
+    """Offline, a hub id is looked up in the local cache only, instead of a minute of connection retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert common.hub_options("no-such-org/no-such-model") == {"local_files_only": True}
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert common.hub_options("no-such-org/no-such-model") == {"local_files_only": True}
+    assert common.hub_options(".") == {}  # a local folder never asks the hub
