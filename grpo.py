@@ -52,8 +52,8 @@ Run:
         --learning_rate 2e-5 --num_steps 80 --eval_every 20 --prefix_grouper   # SmolLM2-135M, offline, ~30 min CPU
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k   # one GPU, with the hub reachable
 
-Measured (`python grpo.py --seed S`, 2-core x86-64 CPU, empty model cache): held-out accuracy 58.0% -> 98.5%
-(seed 0), 59.0% -> 96.0% (seed 1), 57.5% -> 97.0% (seed 2), in 63-72 s wall time each, of which ~45 s is the
+Measured (`python grpo.py --seed S`, 2-core x86-64 CPU, empty model cache): held-out accuracy 58.0% -> 98.0%
+(seed 0), 59.0% -> 96.5% (seed 1), 57.5% -> 97.5% (seed 2), in ~72 s wall time each, of which ~45 s is the
 cached SFT warm start and ~15 s the 60 GRPO steps. A step takes 0.83x the wall time of TRL's GRPOTrainer on the
 same model and batch (tests/bench_grpo_vs_trl.py). Curves: assets/grpo_tiny.png.
 SmolLM2-135M-Instruct (the second command above, seeds 0-2, same CPU): held-out accuracy 28.0% -> 75.5%,
