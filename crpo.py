@@ -31,7 +31,7 @@ Why it works without hurting accuracy: in a group where every answer is right (o
 accuracy term has no variance, so the whole advantage comes from faithfulness and comprehensiveness; in mixed
 groups the k = 10 accuracy term dominates. `frac_accuracy_zero_std` logs the share of such groups.
 
-What is the paper's and what is ours (shared/papers/crpo-and-grpo-pp.md, part A):
+What is the paper's and what is ours (Clinical-R1, https://arxiv.org/abs/2512.00601):
 - The paper's: the three objectives, rule-based rewards, <dx>/<conclusion>, k = 10 and the k + 2 bound, GRPO
   with correctness + format as the baseline, evaluation of faithfulness, evidence citation and distractor
   rejection. Its exact reward rules, weights of the auxiliary terms and data pipeline are not public.

@@ -9,7 +9,7 @@ scored against a knowledge graph instead of by experts.
 
 What the paper leaves open, and our interpretation. The paper's text and code are not public: only the abstract,
 and one secondary source saying GRPO++ uses "a binary advantage". Every stabiliser below is therefore our reading,
-each behind its own flag so that GRPO vs GRPO++ is one switch, --no_grpo_pp (../shared/papers/crpo-and-grpo-pp.md, B3):
+each behind its own flag so that GRPO vs GRPO++ is one switch, --no_grpo_pp (DermIQ-VLM, https://arxiv.org/abs/2510.01236):
     binary advantage   A_i = sign(r_i - mean(r_group))  in {-1, 0, +1}: no division by a near-zero std
                        (GRPO: A_i = (r_i - mean) / (std + eps))
     skip zero-variance groups: no loss on a group whose rewards are all equal

@@ -18,7 +18,7 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-What we do differently from the official package (shared/papers/prefix-grouper.md):
+What we do differently from the official package (https://github.com/johncaged/PrefixGrouper):
 - Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on flash-
   attention's bottom-right causal alignment: with `sdpa` the result is silently wrong and `eager` raises. We
   build explicit 4-D additive masks, so `sdpa`, `eager` and `flex_attention` kernels give the naive result on CPU
