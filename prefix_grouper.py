@@ -143,9 +143,10 @@ def check_inputs(prompts, completions, vocab_size=None):
             )
 
 
-def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None) -> GroupLayout:
-    """Pack prompts (list of 1-D id tensors) and their completions (list of lists of 1-D id tensors)."""
-    check_inputs(prompts, completions)
+def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab_size=None) -> GroupLayout:
+    """Pack prompts (list of 1-D id tensors) and their completions (list of lists of 1-D id tensors); token ids are
+    checked against vocab_size if given."""
+    check_inputs(prompts, completions, vocab_size)
     if kernel not in KERNELS:
         raise ValueError(
             f"prefix_grouper needs a kernel that takes an explicit attention mask ({', '.join(KERNELS)}), "
@@ -289,10 +290,10 @@ def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=
     Differentiable when the model is in train mode. kernel: sdpa | eager | flex_attention (default: the model's
     current attention implementation if it is one of those, else sdpa).
     """
-    check_inputs(prompts, completions, vocab_size=model.get_input_embeddings().num_embeddings)
     current = model.config._attn_implementation
     kernel = kernel or (current if current in KERNELS else "sdpa")
-    layout = pack(prompts, completions, pad_token_id=0, kernel=kernel, device=model.device)
+    vocab_size = model.get_input_embeddings().num_embeddings
+    layout = pack(prompts, completions, pad_token_id=0, kernel=kernel, device=model.device, vocab_size=vocab_size)
     # position predicting each completion token: the last prompt token for the first, then the completion's own
     predictors, targets = [], []
     for row, (prompt, group) in enumerate(zip(prompts, completions)):
