@@ -43,22 +43,20 @@ mistake; the reward (1 for the right number, +0.1 for the format) is what teache
 trains on GSM8K (hub id or local folder) with the same reward.
 A pretrained chat model gets no warm start: `--num_shots K` shows it K solved training problems as earlier chat
 turns, which is how it learns the format. `--small_addend` (47+8=, answered "<think>47+8=55</think><answer>55
-</answer>") is the task SmolLM2-135M-Instruct partly solves: with 3 shots it gets 41% of these right and none of
-the two-digit sums (tests/probe_smollm2_arithmetic.py), and GRPO needs some right answers in a group to learn.
+</answer>") is the task SmolLM2-135M-Instruct partly solves with 3 shots, unlike two-digit sums
+(tests/probe_smollm2_arithmetic.py measures both), and GRPO needs some right answers in a group to learn.
+
+Reading order: `group_advantages` (what GRPO adds to a policy gradient), then GRPO's shared machinery
+(`generate_completions`, `completion_logprobs`, `policy_loss`), then `train`, whose numbered steps 1-5 every
+algorithm file repeats; the task (arithmetic, GSM8K, the reward, the evaluation) comes last.
 
 Run:
-    python grpo.py                                   # tiny model, CPU, a few minutes
+    python grpo.py                                   # the tiny model on a CPU, no download
     python grpo.py --model smollm2-135m --small_addend --num_shots 3 --num_train 600 --prompts_per_step 4 \
-        --learning_rate 2e-5 --num_steps 80 --eval_every 20 --prefix_grouper   # SmolLM2-135M, offline, ~30 min CPU
+        --learning_rate 2e-5 --num_steps 80 --eval_every 20 --prefix_grouper   # SmolLM2-135M, offline
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k   # one GPU, with the hub reachable
 
-Measured (`python grpo.py --seed S`, 2-core x86-64 CPU, empty model cache): held-out accuracy 58.0% -> 98.0%
-(seed 0), 59.0% -> 96.5% (seed 1), 57.5% -> 97.5% (seed 2), in ~72 s wall time each, of which ~45 s is the
-cached SFT warm start and ~15 s the 60 GRPO steps. A step takes 0.83x the wall time of TRL's GRPOTrainer on the
-same model and batch (tests/bench_grpo_vs_trl.py). Curves: assets/grpo_tiny.png.
-SmolLM2-135M-Instruct (the second command above, seeds 0-2, same CPU): held-out accuracy 28.0% -> 75.5%,
-39.0% -> 82.0%, 24.0% -> 80.5% in 26-27 minutes each, with dips on the way (seed 2: 61% at step 20, 49% at
-step 60). Curves: assets/grpo_smollm2_seed0.png.
+Results (accuracy over seeds, wall times, curves, the comparison with TRL) are in RESULTS.md.
 """
 
 import copy
@@ -135,8 +133,322 @@ class Args:
         check_args(self)  # bad values fail here, before any model is loaded
 
 
+def check_args(args: Args):
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
+    if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
+        raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+    if not 0 <= args.num_shots < args.num_train:
+        raise UsageError(f"--num_shots must be at least 0 and below --num_train, got {args.num_shots}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Task and data
+# The algorithm: what GRPO adds to a policy gradient, group-relative advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
+
+    std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
+    divide (Dr. GRPO). A group whose rewards are all equal gets advantage 0: it carries no learning signal.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(
+            f"rewards at positions {bad} are NaN or infinite; a reward function must return a finite number "
+            f"for every completion (return 0.0 for one it cannot score)."
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    # A_i = r_i - mean_group(r)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (num_groups * G,)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)  # (num_groups * G,)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    # A_i = (r_i - mean) / (std + eps)
+    return advantages / (std + eps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO's shared machinery: rollout, log-probs, loss (the same text in every algorithm file where it is unchanged)
+
+
+@torch.no_grad()
+def generate_completions(
+    model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False
+):
+    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
+
+    Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
+    ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
+    eos may be the same token, so the mask is built from the first EOS position, never from the pad id.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
+    output = generate(
+        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, greedy=greedy,
+    )  # fmt: skip
+    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
+    is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
+    has_eos = is_eos.any(dim=1)  # (B*G,)
+    length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
+    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
+    texts = tokenizer.batch_decode(  # each completion up to its EOS: what follows is padding, not text
+        [ids[:n] for ids, n in zip(completion_ids.tolist(), length.tolist())], skip_special_tokens=True
+    )
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,  # (B*G, C)
+        "is_truncated": ~has_eos,  # (B*G,)
+        "texts": texts,
+    }
+
+
+def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
+    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
+
+    batch: generate_completions' tensors (or some of their rows): prompt_ids, prompt_mask, completion_ids and
+    completion_mask, each (B, ·). Position ids count real tokens only, so a left-padded prompt gets the same RoPE
+    positions as an unpadded one. With prefix_grouper, consecutive rows that share a prompt (a group) encode it
+    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
+    if prefix_grouper:
+        _, group_sizes = torch.unique_consecutive(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_counts=True)
+        firsts = group_sizes.cumsum(0) - group_sizes  # the first row of each group
+        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
+        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
+        groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), group_sizes.tolist())]
+        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
+        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
+        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
+            completion_mask.bool(), torch.cat([x for group in nested for x in group])
+        )  # fmt: skip
+        return to_padded(logps), to_padded(entropy)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    num_completion = completion_ids.size(1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+    ).logits[:, :-1]  # (B, C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
+    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
+    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    with torch.no_grad():
+        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+def policy_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    grad_accum_steps=1,
+):
+    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
+    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
+    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
+    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
+    """
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = masked_mean(per_token_kl, mask).item()
+
+    if loss_type == "grpo":  # mean over completions of each completion's token mean
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":  # token mean of this micro-batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
+        max_len = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
+    else:  # dapo: token mean over the whole batch
+        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
+
+    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
+    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
+    return loss, metrics
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def train(args: Args):
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items, demos, shots = load_task(args)
+    model, tokenizer = load_model(
+        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps
+    )
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    run_dir = make_run_dir("grpo", args, root=args.output_dir)
+    print(f"[grpo] run folder: {run_dir}")
+    print(
+        "[grpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
+        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
+    )
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT, shots)  # noqa: E731
+    rng = random.Random(args.seed)
+    start = time.time()
+
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
+        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        print(f"[grpo] held-out before training: accuracy {before['accuracy']:.3f}, format {before['format']:.3f}")
+        bar = tqdm(range(1, args.num_steps + 1), desc="grpo")
+        for step in bar:
+            step_start = time.time()
+            batch_items = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: G completions for each prompt
+            model.eval()
+            rollout = generate_completions(
+                model, tokenizer, [to_prompt(x) for x in batch_items], group_size=args.group_size,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            )  # fmt: skip
+            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
+            # 2. rewards and group-relative advantages
+            rewards = reward_function(rollout["texts"], [x["answer"] for x in group_items])
+            advantages = group_advantages(rewards["total"], args.group_size, scale=args.scale_rewards)  # (B*G,)
+            advantages = advantages.to(model.device)
+            completion_mask = rollout["completion_mask"]  # (B*G, C)
+            if args.mask_truncated_completions:
+                completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
+            batch = {k: v for k, v in rollout.items() if torch.is_tensor(v)}  # prompt and completion ids and masks
+            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
+            old_logps = ref_logps = None
+            with torch.no_grad():
+                if args.num_iterations > 1:
+                    old_logps, _ = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
+                if ref_model is not None:
+                    ref_logps, _ = completion_logprobs(ref_model, batch, args.temperature, args.prefix_grouper)
+            # 4. num_iterations passes of one optimiser step each, over micro-batches
+            model.train()
+            num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
+            step_metrics, loss_sum = [], 0.0
+            for _ in range(args.num_iterations):
+                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
+                    micro_batch = {k: v[rows] for k, v in batch.items()}
+                    logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
+                    loss, metrics = policy_loss(
+                        logps,
+                        logps.detach() if old_logps is None else old_logps[rows],
+                        None if ref_logps is None else ref_logps[rows],
+                        advantages[rows],
+                        completion_mask[rows],
+                        eps_low=args.eps_low,
+                        eps_high=args.eps_high,
+                        beta=args.beta,
+                        loss_type=args.loss_type,
+                        max_completion_length=args.max_new_tokens,
+                        num_items_in_batch=num_items,
+                        grad_accum_steps=args.gradient_accumulation_steps,
+                    )
+                    loss.backward()
+                    metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
+                    step_metrics.append(metrics)
+                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 5. log TRL's metric names
+            group_std = rewards["total"].view(-1, args.group_size).std(dim=1)
+            lengths = rollout["completion_mask"].sum(1).float()
+            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            record |= {
+                "loss": loss_sum,
+                "reward": rewards["total"].mean().item(),
+                "reward_std": rewards["total"].std().item(),
+                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+                **{f"rewards/{name}/mean": r.mean().item() for name, r in rewards.items() if name != "total"},
+                "completions/mean_length": lengths.mean().item(),
+                "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
+                "grad_norm": grad_norm.item(),
+                "step_time": time.time() - step_start,
+            }
+            if step % args.eval_every == 0 or step == args.num_steps:
+                record |= {
+                    f"eval/{k}": v
+                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
+                }
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/correct/mean']:.2f}")
+
+    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    results = {
+        "accuracy_before": before["accuracy"],
+        "accuracy_after": after["accuracy"],
+        "wall_time_s": time.time() - start,
+        "run_dir": str(run_dir),
+    }
+    print(
+        f"[grpo] held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
+        f"in {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)"
+    )
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = ["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "entropy", "grad_norm"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
 
 
 SYSTEM_PROMPT = (
@@ -253,323 +565,6 @@ def reward_function(completions: list[str], answers: list[str]) -> dict[str, tor
     return {"correct": correct, "format": formatted, "total": correct + 0.1 * formatted}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rollout
-
-
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, greedy=False):
-    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
-
-    Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
-    ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
-    eos may be the same token, so the mask is built from the first EOS position, never from the pad id.
-    """
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
-    output = generate(
-        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy,
-    )  # fmt: skip
-    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
-    is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
-    has_eos = is_eos.any(dim=1)  # (B*G,)
-    length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
-    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
-    texts = tokenizer.batch_decode(  # each completion up to its EOS: what follows is padding, not text
-        [ids[:n] for ids, n in zip(completion_ids.tolist(), length.tolist())], skip_special_tokens=True
-    )
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,  # (B*G, C)
-        "is_truncated": ~has_eos,  # (B*G,)
-        "texts": texts,
-    }
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, group_size=None):
-    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
-
-    Position ids count real tokens only, so a left-padded prompt gets the same RoPE positions as an unpadded one.
-    With `group_size` (--prefix_grouper) the rows come in groups that share one prompt, and each prompt is encoded
-    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
-    """
-    if group_size is not None:
-        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[::group_size], prompt_mask[::group_size])]
-        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
-        groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
-        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
-        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
-        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
-            completion_mask.bool(), torch.cat([x for group in nested for x in group])
-        )  # fmt: skip
-        return to_padded(logps), to_padded(entropy)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    num_completion = completion_ids.size(1)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
-    ).logits[:, :-1]  # (B, C, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
-    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
-    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
-    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
-    with torch.no_grad():
-        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
-    return logps, entropy
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Advantages
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
-    """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
-
-    std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
-    divide (Dr. GRPO). A group whose rewards are all equal gets advantage 0: it carries no learning signal.
-    """
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
-    if not torch.isfinite(rewards).all():
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
-        raise ValueError(
-            f"rewards at positions {bad} are NaN or infinite; a reward function must return a finite number "
-            f"for every completion (return 0.0 for one it cannot score)."
-        )
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    # A_i = r_i - mean_group(r)
-    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (num_groups * G,)
-    if scale == "group":
-        std = grouped.std(dim=1).repeat_interleave(group_size)  # (num_groups * G,)
-    elif scale == "batch":
-        std = rewards.std().expand_as(rewards)
-    else:
-        return advantages
-    # A_i = (r_i - mean) / (std + eps)
-    return advantages / (std + eps)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss
-
-
-def policy_loss(
-    logps,
-    old_logps,
-    ref_logps,
-    advantages,
-    mask,
-    eps_low=0.2,
-    eps_high=0.2,
-    beta=0.0,
-    loss_type="dapo",
-    max_completion_length=None,
-    num_items_in_batch=None,
-    grad_accum_steps=1,
-):
-    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
-
-    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
-    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
-    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
-    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
-    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
-    """
-    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
-    mask = mask.to(logps.dtype)
-    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
-    # w_it = pi_theta / pi_old
-    ratio = torch.exp(logps - old_logps)  # (B, T)
-    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
-    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
-    metrics = {}
-    if beta != 0.0:
-        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
-        log_ratio_ref = ref_logps - logps
-        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
-        per_token_loss = per_token_loss + beta * per_token_kl
-        metrics["kl"] = masked_mean(per_token_kl, mask).item()
-
-    if loss_type == "grpo":  # mean over completions of each completion's token mean
-        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
-    elif loss_type == "bnpo":  # token mean of this micro-batch
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
-    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
-        max_len = max_completion_length or mask.size(1)
-        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
-    else:  # dapo: token mean over the whole batch
-        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
-
-    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
-    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
-    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
-    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
-    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
-    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
-    return loss, metrics
-
-
-def masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop
-
-
-def check_args(args: Args):
-    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
-    if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
-        raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
-    if args.prefix_grouper and args.prompts_per_step % args.gradient_accumulation_steps:
-        raise UsageError(
-            "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
-        )
-    if not 0 <= args.num_shots < args.num_train:
-        raise UsageError(f"--num_shots must be at least 0 and below --num_train, got {args.num_shots}")
-
-
-def train(args: Args):
-    check_args(args)
-    seed_everything(args.seed)
-    train_items, eval_items, demos, shots = load_task(args)
-    model, tokenizer = load_model(
-        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps
-    )
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    run_dir = make_run_dir("grpo", args, root=args.output_dir)
-    print(f"[grpo] run folder: {run_dir}")
-    print(
-        "[grpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
-        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
-    )
-    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT, shots)  # noqa: E731
-    group_size = args.group_size if args.prefix_grouper else None  # rows of a group share their prompt
-    score = lambda m, *tensors: completion_logprobs(m, *tensors, args.temperature, group_size)  # noqa: E731
-    rng = random.Random(args.seed)
-    start = time.time()
-
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
-        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
-        print(f"[grpo] held-out before training: accuracy {before['accuracy']:.3f}, format {before['format']:.3f}")
-        bar = tqdm(range(1, args.num_steps + 1), desc="grpo")
-        for step in bar:
-            step_start = time.time()
-            batch_items = rng.choices(train_items, k=args.prompts_per_step)
-            # 1. rollout: G completions for each prompt
-            model.eval()
-            rollout = generate_completions(
-                model, tokenizer, [to_prompt(x) for x in batch_items], args.group_size,
-                args.max_new_tokens, args.temperature, args.top_p,
-            )  # fmt: skip
-            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
-            # 2. rewards and group-relative advantages
-            rewards = reward_function(rollout["texts"], [x["answer"] for x in group_items])
-            advantages = group_advantages(rewards["total"], args.group_size, scale=args.scale_rewards)  # (B*G,)
-            advantages = advantages.to(model.device)
-            completion_mask = rollout["completion_mask"]  # (B*G, C)
-            if args.mask_truncated_completions:
-                completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
-            scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], completion_mask)
-            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
-            with torch.no_grad():
-                old_logps = score(model, *scoring)[0] if args.num_iterations > 1 else None
-                ref_logps = score(ref_model, *scoring)[0] if ref_model else None
-            # 4. num_iterations passes of one optimiser step each, over micro-batches
-            model.train()
-            num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
-            step_metrics, loss_sum = [], 0.0
-            for _ in range(args.num_iterations):
-                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
-                    logps, entropy = score(model, *(t[rows] for t in scoring))
-                    loss, metrics = policy_loss(
-                        logps,
-                        logps.detach() if old_logps is None else old_logps[rows],
-                        None if ref_logps is None else ref_logps[rows],
-                        advantages[rows],
-                        completion_mask[rows],
-                        eps_low=args.eps_low,
-                        eps_high=args.eps_high,
-                        beta=args.beta,
-                        loss_type=args.loss_type,
-                        max_completion_length=args.max_new_tokens,
-                        num_items_in_batch=num_items,
-                        grad_accum_steps=args.gradient_accumulation_steps,
-                    )
-                    loss.backward()
-                    metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
-                    step_metrics.append(metrics)
-                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            # 5. log TRL's metric names
-            group_std = rewards["total"].view(-1, args.group_size).std(dim=1)
-            lengths = rollout["completion_mask"].sum(1).float()
-            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-            record |= {
-                "loss": loss_sum,
-                "reward": rewards["total"].mean().item(),
-                "reward_std": rewards["total"].std().item(),
-                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-                **{f"rewards/{name}/mean": r.mean().item() for name, r in rewards.items() if name != "total"},
-                "completions/mean_length": lengths.mean().item(),
-                "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
-                "grad_norm": grad_norm.item(),
-                "step_time": time.time() - step_start,
-            }
-            if step % args.eval_every == 0 or step == args.num_steps:
-                record |= {
-                    f"eval/{k}": v
-                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
-                }
-            logger.log(step, record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/correct/mean']:.2f}")
-
-    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
-    results = {
-        "accuracy_before": before["accuracy"],
-        "accuracy_after": after["accuracy"],
-        "wall_time_s": time.time() - start,
-        "run_dir": str(run_dir),
-    }
-    print(
-        f"[grpo] held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
-        f"in {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)"
-    )
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-PLOT_KEYS = ["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "entropy", "grad_norm"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256):
     """Greedy decoding on held-out problems: accuracy, share well formatted, mean completion length."""
@@ -577,8 +572,9 @@ def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256)
     correct, formatted, length = [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
+        prompts = [to_prompt(x) for x in chunk]
         rollout = generate_completions(
-            model, tokenizer, [to_prompt(x) for x in chunk], 1, max_new_tokens, 1.0, 1.0, greedy=True
+            model, tokenizer, prompts, group_size=1, max_new_tokens=max_new_tokens, greedy=True
         )
         rewards = reward_function(rollout["texts"], [x["answer"] for x in chunk])
         correct += rewards["correct"].tolist()

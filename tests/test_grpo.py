@@ -261,13 +261,13 @@ def test_left_padding_does_not_change_logprobs(tiny):
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
     assert enc["attention_mask"][0, 0] == 0  # really left-padded
     completions = completion.repeat(2, 1)
-    both, _ = grpo.completion_logprobs(
-        model, enc["input_ids"], enc["attention_mask"], completions, torch.ones_like(completions), 1.0
-    )
+    batch = {"prompt_ids": enc["input_ids"], "prompt_mask": enc["attention_mask"], "completion_ids": completions,
+             "completion_mask": torch.ones_like(completions)}  # fmt: skip
+    both, _ = grpo.completion_logprobs(model, batch)
     alone = tokenizer(["3+4="], return_tensors="pt", add_special_tokens=False)
-    one, _ = grpo.completion_logprobs(
-        model, alone["input_ids"], alone["attention_mask"], completion, torch.ones_like(completion), 1.0
-    )
+    batch = {"prompt_ids": alone["input_ids"], "prompt_mask": alone["attention_mask"], "completion_ids": completion,
+             "completion_mask": torch.ones_like(completion)}  # fmt: skip
+    one, _ = grpo.completion_logprobs(model, batch)
     torch.testing.assert_close(both[0], one[0], atol=1e-5, rtol=1e-5)
 
 
@@ -286,8 +286,8 @@ def test_rollout_masks_after_first_eos(tiny):
             assert mask[row].all() and rollout["is_truncated"][row]
     assert (~rollout["is_truncated"]).any()  # the warm-started model does stop
     # the temperature used for scoring changes the log-probs as dividing the logits does
-    logps_t1, _ = grpo.completion_logprobs(model, rollout["prompt_ids"], rollout["prompt_mask"], ids, mask, 1.0)
-    logps_t2, _ = grpo.completion_logprobs(model, rollout["prompt_ids"], rollout["prompt_mask"], ids, mask, 2.0)
+    logps_t1, _ = grpo.completion_logprobs(model, rollout, temperature=1.0)
+    logps_t2, _ = grpo.completion_logprobs(model, rollout, temperature=2.0)
     assert not torch.allclose(logps_t1, logps_t2)
 
 

@@ -211,11 +211,12 @@ def test_grpo_step_is_the_same_with_prefix_grouper():
     lengths = torch.tensor([9, 3, 5, 0, 6, 1])  # row 3: a truncated completion, masked out entirely
     completion_mask = (torch.arange(9)[None] < lengths[:, None]).long()
     advantages = torch.randn(6, generator=g)
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+             "completion_mask": completion_mask}  # fmt: skip
     results = []
-    for group_size_arg in (None, group_size):
+    for prefix_grouper in (False, True):
         model.zero_grad(set_to_none=True)
-        logps, entropy = grpo.completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask,
-                                                  1.0, group_size=group_size_arg)  # fmt: skip
+        logps, entropy = grpo.completion_logprobs(model, batch, prefix_grouper=prefix_grouper)
         loss, _ = grpo.policy_loss(logps, logps.detach(), None, advantages, completion_mask, loss_type="grpo")
         loss.backward()
         results.append((loss, logps * completion_mask, entropy * completion_mask,
@@ -228,6 +229,16 @@ def test_grpo_step_is_the_same_with_prefix_grouper():
         assert ((grads_g[name] - grad).norm() / grad.norm()).item() < 1e-4, name
 
 
-def test_grpo_rejects_groups_split_across_micro_batches():
-    with pytest.raises(ValueError, match="keeps groups whole"):
-        grpo.check_args(grpo.Args(prefix_grouper=True, prompts_per_step=3, gradient_accumulation_steps=2))
+def test_grpo_prefix_grouper_finds_groups_in_any_rows():
+    """Micro-batches may cut a group: the rows that share a prompt are found from the prompts themselves, so any
+    slice of rows gets the naive forward's log-probs (here rows 1-4: the end of one group, the start of the next)."""
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(1, VOCAB, (2, 5), generator=g).repeat_interleave(3, dim=0)  # (6, 5): 2 groups of 3
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids),
+             "completion_ids": torch.randint(1, VOCAB, (6, 4), generator=g),
+             "completion_mask": torch.ones(6, 4, dtype=torch.long)}  # fmt: skip
+    rows = {k: v[1:5] for k, v in batch.items()}
+    naive, _ = grpo.completion_logprobs(model, rows)
+    grouped, _ = grpo.completion_logprobs(model, rows, prefix_grouper=True)
+    torch.testing.assert_close(grouped, naive, atol=1e-5, rtol=0)

@@ -28,7 +28,7 @@ def test_preset_loads_and_generates(smollm2):
     assert tokenizer.chat_template is not None
     prompt = format_prompt(tokenizer, "What is the capital of France?")
     assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
-    rollout = grpo.generate_completions(model, tokenizer, [prompt], 1, 16, 1.0, 1.0, greedy=True)
+    rollout = grpo.generate_completions(model, tokenizer, [prompt], group_size=1, max_new_tokens=16, greedy=True)
     assert "paris" in rollout["texts"][0].lower()
 
 
@@ -37,13 +37,12 @@ def test_one_grpo_step_changes_the_model(smollm2):
     train_items, _, _ = grpo.make_arithmetic_task(8, 2, seed=0, demo_noise=0.0)
     prompts = [format_prompt(tokenizer, x["question"], grpo.SYSTEM_PROMPT) for x in train_items[:2]]
     torch.manual_seed(0)
-    rollout = grpo.generate_completions(model, tokenizer, prompts, 2, 24, 1.0, 1.0)
+    rollout = grpo.generate_completions(model, tokenizer, prompts, group_size=2, max_new_tokens=24)
     # synthetic rewards so the step has a signal whatever the model wrote
     advantages = grpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), 2)
-    scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], rollout["completion_mask"])
     before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     model.train()
-    logps, _ = grpo.completion_logprobs(model, *scoring, 1.0)
+    logps, _ = grpo.completion_logprobs(model, rollout)
     loss, _ = grpo.policy_loss(logps, logps.detach(), None, advantages, rollout["completion_mask"])
     loss.backward()
     torch.optim.AdamW(model.parameters(), lr=1e-5).step()
