@@ -2,8 +2,10 @@
 
 Paper: Clinical-R1: Empowering Large Language Models for Faithful and Comprehensive Reasoning with Clinical
 Objective Relative Policy Optimization (Gu, Zhou et al., 2025), https://arxiv.org/abs/2512.00601.
-Read it against grpo.py: `diff grpo.py crpo.py` shows what CRPO changes (the task, the rewards, the advantage of
-several objectives and the evaluation); rollout, loss and training loop are GRPO's, line for line.
+Read it against grpo.py. What CRPO changes is the section "The algorithm": a reward per objective
+(`reward_function` and the rules it applies) and `objective_advantages`, which replaces `group_advantages`; step 2
+of the training loop calls them. Rollout, log-probs and loss are GRPO's, line for line (tests/test_skeleton.py
+checks it); the task (a clinical knowledge graph, MedQA) and its evaluation come last.
 
 The idea. GRPO with a correctness reward learns to answer right, but nothing stops it from reasoning lazily,
 citing findings the patient does not have, or never saying why the other options are wrong. CRPO keeps GRPO and
@@ -59,14 +61,9 @@ No held-out question appears in training. `--dataset medqa` reads MedQA (4 optio
 Run:
     python crpo.py                          # CRPO on the tiny model, CPU
     python crpo.py --method grpo            # the GRPO baseline: same loop, accuracy + format reward
-    python crpo.py --compare                # GRPO vs CRPO, 3 seeds each: table and plot (README)
+    python crpo.py --compare                # GRPO vs CRPO, 3 seeds each: table and plot
 
-Measured (`python crpo.py --compare`, seeds 0-2, 2-core x86-64 CPU, ~9 minutes from an empty cache): held-out
-accuracy GRPO 0.378 +- 0.010 vs CRPO 0.364 +- 0.039 (within 3 points); faithfulness 0.456 +- 0.226 vs
-0.789 +- 0.087; stem findings cited 1.00 +- 0.21 vs 2.08 +- 0.11; distractors rejected with a valid reason
-0.130 +- 0.008 vs 0.147 +- 0.041 (no clear gain). With --advantage_mode normalize_then_sum CRPO's valid
-rejections do rise (0.168 vs 0.092) but its accuracy falls 8 points. Table and plot in README; `python crpo.py`
-alone: ~4 minutes.
+Results (GRPO vs CRPO over seeds, the advantage-mode ablation) are in RESULTS.md.
 """
 
 import copy
@@ -154,8 +151,448 @@ class Args:
         check_args(self)  # bad values fail here, before any model is loaded
 
 
+def check_args(args: Args):
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
+    if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
+        raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
+    parse_weights(args.weights)  # fails early on an unknown objective name
+    int_list(args.seeds, "--seeds")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Task and data
+# The algorithm: what CRPO changes against GRPO, a verifiable reward per clinical objective and their advantages
+
+
+def parse_response(completion: str, item) -> dict:
+    """Split a response into what the rewards look at: format, conclusion letter, cited findings, the options the
+    <dx> says fit, and the (option, reason) rejections."""
+    match = re.fullmatch(r"\s*<dx>(.*?)</dx>\s*<conclusion>\s*(.*?)\s*</conclusion>\s*", completion, re.DOTALL)
+    if match is None:
+        return {"formatted": False, "conclusion": None, "cited": [], "fits": set(), "rejections": []}
+    dx, conclusion = match.group(1), match.group(2)
+    letters = "".join(item["options"])
+    return {
+        "formatted": conclusion in item["options"],
+        "conclusion": conclusion,
+        "cited": [f for f in item["vocabulary"] if f in dx],  # findings named anywhere in the reasoning
+        "fits": set(re.findall(rf"\b([{letters}]) fits\b", dx)),
+        "rejections": [(L, reason.strip()) for L, reason in re.findall(rf"\b([{letters}]) no ([^;]+)", dx)],
+    }
+
+
+def accuracy_reward(parsed, item) -> float:
+    return float(parsed["conclusion"] == item["answer"])
+
+
+def faithfulness_reward(parsed, item) -> float:
+    """0.5 * share of cited findings that are in the stem (none cited: 0) + 0.5 * conclusion grounded in the <dx>."""
+    if not parsed["formatted"]:
+        return 0.0
+    cited = parsed["cited"]
+    precision = sum(f in item["findings"] for f in cited) / len(cited) if cited else 0.0
+    rejected = {L for L, _ in parsed["rejections"]}
+    grounded = parsed["conclusion"] in parsed["fits"] and parsed["conclusion"] not in rejected
+    return 0.5 * precision + 0.5 * float(grounded)
+
+
+def comprehensiveness_reward(parsed, item) -> float:
+    """0.5 * share of stem findings cited + 0.5 * share of distractors rejected with a stem finding as the reason."""
+    if not parsed["formatted"] or not item["findings"]:
+        return 0.0
+    coverage = sum(f in parsed["cited"] for f in item["findings"]) / len(item["findings"])
+    distractors = [L for L in item["options"] if L != item["answer"]]
+    reasons = {L: reason for L, reason in parsed["rejections"]}
+    rejected = sum(reasons.get(L) in item["findings"] for L in distractors) / len(distractors)
+    return 0.5 * coverage + 0.5 * rejected
+
+
+def format_reward(parsed, item) -> float:
+    return float(parsed["formatted"])
+
+
+OBJECTIVES = {
+    "accuracy": accuracy_reward,
+    "faithfulness": faithfulness_reward,
+    "comprehensiveness": comprehensiveness_reward,
+    "format": format_reward,
+}
+
+
+METHOD_WEIGHTS = {
+    "crpo": {"accuracy": 10.0, "faithfulness": 1.0, "comprehensiveness": 1.0},
+    "grpo": {"accuracy": 10.0, "format": 1.0},
+}
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'accuracy=10,format=1' -> {'accuracy': 10.0, 'format': 1.0}; unknown objectives are an error."""
+    weights = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if name.strip() not in OBJECTIVES:
+            raise UsageError(f"unknown objective {name.strip()!r} in --weights; known: {', '.join(OBJECTIVES)}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--weights: {part!r} is not objective=number, e.g. 'accuracy=10,format=1'") from None
+    return weights
+
+
+def reward_function(completions: list[str], items: list[dict]) -> dict[str, torch.Tensor]:
+    """Every objective's reward for every completion, by name: {objective: (B*G,)}."""
+    if len(completions) != len(items):
+        raise ValueError(f"{len(completions)} completions but {len(items)} items: pass one item per completion")
+    parsed = [parse_response(c, x) for c, x in zip(completions, items)]
+    return {name: torch.tensor([fn(p, x) for p, x in zip(parsed, items)]) for name, fn in OBJECTIVES.items()}
+
+
+def objective_advantages(rewards_by_objective, weights, group_size, mode="sum_then_normalize", eps=1e-4):
+    """Advantages from several objectives; rewards_by_objective: {name: (num_groups * group_size,)}, grouped rows.
+
+    sum_then_normalize (CRPO): R_i = sum_j w_j R_ij, then A_i = (R_i - mean_group) / (std_group + eps), std unbiased.
+    normalize_then_sum (ablation, GDPO/TRL): z-score each objective in its group, take the weighted sum, then
+    z-score that sum over the whole batch. A group with no variance in any weighted objective gets advantage 0.
+    """
+    unknown = [name for name in weights if name not in rewards_by_objective]
+    if unknown:
+        raise ValueError(f"unknown objective {unknown[0]!r}; rewards exist for: {', '.join(rewards_by_objective)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    for name in weights:
+        rewards = rewards_by_objective[name]
+        if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+            raise ValueError(f"rewards of {name!r} must be 1-D with a multiple of group_size={group_size} values")
+        if not torch.isfinite(rewards).all():
+            raise ValueError(f"rewards of {name!r} are NaN or infinite; every objective must return a finite number")
+    if mode == "sum_then_normalize":
+        # R_i = sum_j w_j R_ij
+        total = sum(w * rewards_by_objective[name].float() for name, w in weights.items())
+        grouped = total.view(-1, group_size)  # (num_groups, G)
+        # A_i = (R_i - mean_group) / (std_group + eps)
+        return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).view(-1)
+    if mode == "normalize_then_sum":
+        # z_ij = (R_ij - mean_group) / (std_group + eps), for each objective j
+        z_scores = []
+        for name, w in weights.items():
+            grouped = rewards_by_objective[name].float().view(-1, group_size)
+            z_scores.append(w * (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps))
+        # A_i = z_batch(sum_j w_j z_ij)
+        combined = sum(z_scores).view(-1)
+        return (combined - combined.mean()) / (combined.std() + eps)
+    raise ValueError(f"mode must be 'sum_then_normalize' or 'normalize_then_sum', got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO's shared machinery: rollout, log-probs, loss (the same text in every algorithm file where it is unchanged)
+
+
+@torch.no_grad()
+def generate_completions(
+    model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False
+):
+    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
+
+    Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
+    ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
+    eos may be the same token, so the mask is built from the first EOS position, never from the pad id.
+    """
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
+    output = generate(
+        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, greedy=greedy,
+    )  # fmt: skip
+    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
+    is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
+    has_eos = is_eos.any(dim=1)  # (B*G,)
+    length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
+    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
+    texts = tokenizer.batch_decode(  # each completion up to its EOS: what follows is padding, not text
+        [ids[:n] for ids, n in zip(completion_ids.tolist(), length.tolist())], skip_special_tokens=True
+    )
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,  # (B*G, C)
+        "is_truncated": ~has_eos,  # (B*G,)
+        "texts": texts,
+    }
+
+
+def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
+    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
+
+    batch: generate_completions' tensors (or some of their rows): prompt_ids, prompt_mask, completion_ids and
+    completion_mask, each (B, ·). Position ids count real tokens only, so a left-padded prompt gets the same RoPE
+    positions as an unpadded one. With prefix_grouper, consecutive rows that share a prompt (a group) encode it
+    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
+    """
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
+    if prefix_grouper:
+        _, group_sizes = torch.unique_consecutive(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_counts=True)
+        firsts = group_sizes.cumsum(0) - group_sizes  # the first row of each group
+        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
+        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
+        groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), group_sizes.tolist())]
+        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
+        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
+        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
+            completion_mask.bool(), torch.cat([x for group in nested for x in group])
+        )  # fmt: skip
+        return to_padded(logps), to_padded(entropy)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    num_completion = completion_ids.size(1)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+    ).logits[:, :-1]  # (B, C, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
+    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
+    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
+    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    with torch.no_grad():
+        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+def policy_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    grad_accum_steps=1,
+):
+    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
+    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
+    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
+    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
+    """
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = masked_mean(per_token_kl, mask).item()
+
+    if loss_type == "grpo":  # mean over completions of each completion's token mean
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":  # token mean of this micro-batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
+        max_len = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
+    else:  # dapo: token mean over the whole batch
+        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
+
+    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
+    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
+    return loss, metrics
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def train(args: Args):
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items, demos = load_task(args)
+    model, tokenizer = load_model(
+        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps, sft_batch_size=32
+    )
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    weights = parse_weights(args.weights) or METHOD_WEIGHTS[args.method]
+    run_dir = make_run_dir("crpo" if args.method == "crpo" else "crpo-baseline-grpo", args, root=args.output_dir)
+    print(f"[crpo] run folder: {run_dir}; objective weights {weights}")
+    print(
+        "[crpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
+        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
+    )
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
+    rng = random.Random(args.seed)
+    start = time.time()
+
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
+        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        print(f"[crpo] held-out before: accuracy {before['accuracy']:.3f}, faithfulness {before['faithfulness']:.3f}")
+        bar = tqdm(range(1, args.num_steps + 1), desc=f"crpo ({args.method})")
+        for step in bar:
+            step_start = time.time()
+            batch_items = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: G completions for each prompt
+            model.eval()
+            rollout = generate_completions(
+                model, tokenizer, [to_prompt(x) for x in batch_items], group_size=args.group_size,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            )  # fmt: skip
+            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
+            # 2. rewards and group-relative advantages
+            rewards = reward_function(rollout["texts"], group_items)  # {objective: (B*G,)}
+            advantages = objective_advantages(rewards, weights, args.group_size, mode=args.advantage_mode)  # (B*G,)
+            rewards["total"] = sum(w * rewards[name] for name, w in weights.items())
+            advantages = advantages.to(model.device)
+            completion_mask = rollout["completion_mask"]  # (B*G, C)
+            if args.mask_truncated_completions:
+                completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
+            batch = {k: v for k, v in rollout.items() if torch.is_tensor(v)}  # prompt and completion ids and masks
+            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
+            old_logps = ref_logps = None
+            with torch.no_grad():
+                if args.num_iterations > 1:
+                    old_logps, _ = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
+                if ref_model is not None:
+                    ref_logps, _ = completion_logprobs(ref_model, batch, args.temperature, args.prefix_grouper)
+            # 4. num_iterations passes of one optimiser step each, over micro-batches
+            model.train()
+            num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
+            step_metrics, loss_sum = [], 0.0
+            for _ in range(args.num_iterations):
+                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
+                    micro_batch = {k: v[rows] for k, v in batch.items()}
+                    logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
+                    loss, metrics = policy_loss(
+                        logps,
+                        logps.detach() if old_logps is None else old_logps[rows],
+                        None if ref_logps is None else ref_logps[rows],
+                        advantages[rows],
+                        completion_mask[rows],
+                        eps_low=args.eps_low,
+                        eps_high=args.eps_high,
+                        beta=args.beta,
+                        loss_type=args.loss_type,
+                        max_completion_length=args.max_new_tokens,
+                        num_items_in_batch=num_items,
+                        grad_accum_steps=args.gradient_accumulation_steps,
+                    )
+                    loss.backward()
+                    metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
+                    step_metrics.append(metrics)
+                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # 5. log TRL's metric names
+            group_std = rewards["total"].view(-1, args.group_size).std(dim=1)
+            accuracy_std = rewards["accuracy"].view(-1, args.group_size).std(dim=1)
+            lengths = rollout["completion_mask"].sum(1).float()
+            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
+            record |= {
+                "loss": loss_sum,
+                "reward": rewards["total"].mean().item(),
+                "reward_std": rewards["total"].std().item(),
+                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
+                # groups whose answers are all right (or all wrong): only the other objectives give them a signal
+                "frac_accuracy_zero_std": (accuracy_std == 0).float().mean().item(),
+                **{f"rewards/{name}/mean": r.mean().item() for name, r in rewards.items() if name != "total"},
+                "completions/mean_length": lengths.mean().item(),
+                "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
+                "grad_norm": grad_norm.item(),
+                "step_time": time.time() - step_start,
+            }
+            if step % args.eval_every == 0 or step == args.num_steps:
+                record |= {
+                    f"eval/{k}": v
+                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
+                }
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/accuracy/mean']:.2f}")
+
+    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    results = {"before": before, "after": after, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}
+    for key in ("accuracy", "faithfulness", "valid_rejections"):
+        print(f"[crpo] held-out {key} {before[key]:.3f} -> {after[key]:.3f}")
+    print(f"[crpo] {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)")
+    model.save_pretrained(run_dir / "model")
+    tokenizer.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = [
+    "reward",
+    "eval/accuracy",
+    "eval/faithfulness",
+    "eval/valid_rejections",
+    "eval/citations",
+    "rewards/faithfulness/mean",
+    "rewards/comprehensiveness/mean",
+    "completions/mean_length",
+    "entropy",
+]
+
+
+COMPARE_KEYS = [
+    "accuracy",
+    "faithfulness",
+    "hallucination",
+    "citations",
+    "rejections",
+    "valid_rejections",
+    "mean_length",
+]
+
+
+def compare(args: Args):
+    """Train --method grpo and crpo for every seed (same warm start per seed), then print a table and plot it."""
+    results = {}
+    for method in ("grpo", "crpo"):
+        for seed in int_list(args.seeds, "--seeds"):
+            run = train(replace(args, method=method, seed=seed, compare=False))
+            results.setdefault(method, []).append(run["after"])
+    table = summarize_runs(results, COMPARE_KEYS)
+    print("\nheld-out, after training (mean ± std over seeds " + args.seeds + ")\n\n" + table)
+    out = os.path.join(args.output_dir, "crpo_compare")
+    os.makedirs(out, exist_ok=True)
+    plot_comparison(results, COMPARE_KEYS, os.path.join(out, "crpo_compare.png"), title="GRPO vs CRPO (tiny model)")
+    with open(os.path.join(out, "crpo_compare.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results, "table": table}, f, indent=2)
+    print(f"[crpo] table, plot and numbers in {out}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
 
 
 SYSTEM_PROMPT = (
@@ -163,6 +600,7 @@ SYSTEM_PROMPT = (
     "option with a finding it lacks (e.g. 'B no cough'); then give only the option letter inside "
     "<conclusion> </conclusion>."
 )
+
 
 # The knowledge graph: disease -> findings, the first one its key finding (no other disease has it). The others
 # are shared across diseases on purpose, so each distractor matches part of the case. Names are the usual
@@ -181,7 +619,11 @@ KNOWLEDGE_GRAPH = {
     "meningitis": ["neck-stiffness", "fever", "headache", "photophobia"],
     "anemia": ["pallor", "fatigue", "dyspnea", "headache"],
 }
+
+
 FINDINGS = sorted({f for findings in KNOWLEDGE_GRAPH.values() for f in findings})
+
+
 LETTERS = "ABCD"
 
 
@@ -300,418 +742,6 @@ def load_task(args: Args):
     return train_items, eval_items, demos
 
 
-def parse_response(completion: str, item) -> dict:
-    """Split a response into what the rewards look at: format, conclusion letter, cited findings, the options the
-    <dx> says fit, and the (option, reason) rejections."""
-    match = re.fullmatch(r"\s*<dx>(.*?)</dx>\s*<conclusion>\s*(.*?)\s*</conclusion>\s*", completion, re.DOTALL)
-    if match is None:
-        return {"formatted": False, "conclusion": None, "cited": [], "fits": set(), "rejections": []}
-    dx, conclusion = match.group(1), match.group(2)
-    letters = "".join(item["options"])
-    return {
-        "formatted": conclusion in item["options"],
-        "conclusion": conclusion,
-        "cited": [f for f in item["vocabulary"] if f in dx],  # findings named anywhere in the reasoning
-        "fits": set(re.findall(rf"\b([{letters}]) fits\b", dx)),
-        "rejections": [(L, reason.strip()) for L, reason in re.findall(rf"\b([{letters}]) no ([^;]+)", dx)],
-    }
-
-
-def accuracy_reward(parsed, item) -> float:
-    return float(parsed["conclusion"] == item["answer"])
-
-
-def faithfulness_reward(parsed, item) -> float:
-    """0.5 * share of cited findings that are in the stem (none cited: 0) + 0.5 * conclusion grounded in the <dx>."""
-    if not parsed["formatted"]:
-        return 0.0
-    cited = parsed["cited"]
-    precision = sum(f in item["findings"] for f in cited) / len(cited) if cited else 0.0
-    rejected = {L for L, _ in parsed["rejections"]}
-    grounded = parsed["conclusion"] in parsed["fits"] and parsed["conclusion"] not in rejected
-    return 0.5 * precision + 0.5 * float(grounded)
-
-
-def comprehensiveness_reward(parsed, item) -> float:
-    """0.5 * share of stem findings cited + 0.5 * share of distractors rejected with a stem finding as the reason."""
-    if not parsed["formatted"] or not item["findings"]:
-        return 0.0
-    coverage = sum(f in parsed["cited"] for f in item["findings"]) / len(item["findings"])
-    distractors = [L for L in item["options"] if L != item["answer"]]
-    reasons = {L: reason for L, reason in parsed["rejections"]}
-    rejected = sum(reasons.get(L) in item["findings"] for L in distractors) / len(distractors)
-    return 0.5 * coverage + 0.5 * rejected
-
-
-def format_reward(parsed, item) -> float:
-    return float(parsed["formatted"])
-
-
-OBJECTIVES = {
-    "accuracy": accuracy_reward,
-    "faithfulness": faithfulness_reward,
-    "comprehensiveness": comprehensiveness_reward,
-    "format": format_reward,
-}
-METHOD_WEIGHTS = {
-    "crpo": {"accuracy": 10.0, "faithfulness": 1.0, "comprehensiveness": 1.0},
-    "grpo": {"accuracy": 10.0, "format": 1.0},
-}
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    """'accuracy=10,format=1' -> {'accuracy': 10.0, 'format': 1.0}; unknown objectives are an error."""
-    weights = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        if name.strip() not in OBJECTIVES:
-            raise UsageError(f"unknown objective {name.strip()!r} in --weights; known: {', '.join(OBJECTIVES)}")
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--weights: {part!r} is not objective=number, e.g. 'accuracy=10,format=1'") from None
-    return weights
-
-
-def reward_function(completions: list[str], items: list[dict]) -> dict[str, torch.Tensor]:
-    """Every objective's reward for every completion, by name: {objective: (B*G,)}."""
-    if len(completions) != len(items):
-        raise ValueError(f"{len(completions)} completions but {len(items)} items: pass one item per completion")
-    parsed = [parse_response(c, x) for c, x in zip(completions, items)]
-    return {name: torch.tensor([fn(p, x) for p, x in zip(parsed, items)]) for name, fn in OBJECTIVES.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Rollout
-
-
-@torch.no_grad()
-def generate_completions(model, tokenizer, prompts, group_size, max_new_tokens, temperature, top_p, greedy=False):
-    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
-
-    Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
-    ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
-    eos may be the same token, so the mask is built from the first EOS position, never from the pad id.
-    """
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
-    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
-    output = generate(
-        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy,
-    )  # fmt: skip
-    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
-    is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
-    has_eos = is_eos.any(dim=1)  # (B*G,)
-    length = torch.where(has_eos, is_eos.int().argmax(dim=1) + 1, completion_ids.size(1))  # tokens incl. EOS
-    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
-    texts = tokenizer.batch_decode(  # each completion up to its EOS: what follows is padding, not text
-        [ids[:n] for ids, n in zip(completion_ids.tolist(), length.tolist())], skip_special_tokens=True
-    )
-    return {
-        "prompt_ids": prompt_ids,
-        "prompt_mask": prompt_mask,
-        "completion_ids": completion_ids,
-        "completion_mask": completion_mask,  # (B*G, C)
-        "is_truncated": ~has_eos,  # (B*G,)
-        "texts": texts,
-    }
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, group_size=None):
-    """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
-
-    Position ids count real tokens only, so a left-padded prompt gets the same RoPE positions as an unpadded one.
-    With `group_size` (--prefix_grouper) the rows come in groups that share one prompt, and each prompt is encoded
-    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
-    """
-    if group_size is not None:
-        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[::group_size], prompt_mask[::group_size])]
-        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
-        groups = [completions[i : i + group_size] for i in range(0, len(completions), group_size)]
-        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
-        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
-        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
-            completion_mask.bool(), torch.cat([x for group in nested for x in group])
-        )  # fmt: skip
-        return to_padded(logps), to_padded(entropy)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    num_completion = completion_ids.size(1)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
-    ).logits[:, :-1]  # (B, C, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
-    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
-    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
-    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
-    with torch.no_grad():
-        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
-    return logps, entropy
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Advantages
-
-
-def objective_advantages(rewards_by_objective, weights, group_size, mode="sum_then_normalize", eps=1e-4):
-    """Advantages from several objectives; rewards_by_objective: {name: (num_groups * group_size,)}, grouped rows.
-
-    sum_then_normalize (CRPO): R_i = sum_j w_j R_ij, then A_i = (R_i - mean_group) / (std_group + eps), std unbiased.
-    normalize_then_sum (ablation, GDPO/TRL): z-score each objective in its group, take the weighted sum, then
-    z-score that sum over the whole batch. A group with no variance in any weighted objective gets advantage 0.
-    """
-    unknown = [name for name in weights if name not in rewards_by_objective]
-    if unknown:
-        raise ValueError(f"unknown objective {unknown[0]!r}; rewards exist for: {', '.join(rewards_by_objective)}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
-    for name in weights:
-        rewards = rewards_by_objective[name]
-        if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-            raise ValueError(f"rewards of {name!r} must be 1-D with a multiple of group_size={group_size} values")
-        if not torch.isfinite(rewards).all():
-            raise ValueError(f"rewards of {name!r} are NaN or infinite; every objective must return a finite number")
-    if mode == "sum_then_normalize":
-        # R_i = sum_j w_j R_ij
-        total = sum(w * rewards_by_objective[name].float() for name, w in weights.items())
-        grouped = total.view(-1, group_size)  # (num_groups, G)
-        # A_i = (R_i - mean_group) / (std_group + eps)
-        return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)).view(-1)
-    if mode == "normalize_then_sum":
-        # z_ij = (R_ij - mean_group) / (std_group + eps), for each objective j
-        z_scores = []
-        for name, w in weights.items():
-            grouped = rewards_by_objective[name].float().view(-1, group_size)
-            z_scores.append(w * (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps))
-        # A_i = z_batch(sum_j w_j z_ij)
-        combined = sum(z_scores).view(-1)
-        return (combined - combined.mean()) / (combined.std() + eps)
-    raise ValueError(f"mode must be 'sum_then_normalize' or 'normalize_then_sum', got {mode!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss
-
-
-def policy_loss(
-    logps,
-    old_logps,
-    ref_logps,
-    advantages,
-    mask,
-    eps_low=0.2,
-    eps_high=0.2,
-    beta=0.0,
-    loss_type="dapo",
-    max_completion_length=None,
-    num_items_in_batch=None,
-    grad_accum_steps=1,
-):
-    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
-
-    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
-    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
-    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
-    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
-    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
-    """
-    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
-    mask = mask.to(logps.dtype)
-    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
-    # w_it = pi_theta / pi_old
-    ratio = torch.exp(logps - old_logps)  # (B, T)
-    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
-    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
-    metrics = {}
-    if beta != 0.0:
-        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
-        log_ratio_ref = ref_logps - logps
-        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
-        per_token_loss = per_token_loss + beta * per_token_kl
-        metrics["kl"] = masked_mean(per_token_kl, mask).item()
-
-    if loss_type == "grpo":  # mean over completions of each completion's token mean
-        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
-    elif loss_type == "bnpo":  # token mean of this micro-batch
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
-    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
-        max_len = max_completion_length or mask.size(1)
-        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
-    else:  # dapo: token mean over the whole batch
-        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
-
-    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
-    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
-    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
-    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
-    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
-    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
-    return loss, metrics
-
-
-def masked_mean(values, mask):
-    return (values * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop
-
-
-def check_args(args: Args):
-    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
-    if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
-        raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
-    if args.prefix_grouper and args.prompts_per_step % args.gradient_accumulation_steps:
-        raise UsageError(
-            "--prefix_grouper keeps groups whole: gradient_accumulation_steps must divide prompts_per_step"
-        )
-    parse_weights(args.weights)  # fails early on an unknown objective name
-    int_list(args.seeds, "--seeds")
-
-
-def train(args: Args):
-    check_args(args)
-    seed_everything(args.seed)
-    train_items, eval_items, demos = load_task(args)
-    model, tokenizer = load_model(
-        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps, sft_batch_size=32
-    )
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    weights = parse_weights(args.weights) or METHOD_WEIGHTS[args.method]
-    run_dir = make_run_dir("crpo" if args.method == "crpo" else "crpo-baseline-grpo", args, root=args.output_dir)
-    print(f"[crpo] run folder: {run_dir}; objective weights {weights}")
-    print(
-        "[crpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
-        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
-    )
-    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
-    group_size = args.group_size if args.prefix_grouper else None  # rows of a group share their prompt
-    score = lambda m, *tensors: completion_logprobs(m, *tensors, args.temperature, group_size)  # noqa: E731
-    rng = random.Random(args.seed)
-    start = time.time()
-
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
-        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
-        print(f"[crpo] held-out before: accuracy {before['accuracy']:.3f}, faithfulness {before['faithfulness']:.3f}")
-        bar = tqdm(range(1, args.num_steps + 1), desc=f"crpo ({args.method})")
-        for step in bar:
-            step_start = time.time()
-            batch_items = rng.choices(train_items, k=args.prompts_per_step)
-            # 1. rollout: G completions for each prompt
-            model.eval()
-            rollout = generate_completions(
-                model, tokenizer, [to_prompt(x) for x in batch_items], args.group_size,
-                args.max_new_tokens, args.temperature, args.top_p,
-            )  # fmt: skip
-            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
-            # 2. rewards and group-relative advantages
-            rewards = reward_function(rollout["texts"], group_items)  # {objective: (B*G,)}
-            advantages = objective_advantages(rewards, weights, args.group_size, mode=args.advantage_mode)  # (B*G,)
-            rewards["total"] = sum(w * rewards[name] for name, w in weights.items())
-            advantages = advantages.to(model.device)
-            completion_mask = rollout["completion_mask"]  # (B*G, C)
-            if args.mask_truncated_completions:
-                completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
-            scoring = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["completion_ids"], completion_mask)
-            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
-            with torch.no_grad():
-                old_logps = score(model, *scoring)[0] if args.num_iterations > 1 else None
-                ref_logps = score(ref_model, *scoring)[0] if ref_model else None
-            # 4. num_iterations passes of one optimiser step each, over micro-batches
-            model.train()
-            num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
-            step_metrics, loss_sum = [], 0.0
-            for _ in range(args.num_iterations):
-                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
-                    logps, entropy = score(model, *(t[rows] for t in scoring))
-                    loss, metrics = policy_loss(
-                        logps,
-                        logps.detach() if old_logps is None else old_logps[rows],
-                        None if ref_logps is None else ref_logps[rows],
-                        advantages[rows],
-                        completion_mask[rows],
-                        eps_low=args.eps_low,
-                        eps_high=args.eps_high,
-                        beta=args.beta,
-                        loss_type=args.loss_type,
-                        max_completion_length=args.max_new_tokens,
-                        num_items_in_batch=num_items,
-                        grad_accum_steps=args.gradient_accumulation_steps,
-                    )
-                    loss.backward()
-                    metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
-                    step_metrics.append(metrics)
-                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            # 5. log TRL's metric names
-            group_std = rewards["total"].view(-1, args.group_size).std(dim=1)
-            accuracy_std = rewards["accuracy"].view(-1, args.group_size).std(dim=1)
-            lengths = rollout["completion_mask"].sum(1).float()
-            record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
-            record |= {
-                "loss": loss_sum,
-                "reward": rewards["total"].mean().item(),
-                "reward_std": rewards["total"].std().item(),
-                "frac_reward_zero_std": (group_std == 0).float().mean().item(),
-                # groups whose answers are all right (or all wrong): only the other objectives give them a signal
-                "frac_accuracy_zero_std": (accuracy_std == 0).float().mean().item(),
-                **{f"rewards/{name}/mean": r.mean().item() for name, r in rewards.items() if name != "total"},
-                "completions/mean_length": lengths.mean().item(),
-                "completions/clipped_ratio": rollout["is_truncated"].float().mean().item(),
-                "grad_norm": grad_norm.item(),
-                "step_time": time.time() - step_start,
-            }
-            if step % args.eval_every == 0 or step == args.num_steps:
-                record |= {
-                    f"eval/{k}": v
-                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
-                }
-            logger.log(step, record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/accuracy/mean']:.2f}")
-
-    after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
-    results = {"before": before, "after": after, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}
-    for key in ("accuracy", "faithfulness", "valid_rejections"):
-        print(f"[crpo] held-out {key} {before[key]:.3f} -> {after[key]:.3f}")
-    print(f"[crpo] {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)")
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-PLOT_KEYS = [
-    "reward",
-    "eval/accuracy",
-    "eval/faithfulness",
-    "eval/valid_rejections",
-    "eval/citations",
-    "rewards/faithfulness/mean",
-    "rewards/comprehensiveness/mean",
-    "completions/mean_length",
-    "entropy",
-]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
 def strict_metrics(completion: str, item) -> dict:
     """One answer checked against the knowledge graph, stricter than the training reward.
 
@@ -744,46 +774,15 @@ def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256)
     per_answer, lengths = [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        rollout = generate_completions(model, tokenizer, [to_prompt(x) for x in chunk], 1, max_new_tokens, 1.0, 1.0,
-                                       greedy=True)  # fmt: skip
+        prompts = [to_prompt(x) for x in chunk]
+        rollout = generate_completions(
+            model, tokenizer, prompts, group_size=1, max_new_tokens=max_new_tokens, greedy=True
+        )
         per_answer += [strict_metrics(text, item) for text, item in zip(rollout["texts"], chunk)]
         lengths += rollout["completion_mask"].sum(1).tolist()
     metrics = {key: sum(m[key] for m in per_answer) / len(per_answer) for key in per_answer[0]}
     metrics["mean_length"] = sum(lengths) / len(lengths)
     return metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The paper's comparison: GRPO baseline vs CRPO, same budget, several seeds
-
-
-COMPARE_KEYS = [
-    "accuracy",
-    "faithfulness",
-    "hallucination",
-    "citations",
-    "rejections",
-    "valid_rejections",
-    "mean_length",
-]
-
-
-def compare(args: Args):
-    """Train --method grpo and crpo for every seed (same warm start per seed), then print a table and plot it."""
-    results = {}
-    for method in ("grpo", "crpo"):
-        for seed in int_list(args.seeds, "--seeds"):
-            run = train(replace(args, method=method, seed=seed, compare=False))
-            results.setdefault(method, []).append(run["after"])
-    table = summarize_runs(results, COMPARE_KEYS)
-    print("\nheld-out, after training (mean ± std over seeds " + args.seeds + ")\n\n" + table)
-    out = os.path.join(args.output_dir, "crpo_compare")
-    os.makedirs(out, exist_ok=True)
-    plot_comparison(results, COMPARE_KEYS, os.path.join(out, "crpo_compare.png"), title="GRPO vs CRPO (tiny model)")
-    with open(os.path.join(out, "crpo_compare.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "table": table}, f, indent=2)
-    print(f"[crpo] table, plot and numbers in {out}")
-    return results
 
 
 if __name__ == "__main__":

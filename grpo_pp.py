@@ -1,7 +1,10 @@
 """GRPO++ (DermIQ-VLM): a stabilised GRPO on a vision-language model, then SFT, then knowledge-graph DPO.
 
 Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510.01236. Read grpo.py first: stage 1
-is grpo.py with an image in the prompt and the stabilisers below.
+is grpo.py with an image in the prompt and the stabilisers below. What GRPO++ changes is the section "The
+algorithm": `binary_advantages`, `nonzero_variance_groups`, the stabilisers' values (STABILISERS), and stage 3's
+`dpo_loss` with the graph as the judge (`kg_fact_score`, `preference_pairs`). The loss and the group advantage
+are grpo.py's, line for line; rollout and log-probs are grpo.py's with the image passed along.
 
 The idea. Three stages that mimic how a dermatologist is trained: (1) GRPO++, a GRPO made stable enough for
 reasoning-based disease recognition from few images; (2) SFT for conversation; (3) DPO whose preference pairs are
@@ -47,14 +50,8 @@ Run:
     python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
     python grpo_pp.py --model <a local VLM folder> --dataset_path <an image folder with train/ and test/>
 
-Measured (2-core x86-64 CPU; README "GRPO++" has the tables and plot):
-- `python grpo_pp.py --compare`, seeds 0-4, held-out macro-F1 after 60 steps: GRPO 0.446 ± 0.144 vs GRPO++
-  0.379 ± 0.156 at 8 images per class, 0.422 ± 0.110 vs 0.467 ± 0.115 at 16; one collapse in 20 runs (GRPO++).
-  The paper's stability claim does not show at this scale: every run stops at a plateau (a number of classes
-  told apart) once most groups have equal rewards, and which plateau it reaches decides the spread.
-- `python grpo_pp.py --seed S`, S = 0, 1, 2 (about 2 minutes each): SFT raises the sampled factual error rate
-  from 0 to 0.187 ± 0.046; DPO brings it to 0.133 ± 0.031 (lower in every seed, as many facts stated) with
-  macro-F1 unchanged (0.543 ± 0.009). Greedy answers show no factual error at any stage.
+Results (stage 1 over seeds and training sizes, the factual error rate through stages 2 and 3) are in
+RESULTS.md.
 """
 
 import colorsys
@@ -166,6 +163,21 @@ class Args:
         check_args(self)  # bad values fail here, before any model is loaded
 
 
+def check_args(args: Args):
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, clipping, beta, output_dir
+    if args.stage in ("2", "3") and not args.init:
+        raise UsageError(f"--stage {args.stage} alone needs --init, the model folder of the previous stage")
+    int_list(args.seeds, "--seeds"), int_list(args.sizes, "--sizes")
+    for name in ("images_per_class", "eval_per_class", "answer_tokens", "answer_samples", "dpo_samples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The algorithm: what GRPO++ changes against GRPO, stage 1's stabilisers and stage 3's knowledge-graph DPO
+
+
 # Each stabiliser's value under GRPO++ (our reading, module docstring) and under plain GRPO
 STABILISERS = {
     "grpo_pp": {"advantage": "binary", "skip_zero_variance": True, "eps_high": 0.28, "loss_type": "dapo", "beta": 0.04},
@@ -180,8 +192,493 @@ def with_method(args: Args, grpo_pp: bool, **changes) -> Args:
     return replace(args, grpo_pp=grpo_pp, **unset, **changes)  # replace() runs __post_init__
 
 
+def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """GRPO++'s advantage (our reading): A_i = sign(r_i - mean of its group), in {-1, 0, +1}.
+
+    rewards is (num_groups * group_size,), grouped contiguously. Unlike (r - mean) / std it never divides by a
+    near-zero std, so one lucky sample in a low-variance group cannot get a huge advantage.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(
+            f"rewards at positions {bad} are NaN or infinite; return 0.0 for a completion you cannot score"
+        )
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    # A_i = sign(r_i - mean_group(r)), and 0 where r_i and the mean differ only by float rounding (equal rewards)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (num_groups, G)
+    return torch.where(centred.abs() > rounding(grouped), torch.sign(centred), 0.0).view(-1)
+
+
+def rounding(grouped: torch.Tensor) -> torch.Tensor:
+    """(num_groups, 1): a difference this small is float rounding, not a difference in reward (1.5 + 0.3/3 summed
+    eight times and divided by 8 is not exactly 1.6 in float32)."""
+    return 1e-5 * grouped.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
+
+
+def nonzero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(num_groups * G,) bool: True for the completions of groups whose rewards are not all equal (GRPO++ trains
+    only on those; a zero-variance group has advantage 0 anyway but still counts in a token-mean normaliser)."""
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    spread = grouped.amax(dim=1, keepdim=True) - grouped.amin(dim=1, keepdim=True)  # (num_groups, 1)
+    return (spread > rounding(grouped)).flatten().repeat_interleave(group_size)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1):
+    """Direct Preference Optimization on sequence log-probs (sums over answer tokens), one entry per pair.
+
+        loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
+
+    Returns (mean loss, metrics): the implicit rewards beta * (log pi - log ref) of chosen and rejected answers,
+    their margin and the share of pairs where the chosen one is ahead (TRL's rewards/* names).
+    """
+    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
+    if len(shapes) != 1:
+        raise ValueError(f"the four log-prob tensors must have one shape (one entry per pair), got {sorted(shapes)}")
+    chosen_reward = beta * (policy_chosen_logps - ref_chosen_logps)  # (num_pairs,)
+    rejected_reward = beta * (policy_rejected_logps - ref_rejected_logps)  # (num_pairs,)
+    # -log sigmoid(x) = softplus(-x), stable for large |x|
+    loss = F.softplus(-(chosen_reward - rejected_reward)).mean()
+    metrics = {
+        "rewards/chosen": chosen_reward.mean().item(),
+        "rewards/rejected": rejected_reward.mean().item(),
+        "rewards/margins": (chosen_reward - rejected_reward).mean().item(),
+        "rewards/accuracies": (chosen_reward > rejected_reward).float().mean().item(),
+    }
+    return loss, metrics
+
+
+def kg_fact_score(answer: str, label: str, penalty: float = 1.0) -> float:
+    """Score a conversational answer against the graph: +1 per right fact, -penalty per wrong one. The attributes
+    named in <think> are checked against `label`, the class the image shows; the symptoms and care stated after
+    the answer against the class the answer names (or `label` when it names none), so that an answer is scored on
+    what it says about its own diagnosis, as `has_factual_error` checks it (whether the diagnosis is right is
+    stage 1's job)."""
+    truth = KNOWLEDGE_GRAPH[check_class(label)]
+    seen = parse_answer(answer)["attributes"]
+    right_attributes = len(seen & {truth[k] for k in ATTRIBUTES})
+    named = KNOWLEDGE_GRAPH.get(parse_answer(answer)["answer"], truth)
+    stated = stated_facts(answer)
+    right_facts = len(stated & {*named["symptoms"], named["care"]})
+    wrong = len(seen) - right_attributes + len(stated) - right_facts
+    return right_attributes + right_facts - penalty * wrong
+
+
+def sequence_logps(model, rollout, rows):
+    """Sum of log pi over each completion's tokens (rows,)."""
+    batch = {k: v[rows] for k, v in rollout.items() if torch.is_tensor(v)}
+    return (completion_logprobs(model, batch) * batch["completion_mask"]).sum(1)
+
+
+def preference_pairs(model, processor, train_items, args: Args):
+    """Sample args.dpo_samples answers per training image and score each against the graph (kg_fact_score with
+    the true class). chosen = best, rejected = worst, kept when the scores differ by at least args.dpo_margin.
+    Returns the rollout of all samples and [(chosen row, rejected row)]."""
+    k = args.dpo_samples
+    rollout = generate_completions(model, processor, [x["image"] for x in train_items], group_size=k,
+                                   max_new_tokens=args.answer_tokens)  # fmt: skip
+    scores = torch.tensor([kg_fact_score(t, x["label"]) for t, x in zip(rollout["texts"], (x for x in train_items
+                           for _ in range(k)))]).view(-1, k)  # fmt: skip
+    pairs = []
+    for i, row in enumerate(scores):
+        if row.max() - row.min() >= args.dpo_margin:
+            pairs.append((i * k + int(row.argmax()), i * k + int(row.argmin())))
+    return rollout, pairs
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Task: a knowledge graph, lesion images drawn from it, and the rewards
+# GRPO's shared machinery: rollout, log-probs, loss (the same text in every algorithm file where it is unchanged)
+
+
+def encode_prompts(processor, images, device):
+    """Left-padded prompt ids and mask (B, P) and pixel values (B, 3, H, W) for a list of images."""
+    prompt = make_prompt(processor)
+    enc = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device), enc["pixel_values"].to(device)
+
+
+@torch.no_grad()
+def generate_completions(model, processor, images, group_size, max_new_tokens, temperature=1.0, greedy=False):
+    """Sample `group_size` completions per image; rows grouped [img0 x G, img1 x G, ...] (see grpo.py)."""
+    tokenizer = processor.tokenizer
+    prompt_ids, prompt_mask, pixels = encode_prompts(processor, images, model.device)
+    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
+    pixels = pixels.repeat_interleave(group_size, 0).to(model.dtype)  # (B*G, 3, H, W)
+    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate).
+    # An <image> token written by the policy would have no image behind it: it is never sampled, and
+    # completion_logits gives it probability 0 too, so the loss scores the distribution we sample from.
+    output = generate(
+        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask, "pixel_values": pixels},
+        max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
+        suppress_tokens=[model.config.image_token_id],
+    )  # fmt: skip
+    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
+    is_eos = completion_ids == tokenizer.eos_token_id
+    length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completion_ids.size(1))  # tokens incl. EOS
+    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
+    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids, length.tolist())]
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels,
+            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}  # fmt: skip
+
+
+def completion_logits(model, batch):
+    """Logits (B, C, V) that predict each completion token from the image, the prompt and the tokens before it;
+    batch: generate_completions' tensors (or some of their rows)."""
+    prompt_ids, prompt_mask, pixel_values = batch["prompt_ids"], batch["prompt_mask"], batch["pixel_values"]
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        logits_to_keep=completion_ids.size(1) + 1,
+    ).logits[:, :-1]  # (B, C, V): the last prompt position predicts the first completion token
+    # generation never samples <image> (suppress_tokens): give it probability 0 here too
+    return logits.index_fill(-1, torch.tensor([model.config.image_token_id], device=logits.device), float("-inf"))
+
+
+def completion_logprobs(model, batch, temperature=1.0):
+    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
+    logits = completion_logits(model, batch).float() / temperature  # (B, C, V)
+    return logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, C)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
+
+    std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
+    divide (Dr. GRPO). A group whose rewards are all equal gets advantage 0: it carries no learning signal.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(
+            f"rewards at positions {bad} are NaN or infinite; a reward function must return a finite number "
+            f"for every completion (return 0.0 for one it cannot score)."
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    # A_i = r_i - mean_group(r)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (num_groups * G,)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)  # (num_groups * G,)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    # A_i = (r_i - mean) / (std + eps)
+    return advantages / (std + eps)
+
+
+def policy_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    eps_low=0.2,
+    eps_high=0.2,
+    beta=0.0,
+    loss_type="dapo",
+    max_completion_length=None,
+    num_items_in_batch=None,
+    grad_accum_steps=1,
+):
+    """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
+
+    logps, old_logps, ref_logps, mask: (B, T) per completion token; advantages: (B,). ref_logps may be None when
+    beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
+    B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
+    (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
+    """
+    if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        raise ValueError(f"loss_type must be grpo, bnpo, dr_grpo or dapo, got {loss_type!r}")
+    mask = mask.to(logps.dtype)
+    advantages = advantages.unsqueeze(1)  # (B, 1): every token of a completion shares its advantage
+    # w_it = pi_theta / pi_old
+    ratio = torch.exp(logps - old_logps)  # (B, T)
+    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
+    clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    metrics = {}
+    if beta != 0.0:
+        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        log_ratio_ref = ref_logps - logps
+        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
+        per_token_loss = per_token_loss + beta * per_token_kl
+        metrics["kl"] = masked_mean(per_token_kl, mask).item()
+
+    if loss_type == "grpo":  # mean over completions of each completion's token mean
+        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean() / grad_accum_steps
+    elif loss_type == "bnpo":  # token mean of this micro-batch
+        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0) / grad_accum_steps
+    elif loss_type == "dr_grpo":  # constant normaliser B * L_max
+        max_len = max_completion_length or mask.size(1)
+        loss = (per_token_loss * mask).sum() / (mask.size(0) * max_len) / grad_accum_steps
+    else:  # dapo: token mean over the whole batch
+        num_items = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        loss = (per_token_loss * mask).sum() / num_items.clamp(min=1.0)
+
+    # share of tokens where clipping removed the gradient (TRL's clip_ratio/*)
+    is_low_clipped = (ratio < 1 - eps_low) & (advantages < 0)
+    is_high_clipped = (ratio > 1 + eps_high) & (advantages > 0)
+    metrics["clip_ratio/low_mean"] = masked_mean(is_low_clipped.float(), mask).item()
+    metrics["clip_ratio/high_mean"] = masked_mean(is_high_clipped.float(), mask).item()
+    metrics["clip_ratio/region_mean"] = masked_mean((is_low_clipped | is_high_clipped).float(), mask).item()
+    return loss, metrics
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def train_grpo(args: Args, task=None):
+    """Stage 1 on `task` ((train items, held-out items); default load_task(args)). Returns the results dict
+    (held-out macro-F1 before, after, best, and each evaluation)."""
+    check_args(args)
+    seed_everything(args.seed)
+    train_items, eval_items = task or load_task(args)
+    model, processor = load_policy(args)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    method = "grpo_pp" if args.grpo_pp else "grpo"
+    run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
+    print(f"[grpo_pp] stage 1 ({method}), run folder: {run_dir}")
+    rng = random.Random(args.seed)
+    start = time.time()
+    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, processor)) as logger:
+        before = evaluate(model, processor, eval_items, args.max_new_tokens)
+        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
+        curve = [before["macro_f1"]]
+        bar = tqdm(range(1, args.num_steps + 1), desc=method)
+        for step in bar:
+            step_start = time.time()
+            batch_items = rng.choices(train_items, k=args.prompts_per_step)
+            # 1. rollout: G completions per image
+            model.eval()
+            rollout = generate_completions(
+                model, processor, [x["image"] for x in batch_items], group_size=args.group_size,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            )  # fmt: skip
+            labels = [x["label"] for x in batch_items for _ in range(args.group_size)]
+            # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
+            rewards = recognition_reward(rollout["texts"], labels, args.kg_weight)
+            if args.advantage == "binary":
+                advantages = binary_advantages(rewards["total"], args.group_size)
+            else:
+                advantages = group_advantages(rewards["total"], args.group_size)
+            # GRPO++: drop groups whose rewards are all equal (they would only dilute a token-mean normaliser)
+            keep = nonzero_variance_groups(rewards["total"], args.group_size)
+            rows = torch.nonzero(keep if args.skip_zero_variance else torch.ones_like(keep)).flatten()
+            advantages = advantages.to(model.device)
+            record = {
+                "reward": rewards["total"].mean().item(),
+                "accuracy": rewards["correct"].mean().item(),
+                "format": rewards["format"].mean().item(),
+                "frac_reward_zero_std": 1 - keep.float().mean().item(),
+            }
+            batch = {k: v[rows] for k, v in rollout.items() if torch.is_tensor(v)}  # the rows trained on
+            if len(rows):
+                # 3. log-probs of the sampling policy and of the reference (only if beta > 0)
+                with torch.no_grad():
+                    old_logps = completion_logprobs(model, batch, args.temperature)
+                    ref_logps = completion_logprobs(ref_model, batch, args.temperature) if ref_model else None
+                # 4. num_iterations passes of one optimiser step each
+                model.train()
+                for _ in range(args.num_iterations):
+                    logps = completion_logprobs(model, batch, args.temperature)
+                    loss, metrics = policy_loss(
+                        logps, old_logps, ref_logps, advantages[rows], batch["completion_mask"], eps_low=args.eps_low,
+                        eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
+                    )  # fmt: skip
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                record |= metrics | {"loss": loss.item(), "grad_norm": grad_norm.item()}
+            # 5. log
+            record["step_time"] = time.time() - step_start
+            if step % args.eval_every == 0 or step == args.num_steps:
+                held_out = evaluate(model, processor, eval_items, args.max_new_tokens)
+                record |= {f"eval/{k}": v for k, v in held_out.items()}
+                curve.append(held_out["macro_f1"])
+            logger.log(step, record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
+    # a collapse: held-out F1 falls 10 points below its own best so far
+    collapses = sum(f < max(curve[: i + 1]) - 0.10 for i, f in enumerate(curve))
+    results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "collapses": collapses,
+               "curve": curve, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}  # fmt: skip
+    print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}), "
+          f"{collapses} evaluations 10 points below the best so far, {results['wall_time_s']:.0f}s")  # fmt: skip
+    model.save_pretrained(run_dir / "model")
+    processor.save_pretrained(run_dir / "model")
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+PLOT_KEYS = ["reward", "eval/macro_f1", "eval/accuracy", "frac_reward_zero_std", "clip_ratio/region_mean", "grad_norm"]
+
+
+def vlm_sft(model, processor, demos, steps, batch_size=32, lr=3e-3, seed=0, desc="SFT"):
+    """Supervised fine-tuning on (image, completion) pairs after the recognition prompt; loss on the completion."""
+    tokenizer = processor.tokenizer
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        demo_batch = [demos[i] for i in torch.randint(len(demos), (batch_size,), generator=generator).tolist()]
+        prompt_ids, prompt_mask, pixels = encode_prompts(processor, [image for image, _ in demo_batch], model.device)
+        completions = tokenizer([c + tokenizer.eos_token for _, c in demo_batch], return_tensors="pt", padding=True,
+                                padding_side="right", add_special_tokens=False).to(model.device)  # fmt: skip
+        labels = completions["input_ids"].masked_fill(completions["attention_mask"] == 0, -100)  # (B, C)
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels.to(model.dtype),
+                 "completion_ids": completions["input_ids"],
+                 "completion_mask": completions["attention_mask"]}  # fmt: skip
+        logits = completion_logits(model, batch)  # (B, C, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model
+
+
+def train_sft(args: Args, model, processor, train_items):
+    """Stage 2: SFT on (training image, graph conversation) pairs, args.sft_error_rate of them with a wrong fact."""
+    rng = random.Random(args.seed)
+    demos = [(x["image"], conversation(x["label"], rng, args.sft_error_rate)[0]) for x in train_items for _ in range(8)]
+    vlm_sft(model, processor, demos, args.sft_steps, batch_size=16, lr=args.sft_learning_rate, seed=args.seed,
+            desc="stage 2 SFT")  # fmt: skip
+    return model
+
+
+def train_dpo(args: Args, model, processor, train_items):
+    """Stage 3: offline DPO on the graph-scored pairs; the reference is the frozen stage-2 model."""
+    rollout, pairs = preference_pairs(model, processor, train_items, args)
+    if not pairs:
+        print("[grpo_pp] stage 3: no answer pair differs enough on the graph score; nothing to train")
+        return model, {"pairs": 0}
+    chosen, rejected = (torch.tensor(x, device=model.device) for x in zip(*pairs))
+    with torch.no_grad():
+        ref_chosen, ref_rejected = sequence_logps(model, rollout, chosen), sequence_logps(model, rollout, rejected)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.dpo_learning_rate, weight_decay=0.0)
+    model.train()
+    for _ in tqdm(range(args.dpo_epochs), desc="stage 3 DPO", leave=False):
+        for batch in torch.randperm(len(pairs)).split(16):
+            loss, metrics = dpo_loss(
+                sequence_logps(model, rollout, chosen[batch]), sequence_logps(model, rollout, rejected[batch]),
+                ref_chosen[batch], ref_rejected[batch], args.dpo_beta,
+            )  # fmt: skip
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model, {"pairs": len(pairs), "dpo_loss": loss.item(), **metrics}
+
+
+def pipeline(args: Args):
+    """Stages 1 -> 2 -> 3 (or one of them from --init); each stage's model is saved in its run folder."""
+    train_items, eval_items = load_task(args)
+    init = args.init
+    results = {}
+    if args.stage in ("all", "1"):
+        results["stage1"] = train_grpo(args, (train_items, eval_items))
+        init = results["stage1"]["run_dir"] + "/model"
+    for stage in ("2", "3"):
+        if args.stage not in ("all", stage):
+            continue
+        if not init:
+            raise UsageError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
+        seed_everything(args.seed)
+        start = time.time()
+        model, processor = load_vlm(init, args.device, args.dtype)
+        run_dir = make_run_dir(f"{'sft' if stage == '2' else 'dpo'}-stage{stage}", args, root=args.output_dir)
+        before = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
+        try:
+            if stage == "2":
+                model, extra = train_sft(args, model, processor, train_items), {}
+            else:
+                model, extra = train_dpo(args, model, processor, train_items)
+        except KeyboardInterrupt:  # keep the model as it is, as stage 1's MetricsLogger does
+            model.save_pretrained(run_dir / "model"), processor.save_pretrained(run_dir / "model")
+            print(f"\n[grpo_pp] interrupted: model saved in {run_dir / 'model'}", file=sys.stderr)
+            raise
+        after = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
+        results[f"stage{stage}"] = {"before": before, "after": after, **extra, "wall_time_s": time.time() - start,
+                                    "run_dir": str(run_dir)}  # fmt: skip
+        print(f"[grpo_pp] stage {stage}: held-out macro-F1 {before['macro_f1']:.3f} -> {after['macro_f1']:.3f}, "
+              f"factual error rate (sampled) {before['fact_error_rate']:.3f} -> {after['fact_error_rate']:.3f}, "
+              f"(greedy) {before['fact_error_rate_greedy']:.3f} -> {after['fact_error_rate_greedy']:.3f}\n"
+              f"          e.g. {after['example']!r}")  # fmt: skip
+        model.save_pretrained(run_dir / "model")
+        processor.save_pretrained(run_dir / "model")
+        (run_dir / "results.json").write_text(json.dumps(results[f"stage{stage}"], indent=2))
+        init = str(run_dir / "model")
+    return results
+
+
+def compare(args: Args):
+    """Stage 1 with GRPO and with GRPO++ for every seed and training size (same warm start and splits), then a
+    table of held-out macro-F1 (mean, seed-to-seed spread, collapses) and the F1 curves."""
+    import os
+
+    from matplotlib.figure import Figure
+
+    from common import summarize_runs
+
+    sizes, seeds = int_list(args.sizes, "--sizes"), int_list(args.seeds, "--seeds")
+    results, curves = {}, {}
+    for size in sizes:
+        for method in ("grpo", "grpo_pp"):
+            for seed in seeds:
+                run_args = with_method(args, method == "grpo_pp", seed=seed, images_per_class=size, compare=False)
+                run = train_grpo(run_args)
+                results.setdefault(f"{method} ({size}/class)", []).append(
+                    {k: run[k] for k in ("f1_after", "f1_best", "collapses")}
+                )
+                curves.setdefault(f"{method} ({size}/class)", []).append(run["curve"])
+    table = summarize_runs(results, ["f1_after", "f1_best", "collapses"])
+    print(f"\nstage 1, held-out macro-F1 (mean ± std over seeds {args.seeds})\n\n{table}")
+    out = os.path.join(args.output_dir, "grpo_pp_compare")
+    os.makedirs(out, exist_ok=True)
+    fig = Figure(figsize=(5 * len(sizes), 3.2))
+    axes = fig.subplots(1, len(sizes), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for i, method in enumerate(("grpo", "grpo_pp")):
+            for j, curve in enumerate(curves[f"{method} ({size}/class)"]):
+                steps = [0] + [min(k * args.eval_every, args.num_steps) for k in range(1, len(curve))]
+                ax.plot(steps, curve, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
+        ax.set(title=f"{size} training images per class", xlabel="step", ylabel="held-out macro-F1")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "grpo_pp_compare.png"), dpi=110)
+    with open(os.path.join(out, "grpo_pp_compare.json"), "w") as f:
+        json.dump({"args": vars(args), "results": results, "curves": curves, "table": table}, f, indent=2)
+    print(f"[grpo_pp] table, plot and numbers in {out}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
+
 
 ATTRIBUTES = {
     "colour": ["brown", "black", "red", "pink"],
@@ -189,6 +686,8 @@ ATTRIBUTES = {
     "border": ["sharp", "blurry"],
     "texture": ["smooth", "scaly", "dotted"],
 }
+
+
 # class -> visual attributes (what the image shows), symptoms and care (what the conversation needs)
 KNOWLEDGE_GRAPH = {
     "nevus": {"colour": "brown", "shape": "round", "border": "sharp", "texture": "smooth",
@@ -204,8 +703,14 @@ KNOWLEDGE_GRAPH = {
     "rosacea": {"colour": "pink", "shape": "round", "border": "blurry", "texture": "dotted",
                 "symptoms": ["flushing", "burning"], "care": "avoid triggers"},
 }  # fmt: skip
+
+
 CLASSES = list(KNOWLEDGE_GRAPH)
+
+
 IMAGE_SIZE = 32
+
+
 # hue (0-1), saturation, value of each colour; each image jitters them
 COLOURS = {"brown": (0.07, 0.65, 0.45), "black": (0.05, 0.35, 0.15), "red": (0.99, 0.75, 0.75),
            "pink": (0.95, 0.35, 0.95)}  # fmt: skip
@@ -301,6 +806,13 @@ def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, se
     return take(data["train"], images_per_class), take(data["eval"], eval_per_class)
 
 
+def load_task(args: Args):
+    if args.dataset_path:
+        size = IMAGE_SIZE if args.model == "tiny-vlm" else None  # a real VLM's processor resizes
+        return load_image_dataset(args.dataset_path, args.images_per_class, args.eval_per_class, args.data_seed, size)
+    return make_lesion_task(args.images_per_class, args.eval_per_class, args.data_seed)
+
+
 QUESTION = "What skin disease is this?"
 
 
@@ -352,167 +864,6 @@ def caption(label: str, answer: str) -> str:
     return f"<think>{' '.join(attrs[k] for k in ATTRIBUTES)}</think><answer>{answer}</answer>"
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rollout and log-probs (grpo.py's, with the image passed along)
-
-
-def encode_prompts(processor, images, device):
-    """Left-padded prompt ids and mask (B, P) and pixel values (B, 3, H, W) for a list of images."""
-    prompt = make_prompt(processor)
-    enc = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device), enc["pixel_values"].to(device)
-
-
-@torch.no_grad()
-def generate_completions(model, processor, images, group_size, max_new_tokens, temperature, greedy=False):
-    """Sample `group_size` completions per image; rows grouped [img0 x G, img1 x G, ...] (see grpo.py)."""
-    tokenizer = processor.tokenizer
-    prompt_ids, prompt_mask, pixels = encode_prompts(processor, images, model.device)
-    prompt_ids, prompt_mask = prompt_ids.repeat_interleave(group_size, 0), prompt_mask.repeat_interleave(group_size, 0)
-    pixels = pixels.repeat_interleave(group_size, 0).to(model.dtype)  # (B*G, 3, H, W)
-    # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate).
-    # An <image> token written by the policy would have no image behind it: it is never sampled, and
-    # completion_logits gives it probability 0 too, so the loss scores the distribution we sample from.
-    output = generate(
-        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask, "pixel_values": pixels},
-        max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-        suppress_tokens=[model.config.image_token_id],
-    )  # fmt: skip
-    completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
-    is_eos = completion_ids == tokenizer.eos_token_id
-    length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completion_ids.size(1))  # tokens incl. EOS
-    completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
-    texts = [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids, length.tolist())]
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels,
-            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}  # fmt: skip
-
-
-def completion_logits(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask):
-    """Logits (B, C, V) that predict each completion token from the image, the prompt and the tokens before it."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        pixel_values=pixel_values,
-        logits_to_keep=completion_ids.size(1) + 1,
-    ).logits[:, :-1]  # (B, C, V): the last prompt position predicts the first completion token
-    # generation never samples <image> (suppress_tokens): give it probability 0 here too
-    return logits.index_fill(-1, torch.tensor([model.config.image_token_id], device=logits.device), float("-inf"))
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask, temperature):
-    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
-    logits = completion_logits(model, prompt_ids, prompt_mask, pixel_values, completion_ids, completion_mask)
-    logits = logits.float() / temperature
-    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, C)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Advantages
-
-
-def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GRPO++'s advantage (our reading): A_i = sign(r_i - mean of its group), in {-1, 0, +1}.
-
-    rewards is (num_groups * group_size,), grouped contiguously. Unlike (r - mean) / std it never divides by a
-    near-zero std, so one lucky sample in a low-variance group cannot get a huge advantage.
-    """
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
-    if not torch.isfinite(rewards).all():
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
-        raise ValueError(
-            f"rewards at positions {bad} are NaN or infinite; return 0.0 for a completion you cannot score"
-        )
-    grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    # A_i = sign(r_i - mean_group(r)), and 0 where r_i and the mean differ only by float rounding (equal rewards)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (num_groups, G)
-    return torch.where(centred.abs() > rounding(grouped), torch.sign(centred), 0.0).view(-1)
-
-
-def rounding(grouped: torch.Tensor) -> torch.Tensor:
-    """(num_groups, 1): a difference this small is float rounding, not a difference in reward (1.5 + 0.3/3 summed
-    eight times and divided by 8 is not exactly 1.6 in float32)."""
-    return 1e-5 * grouped.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO's advantage, as grpo.py: (r_i - mean of its group) / (unbiased std of its group + eps)."""
-    grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    return ((grouped - grouped.mean(dim=1, keepdim=True)) / (grouped.std(dim=1, keepdim=True) + eps)).view(-1)
-
-
-def nonzero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(num_groups * G,) bool: True for the completions of groups whose rewards are not all equal (GRPO++ trains
-    only on those; a zero-variance group has advantage 0 anyway but still counts in a token-mean normaliser)."""
-    grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    spread = grouped.amax(dim=1, keepdim=True) - grouped.amin(dim=1, keepdim=True)  # (num_groups, 1)
-    return (spread > rounding(grouped)).flatten().repeat_interleave(group_size)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loss (grpo.py's, without the micro-batch options)
-
-
-def policy_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0, loss_type="grpo"):
-    """The clipped GRPO surrogate with an optional k3 KL anchor; loss_type grpo = mean over completions of each
-    completion's token mean (DeepSeekMath), dapo = token mean over the batch. Returns (loss, metrics)."""
-    mask = mask.to(logps.dtype)
-    advantages = advantages.unsqueeze(1)  # (B, 1)
-    # w_it = pi_theta / pi_old
-    ratio = torch.exp(logps - old_logps)  # (B, T)
-    # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
-    per_token_loss = -torch.min(ratio * advantages, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages)
-    metrics = {}
-    if beta != 0.0:
-        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta
-        log_ratio_ref = ref_logps - logps
-        per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
-        per_token_loss = per_token_loss + beta * per_token_kl
-        metrics["kl"] = ((per_token_kl * mask).sum() / mask.sum().clamp(min=1.0)).item()
-    if loss_type == "grpo":
-        loss = ((per_token_loss * mask).sum(1) / mask.sum(1).clamp(min=1.0)).mean()
-    else:
-        loss = (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-    clipped = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
-    metrics["clip_ratio"] = ((clipped.float() * mask).sum() / mask.sum().clamp(min=1.0)).item()
-    return loss, metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# SFT (the tiny model's warm start, and stage 2)
-
-
-def vlm_sft(model, processor, demos, steps, batch_size=32, lr=3e-3, seed=0, desc="SFT"):
-    """Supervised fine-tuning on (image, completion) pairs after the recognition prompt; loss on the completion."""
-    tokenizer = processor.tokenizer
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        batch = [demos[i] for i in torch.randint(len(demos), (batch_size,), generator=generator).tolist()]
-        prompt_ids, prompt_mask, pixels = encode_prompts(processor, [image for image, _ in batch], model.device)
-        completions = tokenizer([c + tokenizer.eos_token for _, c in batch], return_tensors="pt", padding=True,
-                                padding_side="right", add_special_tokens=False).to(model.device)  # fmt: skip
-        labels = completions["input_ids"].masked_fill(completions["attention_mask"] == 0, -100)  # (B, C)
-        logits = completion_logits(
-            model, prompt_ids, prompt_mask, pixels.to(model.dtype), completions["input_ids"],
-            completions["attention_mask"],
-        )  # fmt: skip
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return model
-
-
 # the tiny VLM's warm start mixes up each class with one that shares attributes with it
 CONFUSED_WITH = {"nevus": "keratosis", "keratosis": "psoriasis", "psoriasis": "eczema", "eczema": "melanoma",
                  "melanoma": "rosacea", "rosacea": "nevus"}  # fmt: skip
@@ -551,119 +902,6 @@ def load_policy(args: "Args"):
     return load_vlm(str(cached(path, build)), args.device, args.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Stage 1: GRPO or GRPO++ on few images
-
-
-def check_args(args: Args):
-    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, clipping, beta, output_dir
-    if args.stage in ("2", "3") and not args.init:
-        raise UsageError(f"--stage {args.stage} alone needs --init, the model folder of the previous stage")
-    int_list(args.seeds, "--seeds"), int_list(args.sizes, "--sizes")
-    for name in ("images_per_class", "eval_per_class", "answer_tokens", "answer_samples", "dpo_samples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-
-
-def load_task(args: Args):
-    if args.dataset_path:
-        size = IMAGE_SIZE if args.model == "tiny-vlm" else None  # a real VLM's processor resizes
-        return load_image_dataset(args.dataset_path, args.images_per_class, args.eval_per_class, args.data_seed, size)
-    return make_lesion_task(args.images_per_class, args.eval_per_class, args.data_seed)
-
-
-def train_grpo(args: Args, task=None):
-    """Stage 1 on `task` ((train items, held-out items); default load_task(args)). Returns the results dict
-    (held-out macro-F1 before, after, best, and each evaluation)."""
-    check_args(args)
-    seed_everything(args.seed)
-    train_items, eval_items = task or load_task(args)
-    model, processor = load_policy(args)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    method = "grpo_pp" if args.grpo_pp else "grpo"
-    run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
-    print(f"[grpo_pp] stage 1 ({method}), run folder: {run_dir}")
-    score = lambda m, r, rows: completion_logprobs(  # noqa: E731
-        m, r["prompt_ids"][rows], r["prompt_mask"][rows], r["pixel_values"][rows], r["completion_ids"][rows],
-        r["completion_mask"][rows], args.temperature,
-    )  # fmt: skip
-    rng = random.Random(args.seed)
-    start = time.time()
-    with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, processor)) as logger:
-        before = evaluate(model, processor, eval_items, args.max_new_tokens)
-        logger.log(0, {f"eval/{k}": v for k, v in before.items()})
-        curve = [before["macro_f1"]]
-        bar = tqdm(range(1, args.num_steps + 1), desc=method)
-        for step in bar:
-            step_start = time.time()
-            batch = rng.choices(train_items, k=args.prompts_per_step)
-            # 1. rollout: G completions per image
-            model.eval()
-            rollout = generate_completions(
-                model, processor, [x["image"] for x in batch], args.group_size, args.max_new_tokens, args.temperature
-            )
-            labels = [x["label"] for x in batch for _ in range(args.group_size)]
-            # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
-            rewards = recognition_reward(rollout["texts"], labels, args.kg_weight)
-            if args.advantage == "binary":
-                advantages = binary_advantages(rewards["total"], args.group_size)
-            else:
-                advantages = group_advantages(rewards["total"], args.group_size)
-            # GRPO++: drop groups whose rewards are all equal (they would only dilute a token-mean normaliser)
-            keep = nonzero_variance_groups(rewards["total"], args.group_size)
-            rows = torch.nonzero(keep if args.skip_zero_variance else torch.ones_like(keep)).flatten()
-            advantages = advantages.to(model.device)
-            record = {
-                "reward": rewards["total"].mean().item(),
-                "accuracy": rewards["correct"].mean().item(),
-                "format": rewards["format"].mean().item(),
-                "frac_reward_zero_std": 1 - keep.float().mean().item(),
-            }
-            if len(rows):
-                # 3. log-probs of the sampling policy and of the reference, then num_iterations passes
-                with torch.no_grad():
-                    old_logps = score(model, rollout, rows)
-                    ref_logps = score(ref_model, rollout, rows) if ref_model else None
-                model.train()
-                for _ in range(args.num_iterations):
-                    logps = score(model, rollout, rows)
-                    loss, metrics = policy_loss(
-                        logps, old_logps, ref_logps, advantages[rows], rollout["completion_mask"][rows],
-                        args.eps_low, args.eps_high, args.beta, args.loss_type,
-                    )  # fmt: skip
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                record |= metrics | {"loss": loss.item(), "grad_norm": grad_norm.item()}
-            record["step_time"] = time.time() - step_start
-            if step % args.eval_every == 0 or step == args.num_steps:
-                held_out = evaluate(model, processor, eval_items, args.max_new_tokens)
-                record |= {f"eval/{k}": v for k, v in held_out.items()}
-                curve.append(held_out["macro_f1"])
-            logger.log(step, record)
-            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
-    # a collapse: held-out F1 falls 10 points below its own best so far
-    collapses = sum(f < max(curve[: i + 1]) - 0.10 for i, f in enumerate(curve))
-    results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "collapses": collapses,
-               "curve": curve, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}  # fmt: skip
-    print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}), "
-          f"{collapses} evaluations 10 points below the best so far, {results['wall_time_s']:.0f}s")  # fmt: skip
-    model.save_pretrained(run_dir / "model")
-    processor.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-PLOT_KEYS = ["reward", "eval/macro_f1", "eval/accuracy", "frac_reward_zero_std", "clip_ratio", "grad_norm"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-
-
 def macro_f1(predictions: list, labels: list) -> float:
     """Mean over the classes present in `labels` of F1 = 2 TP / (2 TP + FP + FN); an unparsable answer is a miss."""
     scores = []
@@ -682,7 +920,10 @@ def evaluate(model, processor, items, max_new_tokens, batch_size=128):
     predictions, formatted = [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        rollout = generate_completions(model, processor, [x["image"] for x in chunk], 1, max_new_tokens, 1.0, True)
+        images = [x["image"] for x in chunk]
+        rollout = generate_completions(
+            model, processor, images, group_size=1, max_new_tokens=max_new_tokens, greedy=True
+        )
         parsed = [parse_answer(t) for t in rollout["texts"]]
         predictions += [p["answer"] for p in parsed]
         formatted += [p["formatted"] for p in parsed]
@@ -691,9 +932,6 @@ def evaluate(model, processor, items, max_new_tokens, batch_size=128):
             "accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(items),
             "format": sum(formatted) / len(items)}  # fmt: skip
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage 2: SFT on conversations made from the graph (some with a wrong fact)
 
 FACTS = sorted({f for node in KNOWLEDGE_GRAPH.values() for f in [*node["symptoms"], node["care"]]})
 
@@ -724,108 +962,6 @@ def has_factual_error(completion: str) -> bool:
     return bool(facts) and (node is None or not facts <= {*node["symptoms"], node["care"]})
 
 
-def train_sft(args: Args, model, processor, train_items):
-    """Stage 2: SFT on (training image, graph conversation) pairs, args.sft_error_rate of them with a wrong fact."""
-    rng = random.Random(args.seed)
-    demos = [(x["image"], conversation(x["label"], rng, args.sft_error_rate)[0]) for x in train_items for _ in range(8)]
-    vlm_sft(model, processor, demos, args.sft_steps, batch_size=16, lr=args.sft_learning_rate, seed=args.seed,
-            desc="stage 2 SFT")  # fmt: skip
-    return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage 3: DPO with the knowledge graph as the preference proxy
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float = 0.1):
-    """Direct Preference Optimization on sequence log-probs (sums over answer tokens), one entry per pair.
-
-        loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))])
-
-    Returns (mean loss, metrics): the implicit rewards beta * (log pi - log ref) of chosen and rejected answers,
-    their margin and the share of pairs where the chosen one is ahead (TRL's rewards/* names).
-    """
-    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)}
-    if len(shapes) != 1:
-        raise ValueError(f"the four log-prob tensors must have one shape (one entry per pair), got {sorted(shapes)}")
-    chosen_reward = beta * (policy_chosen_logps - ref_chosen_logps)  # (num_pairs,)
-    rejected_reward = beta * (policy_rejected_logps - ref_rejected_logps)  # (num_pairs,)
-    # -log sigmoid(x) = softplus(-x), stable for large |x|
-    loss = F.softplus(-(chosen_reward - rejected_reward)).mean()
-    metrics = {
-        "rewards/chosen": chosen_reward.mean().item(),
-        "rewards/rejected": rejected_reward.mean().item(),
-        "rewards/margins": (chosen_reward - rejected_reward).mean().item(),
-        "rewards/accuracies": (chosen_reward > rejected_reward).float().mean().item(),
-    }
-    return loss, metrics
-
-
-def kg_fact_score(answer: str, label: str, penalty: float = 1.0) -> float:
-    """Score a conversational answer against the graph: +1 per right fact, -penalty per wrong one. The attributes
-    named in <think> are checked against `label`, the class the image shows; the symptoms and care stated after
-    the answer against the class the answer names (or `label` when it names none), so that an answer is scored on
-    what it says about its own diagnosis, as `has_factual_error` checks it (whether the diagnosis is right is
-    stage 1's job)."""
-    truth = KNOWLEDGE_GRAPH[check_class(label)]
-    seen = parse_answer(answer)["attributes"]
-    right_attributes = len(seen & {truth[k] for k in ATTRIBUTES})
-    named = KNOWLEDGE_GRAPH.get(parse_answer(answer)["answer"], truth)
-    stated = stated_facts(answer)
-    right_facts = len(stated & {*named["symptoms"], named["care"]})
-    wrong = len(seen) - right_attributes + len(stated) - right_facts
-    return right_attributes + right_facts - penalty * wrong
-
-
-def sequence_logps(model, rollout, rows):
-    """Sum of log pi over each completion's tokens (rows,)."""
-    logps = completion_logprobs(
-        model, rollout["prompt_ids"][rows], rollout["prompt_mask"][rows], rollout["pixel_values"][rows],
-        rollout["completion_ids"][rows], rollout["completion_mask"][rows], 1.0,
-    )  # fmt: skip
-    return (logps * rollout["completion_mask"][rows]).sum(1)
-
-
-def preference_pairs(model, processor, train_items, args: Args):
-    """Sample args.dpo_samples answers per training image and score each against the graph (kg_fact_score with
-    the true class). chosen = best, rejected = worst, kept when the scores differ by at least args.dpo_margin.
-    Returns the rollout of all samples and [(chosen row, rejected row)]."""
-    k = args.dpo_samples
-    rollout = generate_completions(model, processor, [x["image"] for x in train_items], k, args.answer_tokens, 1.0)
-    scores = torch.tensor([kg_fact_score(t, x["label"]) for t, x in zip(rollout["texts"], (x for x in train_items
-                           for _ in range(k)))]).view(-1, k)  # fmt: skip
-    pairs = []
-    for i, row in enumerate(scores):
-        if row.max() - row.min() >= args.dpo_margin:
-            pairs.append((i * k + int(row.argmax()), i * k + int(row.argmin())))
-    return rollout, pairs
-
-
-def train_dpo(args: Args, model, processor, train_items):
-    """Stage 3: offline DPO on the graph-scored pairs; the reference is the frozen stage-2 model."""
-    rollout, pairs = preference_pairs(model, processor, train_items, args)
-    if not pairs:
-        print("[grpo_pp] stage 3: no answer pair differs enough on the graph score; nothing to train")
-        return model, {"pairs": 0}
-    chosen, rejected = (torch.tensor(x, device=model.device) for x in zip(*pairs))
-    with torch.no_grad():
-        ref_chosen, ref_rejected = sequence_logps(model, rollout, chosen), sequence_logps(model, rollout, rejected)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.dpo_learning_rate, weight_decay=0.0)
-    model.train()
-    for _ in tqdm(range(args.dpo_epochs), desc="stage 3 DPO", leave=False):
-        for batch in torch.randperm(len(pairs)).split(16):
-            loss, metrics = dpo_loss(
-                sequence_logps(model, rollout, chosen[batch]), sequence_logps(model, rollout, rejected[batch]),
-                ref_chosen[batch], ref_rejected[batch], args.dpo_beta,
-            )  # fmt: skip
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    model.eval()
-    return model, {"pairs": len(pairs), "dpo_loss": loss.item(), **metrics}
-
-
 @torch.no_grad()
 def evaluate_answers(model, processor, items, max_new_tokens, samples):
     """Conversational answers on held-out images. Greedy: macro-F1 of the named class and the factual error rate
@@ -834,100 +970,15 @@ def evaluate_answers(model, processor, items, max_new_tokens, samples):
     wrong facts behind the most likely one; sampling shows how often the model says them."""
     model.eval()
     images, labels = [x["image"] for x in items], [x["label"] for x in items]
-    greedy = generate_completions(model, processor, images, 1, max_new_tokens, 1.0, greedy=True)["texts"]
-    sampled = generate_completions(model, processor, images, samples, max_new_tokens, 1.0)["texts"]
+    greedy = generate_completions(model, processor, images, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
+    greedy = greedy["texts"]
+    sampled = generate_completions(model, processor, images, group_size=samples, max_new_tokens=max_new_tokens)
+    sampled = sampled["texts"]
     return {"macro_f1": macro_f1([parse_answer(t)["answer"] for t in greedy], labels),
             "fact_error_rate_greedy": sum(map(has_factual_error, greedy)) / len(greedy),
             "fact_error_rate": sum(map(has_factual_error, sampled)) / len(sampled),
             "facts_stated": sum(len(stated_facts(t)) for t in sampled) / len(sampled),
             "example": greedy[0]}  # fmt: skip
-
-
-def pipeline(args: Args):
-    """Stages 1 -> 2 -> 3 (or one of them from --init); each stage's model is saved in its run folder."""
-    train_items, eval_items = load_task(args)
-    init = args.init
-    results = {}
-    if args.stage in ("all", "1"):
-        results["stage1"] = train_grpo(args, (train_items, eval_items))
-        init = results["stage1"]["run_dir"] + "/model"
-    for stage in ("2", "3"):
-        if args.stage not in ("all", stage):
-            continue
-        if not init:
-            raise UsageError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
-        seed_everything(args.seed)
-        start = time.time()
-        model, processor = load_vlm(init, args.device, args.dtype)
-        run_dir = make_run_dir(f"{'sft' if stage == '2' else 'dpo'}-stage{stage}", args, root=args.output_dir)
-        before = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
-        try:
-            if stage == "2":
-                model, extra = train_sft(args, model, processor, train_items), {}
-            else:
-                model, extra = train_dpo(args, model, processor, train_items)
-        except KeyboardInterrupt:  # keep the model as it is, as stage 1's MetricsLogger does
-            model.save_pretrained(run_dir / "model"), processor.save_pretrained(run_dir / "model")
-            print(f"\n[grpo_pp] interrupted: model saved in {run_dir / 'model'}", file=sys.stderr)
-            raise
-        after = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
-        results[f"stage{stage}"] = {"before": before, "after": after, **extra, "wall_time_s": time.time() - start,
-                                    "run_dir": str(run_dir)}  # fmt: skip
-        print(f"[grpo_pp] stage {stage}: held-out macro-F1 {before['macro_f1']:.3f} -> {after['macro_f1']:.3f}, "
-              f"factual error rate (sampled) {before['fact_error_rate']:.3f} -> {after['fact_error_rate']:.3f}, "
-              f"(greedy) {before['fact_error_rate_greedy']:.3f} -> {after['fact_error_rate_greedy']:.3f}\n"
-              f"          e.g. {after['example']!r}")  # fmt: skip
-        model.save_pretrained(run_dir / "model")
-        processor.save_pretrained(run_dir / "model")
-        (run_dir / "results.json").write_text(json.dumps(results[f"stage{stage}"], indent=2))
-        init = str(run_dir / "model")
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The paper's claim: GRPO++ is more stable than GRPO with little data
-
-
-def compare(args: Args):
-    """Stage 1 with GRPO and with GRPO++ for every seed and training size (same warm start and splits), then a
-    table of held-out macro-F1 (mean, seed-to-seed spread, collapses) and the F1 curves."""
-    import os
-
-    from matplotlib.figure import Figure
-
-    from common import summarize_runs
-
-    sizes, seeds = int_list(args.sizes, "--sizes"), int_list(args.seeds, "--seeds")
-    results, curves = {}, {}
-    for size in sizes:
-        for method in ("grpo", "grpo_pp"):
-            for seed in seeds:
-                run_args = with_method(args, method == "grpo_pp", seed=seed, images_per_class=size, compare=False)
-                run = train_grpo(run_args)
-                results.setdefault(f"{method} ({size}/class)", []).append(
-                    {k: run[k] for k in ("f1_after", "f1_best", "collapses")}
-                )
-                curves.setdefault(f"{method} ({size}/class)", []).append(run["curve"])
-    table = summarize_runs(results, ["f1_after", "f1_best", "collapses"])
-    print(f"\nstage 1, held-out macro-F1 (mean ± std over seeds {args.seeds})\n\n{table}")
-    out = os.path.join(args.output_dir, "grpo_pp_compare")
-    os.makedirs(out, exist_ok=True)
-    fig = Figure(figsize=(5 * len(sizes), 3.2))
-    axes = fig.subplots(1, len(sizes), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        for i, method in enumerate(("grpo", "grpo_pp")):
-            for j, curve in enumerate(curves[f"{method} ({size}/class)"]):
-                steps = [0] + [min(k * args.eval_every, args.num_steps) for k in range(1, len(curve))]
-                ax.plot(steps, curve, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
-        ax.set(title=f"{size} training images per class", xlabel="step", ylabel="held-out macro-F1")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "grpo_pp_compare.png"), dpi=110)
-    with open(os.path.join(out, "grpo_pp_compare.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "curves": curves, "table": table}, f, indent=2)
-    print(f"[grpo_pp] table, plot and numbers in {out}")
-    return results
 
 
 if __name__ == "__main__":

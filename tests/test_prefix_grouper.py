@@ -201,7 +201,7 @@ def test_grpo_step_is_the_same_with_prefix_grouper():
     completion: the same loss and the same gradient of every parameter with and without prefix grouping."""
     model = tiny_model("qwen2")
     g = torch.Generator().manual_seed(0)
-    group_size, prompt_lengths = 3, [4, 7]
+    prompt_lengths = [4, 7]  # two groups of 3 rows
     prompt_ids = torch.zeros(6, 7, dtype=torch.long)
     prompt_mask = torch.zeros(6, 7, dtype=torch.long)
     for i, p in enumerate(prompt_lengths):  # left-padded, repeated per group member
