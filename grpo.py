@@ -30,7 +30,7 @@ What we kept, simplified or chose:
   gradient is not. With num_iterations > 1 the old log-probs are computed once, before the updates.
 - Log-probs are taken from logits divided by the sampling temperature, so the ratio compares the distribution
   we actually sampled from. One optimiser step per pass over the batch, split into micro-batches.
-- No vLLM, no distributed training: generation is `model.generate`. See README "Scaling up".
+- No vLLM, no distributed training: generation is `model.generate`. See README.md, "Scaling up".
 - Samples are what the loss scores: every rollout and greedy evaluation calls `generate` with our settings only
   (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
   would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss

@@ -36,10 +36,7 @@ Run:
     python prefix_grouper.py                        # checks equivalence on the tiny model, then the CPU benchmark
     python prefix_grouper.py --device cuda --model qwen2.5-0.5b --dtype bfloat16   # the GPU benchmark
 
-Measured (`python prefix_grouper.py`, 2-core x86-64 CPU, float32, sdpa): forward+backward of the tiny model at
-P=1024, S=64, G=8 takes 0.161 s grouped vs 0.662 s naive (4.1x faster; a later run: 3.5x; ideal token ratio
-5.7x) and saves 3.4x less for backward (110 vs 372 MB). Full table in README.
-GPU: not measured yet (no GPU was available).
+Results (the speed and memory table on CPU; GPU not measured yet) are in RESULTS.md.
 """
 
 import sys
