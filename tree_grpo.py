@@ -248,8 +248,8 @@ def continue_to_leaf(model, tokenizer, starts, search, args, budget, greedy=Fals
     active, leaves = list(starts), []
     while active:
         steps = generate_steps(
-            model, tokenizer, [n.context_ids() for n in active], args.max_step_tokens, args.temperature,
-            args.top_p, greedy,
+            model, tokenizer, [n.context_ids() for n in active], max_step_tokens=args.max_step_tokens,
+            temperature=args.temperature, top_p=args.top_p, greedy=greedy,
         )  # fmt: skip
         still_active = []
         for node, (step_ids, step_text) in zip(active, steps):
@@ -275,11 +275,11 @@ def tree_rollout(model, tokenizer, items, prompts, search, args, rng, budget, gr
     leaves per tree. Returns the kept leaves as [(question index, tree index, leaf)], and the roots."""
     num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
     roots = [Node(prompt_ids=p, item=x) for x, p in zip(items, prompts) for _ in range(num_trees)]
-    continue_to_leaf(model, tokenizer, roots, search, args, budget, greedy)  # init: one chain per tree
+    continue_to_leaf(model, tokenizer, roots, search, args, budget, greedy=greedy)  # init: one chain per tree
     for _ in range(num_rounds):
         # sample N nodes per tree, uniformly with replacement, among the root and the non-leaf nodes
         picks = [rng.choices([r] + [n for n in r.descendants() if not n.is_leaf], k=num_nodes) for r in roots]
-        continue_to_leaf(model, tokenizer, [n for p in picks for n in p], search, args, budget, greedy)
+        continue_to_leaf(model, tokenizer, [n for p in picks for n in p], search, args, budget, greedy=greedy)
     kept = []
     for t, root in enumerate(roots):
         leaves = [n for n in root.descendants() if n.is_leaf]  # 1 + N*L per tree
