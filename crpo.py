@@ -68,7 +68,6 @@ Results (GRPO vs CRPO over seeds, the advantage-mode ablation) are in RESULTS.md
 
 import copy
 import json
-import os
 import random
 import re
 import time
@@ -88,10 +87,9 @@ from common import (
     load_data,
     load_model,
     make_run_dir,
-    plot_comparison,
     run_cli,
     seed_everything,
-    summarize_runs,
+    seed_sweep,
 )
 from prefix_grouper import shared_prefix_logprobs
 
@@ -574,21 +572,15 @@ COMPARE_KEYS = [
 
 
 def compare(args: Args):
-    """Train --method grpo and crpo for every seed (same warm start per seed), then print a table and plot it."""
-    results = {}
-    for method in ("grpo", "crpo"):
-        for seed in int_list(args.seeds, "--seeds"):
-            run = train(replace(args, method=method, seed=seed, compare=False))
-            results.setdefault(method, []).append(run["after"])
-    table = summarize_runs(results, COMPARE_KEYS)
-    print("\nheld-out, after training (mean ± std over seeds " + args.seeds + ")\n\n" + table)
-    out = os.path.join(args.output_dir, "crpo_compare")
-    os.makedirs(out, exist_ok=True)
-    plot_comparison(results, COMPARE_KEYS, os.path.join(out, "crpo_compare.png"), title="GRPO vs CRPO (tiny model)")
-    with open(os.path.join(out, "crpo_compare.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "table": table}, f, indent=2)
-    print(f"[crpo] table, plot and numbers in {out}")
-    return results
+    """Train --method grpo and crpo for every seed (same warm start per seed), then a table and a plot."""
+    seeds = int_list(args.seeds, "--seeds")
+    runs = {
+        method: [replace(args, method=method, seed=seed, compare=False) for seed in seeds]
+        for method in ("grpo", "crpo")
+    }
+    summarize = lambda run: {key: run["after"][key] for key in COMPARE_KEYS}  # noqa: E731
+    out = f"{args.output_dir}/crpo_compare/crpo_compare"
+    return seed_sweep(train, runs, summarize, out, args, title="GRPO vs CRPO (tiny model)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ from common import (
     make_run_dir,
     run_cli,
     seed_everything,
+    seed_sweep,
 )
 
 
@@ -637,43 +638,28 @@ def pipeline(args: Args):
 def compare(args: Args):
     """Stage 1 with GRPO and with GRPO++ for every seed and training size (same warm start and splits), then a
     table of held-out macro-F1 (mean, seed-to-seed spread, collapses) and the F1 curves."""
-    import os
-
-    from matplotlib.figure import Figure
-
-    from common import summarize_runs
-
     sizes, seeds = int_list(args.sizes, "--sizes"), int_list(args.seeds, "--seeds")
-    results, curves = {}, {}
-    for size in sizes:
-        for method in ("grpo", "grpo_pp"):
-            for seed in seeds:
-                run_args = with_method(args, method == "grpo_pp", seed=seed, images_per_class=size, compare=False)
-                run = train_grpo(run_args)
-                results.setdefault(f"{method} ({size}/class)", []).append(
-                    {k: run[k] for k in ("f1_after", "f1_best", "collapses")}
-                )
-                curves.setdefault(f"{method} ({size}/class)", []).append(run["curve"])
-    table = summarize_runs(results, ["f1_after", "f1_best", "collapses"])
-    print(f"\nstage 1, held-out macro-F1 (mean ± std over seeds {args.seeds})\n\n{table}")
-    out = os.path.join(args.output_dir, "grpo_pp_compare")
-    os.makedirs(out, exist_ok=True)
-    fig = Figure(figsize=(5 * len(sizes), 3.2))
-    axes = fig.subplots(1, len(sizes), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        for i, method in enumerate(("grpo", "grpo_pp")):
-            for j, curve in enumerate(curves[f"{method} ({size}/class)"]):
-                steps = [0] + [min(k * args.eval_every, args.num_steps) for k in range(1, len(curve))]
-                ax.plot(steps, curve, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
-        ax.set(title=f"{size} training images per class", xlabel="step", ylabel="held-out macro-F1")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "grpo_pp_compare.png"), dpi=110)
-    with open(os.path.join(out, "grpo_pp_compare.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "curves": curves, "table": table}, f, indent=2)
-    print(f"[grpo_pp] table, plot and numbers in {out}")
-    return results
+    runs = {
+        f"{'grpo_pp' if grpo_pp else 'grpo'} ({size}/class)": [
+            with_method(args, grpo_pp, seed=seed, images_per_class=size, compare=False) for seed in seeds
+        ]
+        for size in sizes
+        for grpo_pp in (False, True)
+    }
+    summarize = lambda run: {key: run[key] for key in ("f1_after", "f1_best", "collapses")}  # noqa: E731
+    # held-out macro-F1 at step 0, then every eval_every steps and at the last step
+    curve = lambda run: ([min(k * args.eval_every, args.num_steps) for k in range(len(run["curve"]))], run["curve"])  # noqa: E731
+    out = f"{args.output_dir}/grpo_pp_compare/grpo_pp_compare"
+    return seed_sweep(
+        train_grpo,
+        runs,
+        summarize,
+        out,
+        args,
+        curve=curve,
+        curve_labels=("step", "held-out macro-F1"),
+        title="stage 1, GRPO vs GRPO++ (tiny VLM)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

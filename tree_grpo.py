@@ -72,7 +72,6 @@ Results (chain vs tree over seeds, EM at a matched budget, trajectories per toke
 import copy
 import json
 import math
-import os
 import random
 import re
 import string
@@ -96,6 +95,7 @@ from common import (
     make_run_dir,
     run_cli,
     seed_everything,
+    seed_sweep,
 )
 from prefix_grouper import shared_prefix_logprobs
 
@@ -606,51 +606,31 @@ def em_at_budget(curve, tokens):
 
 
 def compare(args: Args):
-    """Train chain and tree rollouts for every seed (same warm start), then a table and EM-vs-tokens plot."""
-    from matplotlib.figure import Figure
+    """Train chain and tree rollouts for every seed (same warm start), then a table and the EM-vs-tokens curves."""
+    seeds = int_list(args.seeds, "--seeds")
+    runs = {rollout: [replace(args, rollout=rollout, seed=seed, compare=False) for seed in seeds]
+            for rollout in ("chain", "tree")}  # fmt: skip
 
-    from common import summarize_runs
+    def summarize(run):
+        tokens = run["budget"]["generated_tokens"]
+        return {
+            f"em_multihop_at_{args.matched_tokens // 1000}k": em_at_budget(run["curve"], args.matched_tokens),
+            "em_multihop": run["after"]["em_multihop"],
+            "em_1hop": run["after"]["em_1hop"],
+            "tool_calls": run["after"]["tool_calls"],
+            "generated_tokens": tokens,
+            "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
+        }
 
-    results, runs = {}, {}
-    for rollout in ("chain", "tree"):
-        for seed in int_list(args.seeds, "--seeds"):
-            run = train(replace(args, rollout=rollout, seed=seed, compare=False))
-            runs.setdefault(rollout, []).append(run)
-            tokens = run["budget"]["generated_tokens"]
-            results.setdefault(rollout, []).append({
-                f"em_multihop_at_{args.matched_tokens // 1000}k": em_at_budget(run["curve"], args.matched_tokens),
-                "em_multihop": run["after"]["em_multihop"],
-                "em_1hop": run["after"]["em_1hop"],
-                "tool_calls": run["after"]["tool_calls"],
-                "generated_tokens": tokens,
-                "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
-            })  # fmt: skip
-    table = summarize_runs(results, list(results["chain"][0]))
-    print(f"\nheld-out after training, and rollout cost (mean ± std over seeds {args.seeds})\n\n{table}")
-    out = os.path.join(args.output_dir, "tree_grpo_compare")
-    os.makedirs(out, exist_ok=True)
-    fig = Figure(figsize=(9, 3.2))
-    axes = fig.subplots(1, 2)
-    for i, (rollout, seed_runs) in enumerate(runs.items()):
-        for j, run in enumerate(seed_runs):
-            x = [p["budget/generated_tokens"] / 1000 for p in run["curve"]]
-            y = [p["eval/em_multihop"] for p in run["curve"]]
-            axes[0].plot(x, y, color=f"C{i}", alpha=0.8, label=rollout if j == 0 else None)
-        axes[1].bar(i, sum(r["tool_calls"] for r in results[rollout]) / len(seed_runs), color=f"C{i}", alpha=0.6)
-    axes[0].axvline(args.matched_tokens / 1000, color="gray", linestyle="--", linewidth=1)
-    axes[0].set(xlabel="generated tokens (thousands, measured)", ylabel="held-out multi-hop EM")
-    axes[0].legend()
-    axes[0].grid(alpha=0.3)
-    axes[1].set_xticks(range(len(runs)), list(runs))
-    axes[1].set(ylabel="tool calls per episode (held-out)")
-    fig.suptitle("chain GRPO (G=4) vs Tree-GRPO (M=2, N=2, L=1, K=3), tiny model", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "tree_grpo_compare.png"), dpi=110)
-    with open(os.path.join(out, "tree_grpo_compare.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "curves": {k: [r["curve"] for r in v] for k, v in
-                   runs.items()}, "table": table}, f, indent=2)  # fmt: skip
-    print(f"[tree_grpo] table, plot and numbers in {out}")
-    return results
+    def curve(run):  # held-out multi-hop EM against the generated tokens (thousands)
+        return [p["budget/generated_tokens"] / 1000 for p in run["curve"]], [
+            p["eval/em_multihop"] for p in run["curve"]
+        ]
+
+    out = f"{args.output_dir}/tree_grpo_compare/tree_grpo_compare"
+    title = "chain GRPO (G=4) vs Tree-GRPO (M=2, N=2, L=1, K=3), tiny model"
+    labels = ("generated tokens (thousands)", "held-out multi-hop EM")
+    return seed_sweep(train, runs, summarize, out, args, curve=curve, curve_labels=labels, title=title)
 
 
 # ----------------------------------------------------------------------------------------------------------------

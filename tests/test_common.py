@@ -315,3 +315,26 @@ def test_an_unreachable_hub_is_found_in_seconds(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert common.hub_options("no-such-org/no-such-model") == {"local_files_only": True}
     assert common.hub_options(".") == {}  # a local folder never asks the hub
+
+
+def test_seed_sweep_tables_plots_and_saves_every_run(tmp_path, capsys):
+    """The shared --compare harness: each method's runs, a table of mean ± std (unbiased) by hand, the curves and
+    the arguments in the JSON, and the plot."""
+
+    @dataclass
+    class FakeArgs:
+        method: str = "a"
+        seed: int = 0
+
+    def train(args):  # a stand-in for a script's train(): a result dict per run
+        return {"score": {"a": 1.0, "b": 3.0}[args.method] + args.seed, "curve": [0.0, args.seed]}
+
+    runs = {m: [FakeArgs(m, seed) for seed in (0, 1, 2)] for m in ("a", "b")}
+    summarize, curve = lambda run: {"score": run["score"]}, lambda run: ([0, 1], run["curve"])
+    results = common.seed_sweep(train, runs, summarize, tmp_path / "sweep" / "out", FakeArgs(), curve=curve, title="x")
+    assert results == {"a": [{"score": 1.0}, {"score": 2.0}, {"score": 3.0}], "b": [{"score": 3.0}, {"score": 4.0},
+                       {"score": 5.0}]}  # fmt: skip
+    saved = json.loads((tmp_path / "sweep" / "out.json").read_text())
+    assert "| score | 2.000 ± 1.000 | 4.000 ± 1.000 |" in saved["table"] and saved["table"] in capsys.readouterr().out
+    assert saved["args"] == {"method": "a", "seed": 0} and saved["curves"]["b"][2] == [[0, 1], [0.0, 2]]
+    assert (tmp_path / "sweep" / "out.png").stat().st_size > 0

@@ -5,6 +5,7 @@ import json
 import random
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +235,18 @@ def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
     code, err = run_main(*argv, "--output_dir", str(tmp_path), capsys=capsys)
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert message in err.splitlines()[-1], err[-2000:]
+
+
+def test_prefix_grouper_gives_the_same_step(tmp_path):
+    """--prefix_grouper encodes each question's prompt once for all its leaves (consecutive rows that share it):
+    the same seed gives the same rollouts, and the loss, entropy and gradient norm agree up to float rounding."""
+    last = {}
+    for prefix_grouper in (False, True):
+        args = T.Args(num_steps=1, sft_steps=20, num_eval=10, prompts_per_step=2, max_step_tokens=16, max_turns=2,
+                      prefix_grouper=prefix_grouper, output_dir=str(tmp_path / str(prefix_grouper)))  # fmt: skip
+        run_dir = T.train(args)["run_dir"]
+        last[prefix_grouper] = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[-1])
+    naive, grouped = last[False], last[True]
+    assert grouped["reward"] == naive["reward"] and grouped["generated_tokens"] == naive["generated_tokens"]
+    for key in ("loss", "entropy", "grad_norm"):
+        assert grouped[key] == pytest.approx(naive[key], rel=1e-4, abs=1e-6), key

@@ -1,0 +1,30 @@
+"""`--compare` in each script: every method for every seed, one table, one plot, one JSON (common.seed_sweep), on
+settings small enough for a smoke run. The numbers in RESULTS.md come from these paths at full size."""
+
+import json
+
+import pytest
+from conftest import script_runner
+
+COMPARISONS = {
+    "crpo.py": (["--num_steps", "1", "--sft_steps", "20", "--num_train", "100", "--num_eval", "4",
+                 "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16"], ["grpo", "crpo"]),
+    "tree_grpo.py": (["--num_steps", "1", "--sft_steps", "20", "--num_eval", "4", "--prompts_per_step", "1",
+                      "--max_step_tokens", "8", "--max_turns", "1", "--matched_tokens", "1"], ["chain", "tree"]),
+    "grpo_pp.py": (["--num_steps", "1", "--eval_every", "1", "--warm_start_steps", "3", "--sizes", "2",
+                    "--eval_per_class", "1", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "8"],
+                   ["grpo (2/class)", "grpo_pp (2/class)"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("script", list(COMPARISONS))
+def test_compare_runs_every_method_and_seed(tmp_path, script):
+    argv, methods = COMPARISONS[script]
+    result = script_runner(script)(*argv, "--compare", "--seeds", "0,1", "--output_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    name = script.removesuffix(".py") + "_compare"
+    saved = json.loads((tmp_path / name / f"{name}.json").read_text())
+    assert list(saved["results"]) == methods and all(len(runs) == 2 for runs in saved["results"].values())
+    assert saved["args"]["compare"] and saved["args"]["seeds"] == "0,1"
+    assert all(f"| {key} |" in saved["table"] for key in saved["results"][methods[0]][0])
+    assert (tmp_path / name / f"{name}.png").stat().st_size > 0
