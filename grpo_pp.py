@@ -199,19 +199,10 @@ def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     rewards is (num_groups * group_size,), grouped contiguously. Unlike (r - mean) / std it never divides by a
     near-zero std, so one lucky sample in a low-variance group cannot get a huge advantage.
     """
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
-    if not torch.isfinite(rewards).all():
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
-        raise ValueError(
-            f"rewards at positions {bad} are NaN or infinite; return 0.0 for a completion you cannot score"
-        )
-    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    # r_i - mean_group(r): GRPO's advantage before any scaling (its checks of the rewards included)
+    centred = group_advantages(rewards, group_size, scale="none").view(-1, group_size)  # (num_groups, G)
     # A_i = sign(r_i - mean_group(r)), and 0 where r_i and the mean differ only by float rounding (equal rewards)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (num_groups, G)
-    return torch.where(centred.abs() > rounding(grouped), torch.sign(centred), 0.0).view(-1)
+    return torch.where(centred.abs() > rounding(rewards.view(-1, group_size)), torch.sign(centred), 0.0).view(-1)
 
 
 def rounding(grouped: torch.Tensor) -> torch.Tensor:

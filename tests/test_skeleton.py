@@ -31,10 +31,14 @@ def functions(path: str) -> dict[str, str]:
     }
 
 
+def rules(lines: list[str]) -> list[int]:
+    """Indices of the `# ------` lines that open each section (its title is the comment line under it)."""
+    return [i for i, line in enumerate(lines[:-1]) if re.fullmatch(r"# -{20,}", line)]
+
+
 def section_titles(path: str) -> list[str]:
-    """The comment line under each `# ------` rule."""
     lines = (ROOT / path).read_text().splitlines()
-    return [lines[i + 1].removeprefix("# ") for i, line in enumerate(lines[:-1]) if re.fullmatch(r"# -{20,}", line)]
+    return [lines[i + 1].removeprefix("# ") for i in rules(lines)]
 
 
 @pytest.mark.parametrize("path", ALGORITHMS)
@@ -106,9 +110,9 @@ def test_every_path_named_exists(document):
 def algorithm_lines(path: str) -> tuple[int, int]:
     """First and last line (1-based) of the file's section "The algorithm", its rule line included."""
     lines = (ROOT / path).read_text().splitlines()
-    rules = [i for i, line in enumerate(lines[:-1]) if re.fullmatch(r"# -{20,}", line)]
-    start = next(i for i in rules if lines[i + 1].startswith("# The algorithm"))
-    end = rules[rules.index(start) + 1]
+    starts = rules(lines)
+    start = next(i for i in starts if lines[i + 1].startswith("# The algorithm"))
+    end = starts[starts.index(start) + 1]
     while not lines[end - 1].strip():  # the blank lines before the next rule
         end -= 1
     return start + 1, end

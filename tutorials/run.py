@@ -1,7 +1,6 @@
 """Run every tutorial notebook top to bottom and save it with its outputs (plots, printed numbers), in place.
 
-    python tutorials/run.py                  # all five, about 6 minutes on 2 CPU cores (the tiny models' warm
-                                             # starts are cached after the first run)
+    python tutorials/run.py                  # all five (the first run also warm-starts and caches the tiny models)
     python tutorials/run.py 01_grpo 03_crpo  # some of them
 
 The committed notebooks are this command's output, so GitHub shows their plots. Progress bars are switched off
