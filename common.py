@@ -97,34 +97,22 @@ def check_args_shared(args):
     """The checks every script's `Args.__post_init__` shares, each applied only where the script has that field:
     counts at least 1, group size at least 2, the sampling and clipping settings in their ranges, a writable
     output folder. Raises UsageError, so parse_args turns it into argparse's `error: ...` before any loading."""
-    has = lambda name: hasattr(args, name)  # noqa: E731
-    for name in ("num_steps", "eval_every", "prompts_per_step", "num_iterations", "gradient_accumulation_steps",
-                 "num_train", "num_eval", "max_new_tokens"):  # fmt: skip
-        if has(name) and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if has("group_size") and args.group_size < 2:
-        raise UsageError(
-            f"--group_size must be at least 2 (GRPO compares completions of one prompt), got {args.group_size}"
-        )
-    if has("temperature") and not args.temperature > 0:
-        raise UsageError("--temperature must be > 0: GRPO needs different samples in a group (and scores with it)")
-    if has("top_p") and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top_p must be in (0, 1] (1 samples from the whole distribution), got {args.top_p}")
-    if has("eps_low") and not 0 <= args.eps_low < 1:
-        raise UsageError(
-            f"--eps_low must be in [0, 1): the ratio is clipped below at 1 - eps_low > 0, got {args.eps_low}"
-        )
-    if has("eps_high") and args.eps_high is not None and args.eps_high < 0:
-        raise UsageError(f"--eps_high must be at least 0, got {args.eps_high}")
-    if has("beta") and args.beta is not None and args.beta < 0:
-        raise UsageError(f"--beta must be at least 0 (0: no KL penalty and no reference model), got {args.beta}")
-    if has("max_grad_norm") and not args.max_grad_norm > 0:
-        raise UsageError(
-            f"--max_grad_norm must be > 0 (a gradient clipped to norm 0 never trains), got {args.max_grad_norm}"
-        )
-    if has("learning_rate") and not args.learning_rate > 0:
-        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
-    if has("output_dir"):
+    counts = ("num_steps", "eval_every", "prompts_per_step", "num_iterations", "gradient_accumulation_steps",
+              "num_train", "num_eval", "max_new_tokens")  # fmt: skip
+    rules = [(name, lambda v: v >= 1, "must be at least 1") for name in counts] + [
+        ("group_size", lambda v: v >= 2, "must be at least 2 (GRPO compares completions of one prompt)"),
+        ("temperature", lambda v: v > 0, "must be > 0: GRPO needs different samples in a group (and scores with it)"),
+        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 samples from the whole distribution)"),
+        ("eps_low", lambda v: 0 <= v < 1, "must be in [0, 1): the ratio is clipped below at 1 - eps_low > 0"),
+        ("eps_high", lambda v: v is None or v >= 0, "must be at least 0"),
+        ("beta", lambda v: v is None or v >= 0, "must be at least 0 (0: no KL penalty and no reference model)"),
+        ("max_grad_norm", lambda v: v > 0, "must be > 0 (a gradient clipped to norm 0 never trains)"),
+        ("learning_rate", lambda v: v > 0, "must be > 0"),
+    ]
+    for name, valid, rule in rules:
+        if hasattr(args, name) and not valid(getattr(args, name)):
+            raise UsageError(f"--{name} {rule}, got {getattr(args, name)}")
+    if hasattr(args, "output_dir"):
         check_output_dir(args.output_dir)
 
 
@@ -247,17 +235,7 @@ def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, s
     bar = tqdm(range(steps), desc=desc, leave=False)
     for _ in bar:
         batch = [demos[i] for i in torch.randint(len(demos), (batch_size,), generator=generator).tolist()]
-        if isinstance(batch[0][1], str):
-            prompt_lens = [len(tokenizer(p)["input_ids"]) for p, _ in batch]
-            texts = [p + c + tokenizer.eos_token for p, c in batch]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
-            labels = enc["input_ids"].clone()  # (B, T)
-            labels[enc["attention_mask"] == 0] = -100
-            for row, prompt_len in enumerate(prompt_lens):
-                labels[row, :prompt_len] = -100
-        else:
-            enc, labels = segmented_batch(tokenizer, batch)
-        loss = model(**enc, labels=labels).loss
+        loss = model(**segmented_batch(tokenizer, batch)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -268,10 +246,12 @@ def sft_warm_start(model, tokenizer, demos, steps=600, batch_size=64, lr=3e-3, s
     return model
 
 
-def segmented_batch(tokenizer, batch):
-    """Right-padded input ids and labels for (prompt, [(text, trained), ...]) demos; untrained tokens get -100."""
+def segmented_batch(tokenizer, batch) -> dict:
+    """Right-padded input_ids, attention_mask and labels for (prompt, completion) demos, where a completion is a
+    string or a list of (text, trained) segments; the prompt, untrained segments and padding get label -100."""
     rows = []
-    for prompt, segments in batch:
+    for prompt, completion in batch:
+        segments = [(completion, True)] if isinstance(completion, str) else completion
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         labels = [-100] * len(ids)
         for text, trained in [*segments, (tokenizer.eos_token, True)]:
@@ -280,11 +260,11 @@ def segmented_batch(tokenizer, batch):
         rows.append((ids, labels))
     width = max(len(ids) for ids, _ in rows)
     pad = lambda x, value: x + [value] * (width - len(x))  # noqa: E731
-    enc = {
+    return {
         "input_ids": torch.tensor([pad(ids, tokenizer.pad_token_id) for ids, _ in rows]),  # (B, T)
         "attention_mask": torch.tensor([pad([1] * len(ids), 0) for ids, _ in rows]),  # (B, T)
+        "labels": torch.tensor([pad(labels, -100) for _, labels in rows]),  # (B, T)
     }
-    return enc, torch.tensor([pad(labels, -100) for _, labels in rows])
 
 
 def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, extra_tags=()):
