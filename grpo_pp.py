@@ -55,7 +55,6 @@ RESULTS.md.
 """
 
 import colorsys
-import copy
 import hashlib
 import json
 import math
@@ -75,8 +74,11 @@ from common import (
     CACHE_DIR,
     MetricsLogger,
     UsageError,
+    autocast,
     cached,
     check_args_shared,
+    estimate_memory,
+    frozen_copy,
     generate,
     int_list,
     load_data,
@@ -86,6 +88,7 @@ from common import (
     seed_everything,
     seed_sweep,
 )
+from prefix_grouper import logprobs_from_logits
 
 
 @dataclass
@@ -94,8 +97,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
     model: str = field(default="tiny-vlm", metadata={"help": "tiny-vlm | a local folder | a hub id (a VLM)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "stage 1 forwards: auto (bf16 autocast on GPUs with bf16, else fp32) | ..."}
     )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
@@ -133,6 +136,9 @@ class Args:
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
     num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each batch"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
+    )
     eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out split every N steps"})
     # stages 2 and 3
     stage: Literal["all", "1", "2", "3"] = field(default="all", metadata={"help": "run one stage, or 1 -> 2 -> 3"})
@@ -337,8 +343,8 @@ def completion_logits(model, batch):
 
 def completion_logprobs(model, batch, temperature=1.0):
     """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
-    logits = completion_logits(model, batch).float() / temperature  # (B, C, V)
-    return logits.gather(-1, batch["completion_ids"].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)  # (B, C)
+    # log pi(o_t | image, q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
+    return logprobs_from_logits(completion_logits(model, batch), batch["completion_ids"], temperature)[0]  # (B, C)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
@@ -446,15 +452,26 @@ def train_grpo(args: Args, task=None):
     seed_everything(args.seed)
     train_items, eval_items = task or load_task(args)
     model, processor = load_policy(args)
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    ref_model = frozen_copy(model, args.dtype) if args.beta > 0 else None
+    if args.gradient_checkpointing:  # recompute each layer in the backward instead of keeping its activations
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     method = "grpo_pp" if args.grpo_pp else "grpo"
     run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
     print(f"[grpo_pp] stage 1 ({method}), run folder: {run_dir}")
+    if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
+        memory = estimate_memory(
+            model, rows=args.prompts_per_step * args.group_size, completion_tokens=args.max_new_tokens,
+            prompt_tokens=encode_prompts(processor, [train_items[0]["image"]], "cpu")[0].size(1),
+            rollout_rows=args.prompts_per_step * args.group_size, dtype=args.dtype,
+            reference=ref_model is not None, gradient_checkpointing=args.gradient_checkpointing,
+        )  # fmt: skip
+        print(f"[grpo_pp] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     start = time.time()
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, processor)) as logger:
-        before = evaluate(model, processor, eval_items, args.max_new_tokens)
+        with autocast(model.device, args.dtype):
+            before = evaluate(model, processor, eval_items, args.max_new_tokens)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         curve = [before["macro_f1"]]
         bar = tqdm(range(1, args.num_steps + 1), desc=method)
@@ -463,10 +480,11 @@ def train_grpo(args: Args, task=None):
             batch_items = rng.choices(train_items, k=args.prompts_per_step)
             # 1. rollout: G completions per image
             model.eval()
-            rollout = generate_completions(
-                model, processor, [x["image"] for x in batch_items], group_size=args.group_size,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            )  # fmt: skip
+            with autocast(model.device, args.dtype):
+                rollout = generate_completions(
+                    model, processor, [x["image"] for x in batch_items], group_size=args.group_size,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                )  # fmt: skip
             labels = [x["label"] for x in batch_items for _ in range(args.group_size)]
             # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
             rewards = recognition_reward(rollout["texts"], labels, args.kg_weight)
@@ -487,13 +505,14 @@ def train_grpo(args: Args, task=None):
             batch = {k: v[rows] for k, v in rollout.items() if torch.is_tensor(v)}  # the rows trained on
             if len(rows):
                 # 3. log-probs of the sampling policy and of the reference (only if beta > 0)
-                with torch.no_grad():
+                with torch.no_grad(), autocast(model.device, args.dtype):
                     old_logps = completion_logprobs(model, batch, args.temperature)
                     ref_logps = completion_logprobs(ref_model, batch, args.temperature) if ref_model else None
                 # 4. num_iterations passes of one optimiser step each
                 model.train()
                 for _ in range(args.num_iterations):
-                    logps = completion_logprobs(model, batch, args.temperature)
+                    with autocast(model.device, args.dtype):
+                        logps = completion_logprobs(model, batch, args.temperature)
                     loss, metrics = policy_loss(
                         logps, old_logps, ref_logps, advantages[rows], batch["completion_mask"], eps_low=args.eps_low,
                         eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
@@ -506,7 +525,8 @@ def train_grpo(args: Args, task=None):
             # 5. log
             record["step_time"] = time.time() - step_start
             if step % args.eval_every == 0 or step == args.num_steps:
-                held_out = evaluate(model, processor, eval_items, args.max_new_tokens)
+                with autocast(model.device, args.dtype):
+                    held_out = evaluate(model, processor, eval_items, args.max_new_tokens)
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
                 curve.append(held_out["macro_f1"])
             logger.log(step, record)
@@ -600,7 +620,7 @@ def pipeline(args: Args):
             raise UsageError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
         seed_everything(args.seed)
         start = time.time()
-        model, processor = load_vlm(init, args.device, args.dtype)
+        model, processor = load_vlm(init, args.device)
         run_dir = make_run_dir(f"{'sft' if stage == '2' else 'dpo'}-stage{stage}", args, root=args.output_dir)
         before = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
         try:
@@ -864,19 +884,19 @@ def warm_start_demos(seed: int, noise: float, per_class: int = 200):
 def load_policy(args: "Args"):
     """(model, processor): tiny-vlm warm-started on attribute captions (cached), or a real VLM as it is."""
     if args.model != "tiny-vlm":
-        return load_vlm(args.model, args.device, args.dtype)
+        return load_vlm(args.model, args.device)
     recipe = {"version": 1, "steps": args.warm_start_steps, "data_seed": args.data_seed, "noise": args.warm_start_noise}
     path = CACHE_DIR / f"tiny-vlm-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]}"
 
     def build(folder):
-        model, processor = load_vlm("tiny-vlm", args.device, args.dtype)
+        model, processor = load_vlm("tiny-vlm", "cpu")  # on the CPU in float32: the same cache on every machine
         print(f"[grpo_pp] warm-starting the tiny VLM on attribute captions (cached in {path})")
         vlm_sft(model, processor, warm_start_demos(args.data_seed, args.warm_start_noise), args.warm_start_steps,
                 desc="warm start")  # fmt: skip
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
 
-    return load_vlm(str(cached(path, build)), args.device, args.dtype)
+    return load_vlm(str(cached(path, build)), args.device)
 
 
 def macro_f1(predictions: list, labels: list) -> float:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -269,14 +270,32 @@ class use_prefix_grouper:
         self.model.set_attn_implementation(self.previous)
 
 
-def logprobs_from_logits(logits, targets, temperature):
-    """log softmax(logits / temperature) at `targets`, and the entropy of each distribution. logits (..., V)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32; fp64 stays
-    log_normaliser = logits.logsumexp(dim=-1)
-    logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
-    with torch.no_grad():
-        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)
-    return logps, entropy
+def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):
+    """log softmax(logits / temperature) at `targets`, and the entropy of each distribution. logits (..., V).
+
+    Exact and memory-lean: the float32 copy of the logits (bf16 logits are upcast, as TRL does) is made for
+    `chunk_bytes` of them at a time, and the backward recomputes it per chunk (activation checkpointing), so
+    nothing (..., V)-sized is kept besides `logits` itself. A plain log_softmax keeps about 16 bytes per logit.
+    """
+    flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)  # (N, V), (N,)
+    rows = max(1, chunk_bytes // (4 * logits.size(-1)))
+    logps, entropy = [], []
+    for chunk, chunk_targets in zip(flat_logits.split(rows), flat_targets.split(rows)):
+        if chunk.requires_grad:
+            logps.append(checkpoint(chunk_logprobs, chunk, chunk_targets, temperature, use_reentrant=False))
+        else:
+            logps.append(chunk_logprobs(chunk, chunk_targets, temperature))
+        with torch.no_grad():
+            z = chunk.to(torch.promote_types(chunk.dtype, torch.float32)) / temperature  # (rows, V)
+            z = z.clamp(min=torch.finfo(z.dtype).min)  # a -inf logit (a token never sampled) adds 0, not nan
+            entropy.append(z.logsumexp(dim=-1) - (z.softmax(dim=-1) * z).sum(dim=-1))  # H = log Z - sum p z
+    return torch.cat(logps).view(targets.shape), torch.cat(entropy).view(targets.shape)
+
+
+def chunk_logprobs(logits, targets, temperature):
+    """log softmax(z)[y] = z_y - logsumexp(z) with z = logits / temperature in float32 (float64 stays)."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (rows, V)
+    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - z.logsumexp(dim=-1)  # (rows,)
 
 
 def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False):

@@ -86,8 +86,11 @@ from tqdm.auto import tqdm
 from common import (
     MetricsLogger,
     UsageError,
+    autocast,
     check_args_shared,
+    estimate_memory,
     format_prompt,
+    frozen_copy,
     generate,
     int_list,
     load_data,
@@ -97,7 +100,7 @@ from common import (
     seed_everything,
     seed_sweep,
 )
-from prefix_grouper import shared_prefix_logprobs
+from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
 
 
 @dataclass
@@ -106,8 +109,8 @@ class Args:
     seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
     model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16"}
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="auto", metadata={"help": "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."}
     )
     output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
     # task
@@ -143,6 +146,9 @@ class Args:
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
+    )
     prefix_grouper: bool = field(
         default=False, metadata={"help": "encode each question's prompt once for all its leaves (prefix_grouper.py)"}
     )
@@ -384,13 +390,8 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
         position_ids=position_ids,
         logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
     ).logits[:, :-1]  # (B, C, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32
-    # log softmax at the sampled token = logit - logsumexp(logits), without a (B, C, V) log-softmax tensor
-    log_normaliser = logits.logsumexp(dim=-1)  # (B, C)
-    logps = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
-    with torch.no_grad():
-        entropy = log_normaliser - (logits.softmax(dim=-1) * logits).sum(dim=-1)  # (B, C)
-    return logps, entropy
+    # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
+    return logprobs_from_logits(logits, completion_ids, temperature)  # (B, C), (B, C)
 
 
 def policy_loss(
@@ -465,23 +466,36 @@ def train(args: Args):
     seed_everything(args.seed)
     train_items, eval_items, demos, corpus = load_task(args)
     model, tokenizer = load_model(
-        args.model, demos=demos, device=args.device, dtype=args.dtype, sft_steps=args.sft_steps,
-        sft_batch_size=args.sft_batch_size, extra_tags=TAGS,
+        args.model, demos=demos, device=args.device, sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size,
+        extra_tags=TAGS,
     )  # fmt: skip
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    ref_model = frozen_copy(model, args.dtype) if args.beta > 0 else None
+    if args.gradient_checkpointing:  # recompute each layer in the backward instead of keeping its activations
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     run_dir = make_run_dir(f"tree_grpo-{args.rollout}", args, root=args.output_dir)
     print(f"[tree_grpo] run folder: {run_dir}")
     search = BM25(corpus)
     encode = lambda item: tokenizer(  # noqa: E731
         format_prompt(tokenizer, item["question"], SYSTEM_PROMPT), add_special_tokens=False
     )["input_ids"]
+    if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
+        num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
+        memory = estimate_memory(
+            model, rows=args.prompts_per_step * num_trees * keep // args.gradient_accumulation_steps,
+            prompt_tokens=max(len(encode(x)) for x in train_items[:256]),
+            completion_tokens=args.max_turns * (args.max_step_tokens + args.top_k_docs * args.max_doc_chars),
+            rollout_rows=args.prompts_per_step * num_trees * max(1, num_nodes), dtype=args.dtype,
+            reference=ref_model is not None, gradient_checkpointing=args.gradient_checkpointing,
+        )  # fmt: skip
+        print(f"[tree_grpo] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     budget = Budget()
     start = time.time()
 
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
-        before = evaluate(model, tokenizer, eval_items, encode, search, args)
+        with autocast(model.device, args.dtype):
+            before = evaluate(model, tokenizer, eval_items, encode, search, args)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()} | {"budget/generated_tokens": 0})
         print(f"[tree_grpo] held-out before training: EM {before['em']:.3f}, multi-hop EM {before['em_multihop']:.3f}")
         bar = tqdm(range(1, args.num_steps + 1), desc=f"tree_grpo ({args.rollout})")
@@ -491,9 +505,10 @@ def train(args: Args):
             # 1. rollout: M trees per question (chain: G independent trajectories), K leaves kept per tree
             model.eval()
             spent = Budget(**vars(budget))
-            kept, _ = tree_rollout(
-                model, tokenizer, batch_items, [encode(x) for x in batch_items], search, args, rng, budget
-            )
+            with autocast(model.device, args.dtype):
+                kept, _ = tree_rollout(
+                    model, tokenizer, batch_items, [encode(x) for x in batch_items], search, args, rng, budget
+                )
             prompt_index, tree_index, leaves = zip(*kept)
             # 2. rewards and tree advantages (inter-tree + intra-tree)
             responses = [leaf_sequence(leaf) for leaf in leaves]
@@ -509,18 +524,21 @@ def train(args: Args):
                 "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,  # (leaves, P)
                 "completion_ids": response_ids, "completion_mask": response_mask,  # (leaves, T): steps + observations
             }  # fmt: skip
-            # 3. log-probs of the reference (only if beta > 0)
+            row_chunks = torch.arange(len(leaves)).chunk(args.gradient_accumulation_steps)
+            micro_batches = [{k: v[rows] for k, v in batch.items()} for rows in row_chunks]
+            # 3. log-probs of the reference (only if beta > 0), in the training pass's micro-batches
             ref_logps = None
-            with torch.no_grad():
+            with torch.no_grad(), autocast(model.device, args.dtype):
                 if ref_model is not None:
-                    ref_logps, _ = completion_logprobs(ref_model, batch, args.temperature, args.prefix_grouper)
+                    ref_logps = torch.cat([completion_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
+                                           for mb in micro_batches])  # (leaves, T)  # fmt: skip
             # 4. one optimiser step over micro-batches (on-policy: old log-probs = current ones, detached)
             model.train()
             num_items = loss_mask.sum()  # generated tokens in the whole batch (dapo's normaliser)
             step_metrics, loss_sum = [], 0.0
-            for rows in torch.arange(len(leaves)).chunk(args.gradient_accumulation_steps):
-                micro_batch = {k: v[rows] for k, v in batch.items()}
-                logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
+            for rows, micro_batch in zip(row_chunks, micro_batches):
+                with autocast(model.device, args.dtype):
+                    logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
                 loss, metrics = policy_loss(
                     logps,
                     logps.detach(),
@@ -563,7 +581,8 @@ def train(args: Args):
                 "step_time": time.time() - step_start,
             }
             if step % args.eval_every == 0 or step == args.num_steps:
-                held_out = evaluate(model, tokenizer, eval_items, encode, search, args)
+                with autocast(model.device, args.dtype):
+                    held_out = evaluate(model, tokenizer, eval_items, encode, search, args)
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", em=f"{record['em']:.2f}")

@@ -53,7 +53,7 @@ def test_preset_saves_and_reloads_from_its_folder(smollm2, tmp_path):
     model, tokenizer = smollm2
     model.save_pretrained(tmp_path)  # the GGUF quantizer would refuse: the preset drops it after dequantising
     tokenizer.save_pretrained(tmp_path)
-    reloaded, reloaded_tokenizer = load_model(str(tmp_path), device="cpu", dtype="float32")
+    reloaded, reloaded_tokenizer = load_model(str(tmp_path), device="cpu")
     ids = tokenizer("12+7=", return_tensors="pt")["input_ids"]
     assert reloaded_tokenizer("12+7=")["input_ids"] == ids[0].tolist()
     with torch.no_grad():
