@@ -27,8 +27,12 @@ What we do differently from the official package (https://github.com/johncaged/P
 - Wired in like verl: `prefix_grouper_attention` is registered with `AttentionInterface` as "prefix_grouper";
   the packed layout travels as a keyword argument, `model(..., prefix_grouper=layout)`, down to every attention
   layer. Without it the function is plain sdpa, so a model left on "prefix_grouper" still generates.
-- Logits are kept only at the positions that predict completion tokens (`logits_to_keep` as an index tensor),
-  so the prompt's positions never reach the LM head: this matters for memory with a 150k-token vocabulary.
+- Logits only where a completion token is scored: the LM head gets exactly those hidden states (one per scored
+  token), so no prompt position reaches it: this matters for memory with a 150k-token vocabulary. Log-probs come
+  from float32 logits a chunk at a time (`logprobs_from_logits`), never a full float32 copy.
+- Grouped-query attention without copying keys and values per query head: with sdpa and a mask, the query heads
+  that share a key/value head are folded into one head's query rows (`sdpa_shared_kv`), where transformers'
+  sdpa would repeat K/V per head in every layer.
 - Not supported: sliding-window attention, KV caches (scoring and training only), models whose attention
   does not go through transformers' AttentionInterface (each raises a clear error).
 
@@ -41,6 +45,7 @@ Results (the speed and memory table on CPU; GPU not measured yet) are in RESULTS
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -78,11 +83,16 @@ class GroupLayout:
     calls: int = 0  # attention layers that used this layout (0 after a forward: the model ignored us)
     _masks: dict = field(default_factory=dict)
 
-    def masks(self, dtype):
-        """Additive masks (0 = attend, dtype min = not): prefix (B, 1, P_max, P_max), suffix (N, 1, S_max, P_max+S_max).
+    def masks(self, dtype, repeats=1):
+        """Additive masks (0 = attend, dtype min = not): prefix (B, 1, P_max, P_max), suffix (N, 1, S_max, P_max+S_max),
+        their query rows repeated `repeats` times for sdpa_shared_kv; made once per forward, not once per layer.
 
         Padding queries' outputs are thrown away; each still sees one key so its softmax stays finite.
         """
+        if repeats > 1:
+            if (dtype, repeats) not in self._masks:
+                self._masks[dtype, repeats] = tuple(m.repeat(1, 1, repeats, 1) for m in self.masks(dtype))
+            return self._masks[dtype, repeats]
         if dtype not in self._masks:
             p_max, s_max = self.prefix_valid.shape[1], self.suffix_valid.shape[1]
             device = self.prefix_valid.device
@@ -190,6 +200,18 @@ def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab
 # The attention function
 
 
+def sdpa_shared_kv(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """sdpa for grouped-query attention without a copy of the keys and values per query head: the n query heads
+    that share a key/value head become n x T query rows of that head (attention treats query rows independently),
+    with the mask's rows repeated to match (GroupLayout.masks). query (B, H, T, D), key/value (B, H_kv, S, D)."""
+    batch, heads, width, head_dim = query.shape
+    folded = query.reshape(batch, key.shape[1], heads // key.shape[1] * width, head_dim)  # head h = g*n + r -> g
+    output = torch.nn.functional.scaled_dot_product_attention(
+        folded, key, value, attn_mask=attention_mask, dropout_p=dropout if module.training else 0.0, scale=scaling
+    )  # (B, H_kv, n*T, D)
+    return output.reshape(batch, heads, width, head_dim).transpose(1, 2), None  # (B, T, H, D)
+
+
 def kernel_function(module, kernel):
     if kernel == "eager":  # each model file has its own eager function (softcapping, sinks, ...): use the model's
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
@@ -226,14 +248,19 @@ def prefix_grouper_attention(
     # each completion attends to its prompt's keys (shared, repeated per completion) and then its own
     k_completion = torch.cat([k_prompt[layout.suffix_row], k_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
     v_completion = torch.cat([v_prompt[layout.suffix_row], v_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
-    prefix_mask, suffix_mask = layout.masks(query.dtype)
-    attend = kernel_function(module, layout.kernel)
+    # sdpa with grouped-query attention: fold the query heads instead of repeating K/V per head (sdpa_shared_kv)
+    repeats = heads // key.shape[1] if layout.kernel == "sdpa" else 1
+    prefix_mask, suffix_mask = layout.masks(query.dtype, repeats)
+    attend = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
     kwargs.pop("is_causal", None)  # causality is in our masks
-    # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt (sdpa's own causal path when nothing is padded)
-    causal_only = layout.kernel == "sdpa" and layout.prompts_unpadded
-    mask = None if causal_only else prefix_mask
-    out_prompt, _ = attend(module, q_prompt, k_prompt, v_prompt, mask, scaling=scaling, dropout=dropout,
-                           is_causal=causal_only, **kwargs)  # (B, P_max, H, D)  # fmt: skip
+    # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, transformers' sdpa with
+    # is_causal and no mask (which also runs grouped-query attention without copying K/V)
+    if layout.kernel == "sdpa" and layout.prompts_unpadded:
+        out_prompt, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q_prompt, k_prompt, v_prompt, None, scaling=scaling,
+                                                        dropout=dropout, is_causal=True, **kwargs)  # fmt: skip
+    else:
+        out_prompt, _ = attend(module, q_prompt, k_prompt, v_prompt, prefix_mask, scaling=scaling, dropout=dropout,
+                               is_causal=False, **kwargs)  # (B, P_max, H, D)  # fmt: skip
     # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]
     out_completion, _ = attend(module, q_completion, k_completion, v_completion, suffix_mask, scaling=scaling,
                                dropout=dropout, is_causal=False, **kwargs)  # (N, S_max, H, D)  # fmt: skip
@@ -268,6 +295,17 @@ class use_prefix_grouper:
 
     def __exit__(self, *exc):
         self.model.set_attn_implementation(self.previous)
+
+
+@contextmanager
+def lm_head_sees_only(model, index):
+    """Inside, the LM head's input (B, K, H) becomes hidden[index] as (1, tokens, H): no logits are made where
+    nothing is scored. What the model does to the logits after the head (soft-capping, scaling) still applies."""
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda head, args: (args[0][index][None],))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):
@@ -324,22 +362,23 @@ def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=
             start += s
     predictors = torch.cat(predictors).to(model.device)  # (tokens, 2): (row, position)
     targets = torch.cat(targets).to(model.device)  # (tokens,)
-    # logits only at the positions that predict a completion token (in any row): the LM head skips the prompts
+    # logits only at the positions that predict a completion token: the model keeps the positions that do so in
+    # any row (logits_to_keep), and the LM head gets exactly the (row, position) pairs that do
     keep = torch.unique(predictors[:, 1])  # sorted (K,)
-    with use_prefix_grouper(model):
+    scored = (predictors[:, 0], torch.searchsorted(keep, predictors[:, 1].contiguous()))  # into (B, K)
+    with use_prefix_grouper(model), lm_head_sees_only(model, scored):
         logits = model(
             input_ids=layout.input_ids,
             position_ids=layout.position_ids,
             prefix_grouper=layout,
             use_cache=False,
             logits_to_keep=keep,
-        ).logits  # (B, K, V)
+        ).logits[0]  # (tokens, V)
     if layout.calls == 0:
         raise ValueError(
             f"{type(model).__name__} never called the prefix_grouper attention function, so its result would be "
             f"wrong; this architecture cannot use prefix_grouper."
         )
-    logits = logits[predictors[:, 0], torch.searchsorted(keep, predictors[:, 1].contiguous())]  # (tokens, V)
     logps, entropy = logprobs_from_logits(logits, targets, temperature)
     sizes = [len(c) for group in completions for c in group]
     return unflatten(logps, sizes, completions, entropy if return_entropy else None)

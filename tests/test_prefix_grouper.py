@@ -75,6 +75,20 @@ def test_same_logprobs_and_gradients_as_naive(device, family, kernel, group_size
     assert model.config._attn_implementation == kernel  # restored after the grouped forward
 
 
+def test_lm_head_sees_only_the_scored_tokens_and_kv_is_not_copied_per_head(monkeypatch):
+    """The LM head gets one row per completion token (not the union of positions over rows), and sdpa's grouped-query
+    attention runs without repeat_kv (the query heads are folded instead: sdpa_shared_kv)."""
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = tiny_model("qwen2")
+    prompts, completions = uneven_batch([2, 3, 1])  # prompts of unequal length: the masked path
+    head_rows = []
+    model.lm_head.register_forward_hook(lambda head, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda *a: pytest.fail("K/V repeated per query head"))
+    pg.shared_prefix_logprobs(model, prompts, completions)
+    assert head_rows == [sum(len(c) for group in completions for c in group)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_temperature_and_entropy_match_naive(device):
     model = tiny_model("qwen2", device=device)
