@@ -62,6 +62,7 @@ Run:
     python crpo.py                          # CRPO on the tiny model, CPU
     python crpo.py --method grpo            # the GRPO baseline: same loop, accuracy + format reward
     python crpo.py --compare                # GRPO vs CRPO, 3 seeds each: table and plot
+    python crpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset medqa ...   # one GPU: the recipe in RESULTS.md
 
 Results (GRPO vs CRPO over seeds, the advantage-mode ablation) are in RESULTS.md.
 """
@@ -545,6 +546,8 @@ def train(args: Args):
                 "grad_norm": grad_norm.item(),
                 "step_time": time.time() - step_start,
             }
+            if model.device.type == "cuda":  # measured, beside what estimate_memory printed
+                record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
                     held_out = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)

@@ -54,7 +54,10 @@ Run:
     python grpo.py                                   # the tiny model on a CPU, no download
     python grpo.py --model smollm2-135m --small_addend --num_shots 3 --num_train 600 --prompts_per_step 4 \
         --learning_rate 2e-5 --num_steps 80 --eval_every 20 --prefix_grouper   # SmolLM2-135M, offline
-    python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k   # one GPU, with the hub reachable
+    python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --num_shots 2 --max_new_tokens 384 \
+        --learning_rate 1e-6 --gradient_accumulation_steps 16 --gradient_checkpointing   # one GPU (RESULTS.md)
+On a GPU the weights and AdamW stay float32 and the forwards run under bf16 autocast (--dtype auto); the script
+prints its estimated peak memory before training.
 
 Results (accuracy over seeds, wall times, curves, the comparison with TRL) are in RESULTS.md.
 """
@@ -434,6 +437,8 @@ def train(args: Args):
                 "grad_norm": grad_norm.item(),
                 "step_time": time.time() - step_start,
             }
+            if model.device.type == "cuda":  # measured, beside what estimate_memory printed
+                record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
                     held_out = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)

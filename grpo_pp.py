@@ -49,6 +49,7 @@ Run:
     python grpo_pp.py --compare             # stage 1, GRPO vs GRPO++, 5 seeds x (8, 16) images per class
     python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
     python grpo_pp.py --model <a local VLM folder> --dataset_path <an image folder with train/ and test/>
+    python grpo_pp.py --model HuggingFaceTB/SmolVLM-256M-Instruct ...   # one GPU: the recipe in RESULTS.md
 
 Results (stage 1 over seeds and training sizes, the factual error rate through stages 2 and 3) are in
 RESULTS.md.
@@ -524,6 +525,8 @@ def train_grpo(args: Args, task=None):
                 record |= metrics | {"loss": loss.item(), "grad_norm": grad_norm.item()}
             # 5. log
             record["step_time"] = time.time() - step_start
+            if model.device.type == "cuda":  # measured, beside what estimate_memory printed
+                record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
                     held_out = evaluate(model, processor, eval_items, args.max_new_tokens)

@@ -460,8 +460,11 @@ def random_batch(vocab_size, prompt_lengths, completion_lengths, seed=0):
 
 
 def check_equivalence(model):
-    """Log-probs and gradients of both paths on a batch with uneven lengths; returns the largest differences."""
+    """Log-probs and gradients of both paths on a batch with uneven lengths, on the model's device; returns the
+    largest differences."""
     prompts, completions = random_batch(model.config.vocab_size, [7, 3, 12], [[5, 2, 9], [4], [1, 6]])
+    prompts = [p.to(model.device) for p in prompts]
+    completions = [[c.to(model.device) for c in group] for group in completions]
     results = []
     for fn in (shared_prefix_logprobs, repeated_prefix_logprobs):
         model.zero_grad()
@@ -537,13 +540,13 @@ def benchmark(args: Args):
 
 
 if __name__ == "__main__":
-    from common import parse_args
+    from common import parse_args, pick_device
 
     args = parse_args(Args)
-    tiny = random_model("tiny", args.kernel, torch.float32, torch.device("cpu")).train()
+    tiny = random_model("tiny", args.kernel, torch.float32, pick_device(args.device)).train()  # where we benchmark
     logp_diff, grad_diff = check_equivalence(tiny)
-    print(f"equivalence on the tiny model (float32, {args.kernel}): max |log-prob difference| {logp_diff:.1e}, "
-          f"max relative gradient difference {grad_diff:.1e}")  # fmt: skip
+    print(f"equivalence on the tiny model (float32, {args.kernel}, {tiny.device}): max |log-prob difference| "
+          f"{logp_diff:.1e}, max relative gradient difference {grad_diff:.1e}")  # fmt: skip
     if logp_diff > 1e-5 or grad_diff > 1e-4:
         sys.exit("prefix_grouper does not match the naive computation")
     benchmark(args)

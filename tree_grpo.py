@@ -65,6 +65,7 @@ Run:
     python tree_grpo.py --rollout chain           # chain GRPO with G = 4, the baseline
     python tree_grpo.py --compare                 # both, seeds 0-2: table and plot
     python tree_grpo.py --model smollm2-135m --dataset hotpotqa --dataset_path hotpot_qa   # a real model
+    python tree_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset hotpotqa ...   # one GPU: RESULTS.md's recipe
 
 Results (chain vs tree over seeds, EM at a matched budget, trajectories per token) are in RESULTS.md.
 """
@@ -580,6 +581,8 @@ def train(args: Args):
                 "grad_norm": grad_norm.item(),
                 "step_time": time.time() - step_start,
             }
+            if model.device.type == "cuda":  # measured, beside what estimate_memory printed
+                record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
                     held_out = evaluate(model, tokenizer, eval_items, encode, search, args)

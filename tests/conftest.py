@@ -7,6 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -16,6 +19,11 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A cache of warm-started tiny models shared by this test session (and its subprocesses), not the user's.
 os.environ["GRPO_FAMILY_CACHE"] = tempfile.mkdtemp(prefix="grpo-family-test-cache-")
+
+
+# A test that needs a CUDA GPU: `pytest -m cuda` selects these (tests/gpu_check.py runs them); skipped without one.
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 
 def script_runner(script: str):

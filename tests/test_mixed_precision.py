@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import script_runner
+from conftest import DEVICES, script_runner
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import common
@@ -17,14 +17,15 @@ import grpo
 from prefix_grouper import logprobs_from_logits
 
 
-def random_batch(vocab_size, rows=4, prompt=6, completion=8, seed=0):
+def random_batch(vocab_size, rows=4, prompt=6, completion=8, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return {
+    batch = {
         "prompt_ids": torch.randint(3, vocab_size, (rows, prompt), generator=g),
         "prompt_mask": torch.ones(rows, prompt, dtype=torch.long),
         "completion_ids": torch.randint(3, vocab_size, (rows, completion), generator=g),
         "completion_mask": torch.ones(rows, completion, dtype=torch.long),
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def weight_updates(model, dtype, steps=5, lr=1e-6):
@@ -32,11 +33,11 @@ def weight_updates(model, dtype, steps=5, lr=1e-6):
     `dtype` (common.autocast) over whatever dtype the model's weights have."""
     before = [p.detach().clone().float() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    batch = random_batch(model.config.vocab_size)
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None]
+    batch = random_batch(model.config.vocab_size, device=model.device)
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5], device=model.device)[:, None]
     model.train()
     for _ in range(steps):
-        with common.autocast(torch.device("cpu"), dtype):
+        with common.autocast(model.device, dtype):
             logps, _ = grpo.completion_logprobs(model, batch)
         (-(logps * advantages).mean()).backward()
         optimizer.step()
@@ -44,11 +45,12 @@ def weight_updates(model, dtype, steps=5, lr=1e-6):
     return [p.detach().float() - b for p, b in zip(model.parameters(), before)]
 
 
-def test_bf16_autocast_over_float32_weights_learns_like_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_autocast_over_float32_weights_learns_like_float32(device):
     """At lr 1e-6 (the usual learning rate of a real model) bf16 weights lose most updates to rounding; float32
     weights with bf16 forwards move as float32 training does: every weight changes, and the update differs from
     float32's by less than 10% (relative norm), the gradient's own bf16 noise."""
-    model = common.build_tiny_model(common.build_tiny_tokenizer(), seed=0)
+    model = common.build_tiny_model(common.build_tiny_tokenizer(), seed=0).to(device)
     fp32 = torch.cat([d.flatten() for d in weight_updates(copy.deepcopy(model), "float32")])
     mixed = torch.cat([d.flatten() for d in weight_updates(copy.deepcopy(model), "bfloat16")])
     bf16_weights = torch.cat([d.flatten() for d in weight_updates(copy.deepcopy(model).bfloat16(), "bfloat16")])
@@ -172,13 +174,16 @@ SMALL_RUNS = {  # each script's smallest run, on its data set's fixture
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("script", SMALL_RUNS)
-def test_every_script_trains_with_the_gpu_options_on_the_cpu(script, tmp_path):
+def test_every_script_trains_with_the_gpu_options(script, device, tmp_path):
     """bf16 autocast, gradient checkpointing, a bf16 reference model, micro-batches and several iterations at
     once: the run finishes and logs finite rewards, losses and KL."""
-    run = script_runner(script)(*SMALL_RUNS[script], *GPU_PATH, str(tmp_path), cwd=tmp_path)
+    run = script_runner(script)(*SMALL_RUNS[script], "--device", device, *GPU_PATH, str(tmp_path), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if "loss" in r]
     assert trained and all(math.isfinite(r["loss"]) and math.isfinite(r["kl"]) for r in trained)
+    if device == "cuda":  # the memory estimate is printed before training, the measured peak logged every step
+        assert "estimated peak GPU memory" in run.stdout and all("memory/peak_gib" in r for r in trained)

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import DEVICES
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import grpo
 import prefix_grouper as pg
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 VOCAB = 61
 
 
@@ -73,6 +73,19 @@ def test_same_logprobs_and_gradients_as_naive(device, family, kernel, group_size
     naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
     assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
     assert model.config._attn_implementation == kernel  # restored after the grouped forward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_unpadded_prompts_take_the_causal_kernel_and_match_naive(device, family):
+    """Prompts of one length: the prompt call runs sdpa's own causal path (is_causal, no mask)."""
+    model = tiny_model(family, device=device)
+    prompts, completions = uneven_batch([3, 2, 4], device=device)
+    prompts = [p[:2] for p in prompts]  # every prompt 2 tokens long
+    assert pg.pack(prompts, completions).prompts_unpadded
+    grouped = logprobs_and_grads(pg.shared_prefix_logprobs, model, prompts, completions)
+    naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
+    assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
 
 
 def test_lm_head_sees_only_the_scored_tokens_and_kv_is_not_copied_per_head(monkeypatch):
@@ -146,7 +159,8 @@ def test_registered_and_a_plain_forward_is_sdpa():
     assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False), reference)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 def test_flex_attention_on_cuda_matches_naive():
     """flex_attention takes our additive masks too. CUDA only: on CPU, PyTorch's flex_attention has no backward,
     and its compiled forward crashed the interpreter in our runs (torch 2.13, 2-core x86-64)."""
@@ -157,7 +171,8 @@ def test_flex_attention_on_cuda_matches_naive():
     assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_bf16_on_cuda_is_as_accurate_as_naive_bf16(family):
     """bf16 keeps 8 mantissa bits, so neither path matches fp32 to 1e-5. The tolerance we justify: against an fp32
