@@ -33,8 +33,11 @@ What we do differently from the official package (https://github.com/johncaged/P
 - Grouped-query attention without copying keys and values per query head: with sdpa and a mask, the query heads
   that share a key/value head are folded into one head's query rows (`sdpa_shared_kv`), where transformers'
   sdpa would repeat K/V per head in every layer.
-- Not supported: sliding-window attention, KV caches (scoring and training only), models whose attention
-  does not go through transformers' AttentionInterface (each raises a clear error).
+- Sliding-window and hybrid local/global models (Mistral, Qwen2 with sliding layers, Gemma2 with its soft-capped
+  eager attention, Gemma3): a sliding layer's masks keep keys less than `window` positions back, counted in each
+  token's own positions (a completion's restart after its prompt), so the result equals the naive forward.
+- Not supported: chunked or linear attention layers, KV caches (scoring and training only), models whose
+  attention does not go through transformers' AttentionInterface (each raises a clear error).
 
 Run:
     python prefix_grouper.py                        # checks equivalence on the tiny model, then the CPU benchmark
@@ -83,34 +86,41 @@ class GroupLayout:
     calls: int = 0  # attention layers that used this layout (0 after a forward: the model ignored us)
     _masks: dict = field(default_factory=dict)
 
-    def masks(self, dtype, repeats=1):
-        """Additive masks (0 = attend, dtype min = not): prefix (B, 1, P_max, P_max), suffix (N, 1, S_max, P_max+S_max),
-        their query rows repeated `repeats` times for sdpa_shared_kv; made once per forward, not once per layer.
+    def masks(self, dtype, repeats=1, window=None):
+        """Additive masks (0 = attend, dtype min = not): prefix (B, 1, P_max, P_max), suffix (N, 1, S_max, P_max+S_max).
 
-        Padding queries' outputs are thrown away; each still sees one key so its softmax stays finite.
+        `window`: a sliding-window layer's size: a query at position q sees keys at positions k > q - window (as
+        transformers' sliding_window_overlay), with each token's own position ids (a completion's restart after its
+        prompt, as in the naive row). `repeats`: each query row repeated, for sdpa_shared_kv. Made once per forward
+        and kind of layer, not once per layer. Padding queries' outputs are thrown away; each still sees one key
+        (itself) so its softmax stays finite.
         """
-        if repeats > 1:
-            if (dtype, repeats) not in self._masks:
-                self._masks[dtype, repeats] = tuple(m.repeat(1, 1, repeats, 1) for m in self.masks(dtype))
-            return self._masks[dtype, repeats]
-        if dtype not in self._masks:
+        key = (dtype, repeats, window)
+        if key not in self._masks:
             p_max, s_max = self.prefix_valid.shape[1], self.suffix_valid.shape[1]
             device = self.prefix_valid.device
             # prompt token q sees prompt tokens k <= q that are not padding (left padding keeps the order); a
             # padding query sees itself, so no row is fully masked (a NaN there would leak into the gradients)
             causal_p = torch.ones(p_max, p_max, dtype=torch.bool, device=device).tril()
             diagonal = torch.eye(p_max, dtype=torch.bool, device=device)
-            prefix_allowed = (causal_p[None] & self.prefix_valid[:, None, :]) | diagonal  # (B, P_max, P_max)
+            prefix_allowed = causal_p[None] & self.prefix_valid[:, None, :]  # (B, P_max, P_max)
             # completion token q sees its prompt, and its own completion's tokens k <= q
             causal_s = torch.ones(s_max, s_max, dtype=torch.bool, device=device).tril()
             sees_prompt = self.prefix_valid[self.suffix_row][:, None, :].expand(-1, s_max, -1)  # (N, S_max, P_max)
             sees_itself = causal_s[None] & self.suffix_valid[:, None, :]  # (N, S_max, S_max)
             suffix_allowed = torch.cat([sees_prompt, sees_itself], dim=2)  # (N, S_max, P_max + S_max)
+            if window is not None:  # and only keys less than `window` positions back
+                positions = self.position_ids.flatten()
+                prefix_pos, suffix_pos = positions[self.prefix_index], positions[self.suffix_index]  # (B, P), (N, S)
+                keys_pos = torch.cat([prefix_pos[self.suffix_row], suffix_pos], dim=1)  # (N, P_max + S_max)
+                prefix_allowed &= prefix_pos[:, None, :] > prefix_pos[:, :, None] - window
+                suffix_allowed &= keys_pos[:, None, :] > suffix_pos[:, :, None] - window
+            prefix_allowed |= diagonal
             to_additive = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
-            )[:, None]  # fmt: skip
-            self._masks[dtype] = (to_additive(prefix_allowed), to_additive(suffix_allowed))
-        return self._masks[dtype]
+            )[:, None].repeat(1, 1, repeats, 1)  # fmt: skip
+            self._masks[key] = (to_additive(prefix_allowed), to_additive(suffix_allowed))
+        return self._masks[key]
 
     @cached_property
     def flat_valid_index(self):
@@ -232,8 +242,6 @@ def prefix_grouper_attention(
     if prefix_grouper is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                                dropout=dropout, **kwargs)  # fmt: skip
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError("prefix_grouper does not support sliding-window attention layers")
     layout = prefix_grouper
     layout.calls += 1
     batch, heads, width, head_dim = query.shape
@@ -250,12 +258,13 @@ def prefix_grouper_attention(
     v_completion = torch.cat([v_prompt[layout.suffix_row], v_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
     # sdpa with grouped-query attention: fold the query heads instead of repeating K/V per head (sdpa_shared_kv)
     repeats = heads // key.shape[1] if layout.kernel == "sdpa" else 1
-    prefix_mask, suffix_mask = layout.masks(query.dtype, repeats)
+    window = kwargs.get("sliding_window")  # set on a sliding-window layer (Mistral, Qwen2, Gemma2/3 local layers)
+    prefix_mask, suffix_mask = layout.masks(query.dtype, repeats, window)
     attend = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
     kwargs.pop("is_causal", None)  # causality is in our masks
     # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, transformers' sdpa with
     # is_causal and no mask (which also runs grouped-query attention without copying K/V)
-    if layout.kernel == "sdpa" and layout.prompts_unpadded:
+    if layout.kernel == "sdpa" and layout.prompts_unpadded and window is None:
         out_prompt, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q_prompt, k_prompt, v_prompt, None, scaling=scaling,
                                                         dropout=dropout, is_causal=True, **kwargs)  # fmt: skip
     else:
@@ -287,6 +296,7 @@ class use_prefix_grouper:
                 f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
                 f"so prefix_grouper cannot replace it; use repeated_prefix_logprobs for this model."
             )
+        check_layer_types(model.config)
         self.model, self.previous = model, model.config._attn_implementation
 
     def __enter__(self):
@@ -306,6 +316,19 @@ def lm_head_sees_only(model, index):
         yield
     finally:
         hook.remove()
+
+
+def check_layer_types(config):
+    """Full and sliding-window attention are what the masks express; any other kind of layer (chunked attention,
+    linear attention, ...) would be computed wrongly without a word, so it is refused."""
+    config = getattr(config, "text_config", config)
+    unsupported = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if unsupported or getattr(config, "attention_chunk_size", None):
+        kinds = ", ".join(sorted(unsupported)) or "chunked_attention"
+        raise ValueError(
+            f"prefix_grouper supports full and sliding-window attention layers; this model also has {kinds}: "
+            f"use repeated_prefix_logprobs for it."
+        )
 
 
 def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):

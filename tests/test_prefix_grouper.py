@@ -3,7 +3,18 @@
 import pytest
 import torch
 from conftest import DEVICES
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 import grpo
@@ -218,6 +229,54 @@ def test_a_model_without_attention_interface_is_refused():
 
     model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, state_size=4))
     with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
+        pg.shared_prefix_logprobs(model, [torch.tensor([1, 2])], [[torch.tensor([3])]])
+
+
+SLIDING = {  # windows of 4 tokens: shorter than every row, so the window changes the result
+    "mistral": lambda **shape: MistralConfig(**shape, sliding_window=4),
+    "qwen2-hybrid": lambda **shape: Qwen2Config(**shape, use_sliding_window=True, sliding_window=4,
+                                                max_window_layers=2),  # layers 0-1 full, 2-3 sliding
+    "gemma2": lambda **shape: Gemma2Config(**shape, head_dim=16, sliding_window=4, attn_logit_softcapping=50.0,
+                                           final_logit_softcapping=30.0),  # soft-capped, eager only
+    "gemma3": lambda **shape: Gemma3TextConfig(**shape, head_dim=16, sliding_window=4, sliding_window_pattern=2),
+}  # fmt: skip
+MODELS = {"mistral": MistralForCausalLM, "qwen2-hybrid": Qwen2ForCausalLM, "gemma2": Gemma2ForCausalLM,
+          "gemma3": Gemma3ForCausalLM}  # fmt: skip
+
+
+def sliding_model(family, kernel, device="cpu", window=None):
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    config = SLIDING[family](**shape)
+    config.sliding_window = window or config.sliding_window
+    config._attn_implementation = kernel
+    torch.manual_seed(0)
+    return MODELS[family](config).to(device).train()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "family, kernel",
+    [("mistral", "sdpa"), ("mistral", "eager"), ("qwen2-hybrid", "sdpa"), ("qwen2-hybrid", "eager"),
+     ("gemma2", "eager"), ("gemma3", "sdpa"), ("gemma3", "eager")],
+)  # fmt: skip
+def test_sliding_window_and_hybrid_models_match_naive(family, kernel, device):
+    """Sliding-window layers (alone, or alternating with full attention) give the naive forward's log-probs and
+    gradients; and the window matters here: the same weights with a window longer than any row score otherwise."""
+    model = sliding_model(family, kernel, device)
+    prompts, completions = uneven_batch([2, 3, 1], device=device)
+    grouped = logprobs_and_grads(pg.shared_prefix_logprobs, model, prompts, completions)
+    naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
+    assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
+    wide, _ = logprobs_and_grads(pg.repeated_prefix_logprobs, sliding_model(family, kernel, device, window=256),
+                                 prompts, completions)  # fmt: skip
+    assert max((a - b).abs().max().item() for ga, gb in zip(wide, naive[0]) for a, b in zip(ga, gb)) > 1e-3
+
+
+def test_layers_other_than_full_and_sliding_attention_are_refused():
+    model = tiny_model("qwen2")
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(ValueError, match="also has chunked_attention: use repeated_prefix_logprobs"):
         pg.shared_prefix_logprobs(model, [torch.tensor([1, 2])], [[torch.tensor([3])]])
 
 
