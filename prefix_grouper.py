@@ -206,6 +206,71 @@ def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab
     return GroupLayout(*(t.to(device) for t in tensors), kernel=kernel, prompts_unpadded=unpadded)
 
 
+@dataclass
+class TrieLayout:
+    """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, after
+    its parent; a node attends to itself and its ancestors only, at the position of its depth.
+
+    B rows (runs of sequences in sorted order, each row one trie), T = most nodes in a row.
+    """
+
+    input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
+    position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
+    ancestors: torch.Tensor  # (B, T, T) bool: node k is node q or an ancestor of q (padding sees itself)
+    paths: list  # for each sequence: (row, the node of each of its tokens)
+    kernel: str = "sdpa"
+    calls: int = 0
+    _masks: dict = field(default_factory=dict)
+
+    def masks(self, dtype, repeats=1, window=None):
+        """The additive mask (B, 1, T*repeats, T) of the one attention call; a sliding-window layer keeps only
+        ancestors less than `window` positions back."""
+        key = (dtype, repeats, window)
+        if key not in self._masks:
+            allowed = self.ancestors
+            if window is not None:
+                depth = self.position_ids
+                allowed = allowed & (depth[:, None, :] > depth[:, :, None] - window)
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                ~allowed, torch.finfo(dtype).min
+            )  # fmt: skip
+            self._masks[key] = mask[:, None].repeat(1, 1, repeats, 1)
+        return self._masks[key]
+
+
+def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096) -> TrieLayout:
+    """Pack 1-D token tensors as tries. Sequences are taken in sorted order, so that those sharing a prefix are
+    neighbours, and a new row starts once a row holds `max_row_tokens` nodes (a prefix two rows share is then
+    encoded in both: the attention mask of a row is (T, T))."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
+    rows, paths = [], [None] * len(sequences)
+    for i in order:
+        if not rows or len(rows[-1]["tokens"]) >= max_row_tokens:
+            rows.append({"tokens": [], "parents": [], "depths": [], "node_of": {}})
+        row, parent, path = rows[-1], -1, []
+        for depth, token in enumerate(sequences[i].tolist()):
+            if (parent, token) not in row["node_of"]:
+                row["node_of"][parent, token] = len(row["tokens"])
+                row["tokens"].append(token)
+                row["parents"].append(parent)
+                row["depths"].append(depth)
+            parent = row["node_of"][parent, token]
+            path.append(parent)
+        paths[i] = (len(rows) - 1, path)
+    width = max(len(row["tokens"]) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    ancestors = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # (B, T, T)
+    for b, row in enumerate(rows):
+        n = len(row["tokens"])
+        input_ids[b, :n], position_ids[b, :n] = torch.tensor(row["tokens"]), torch.tensor(row["depths"])
+        for node, parent in enumerate(row["parents"]):  # a parent comes before its children
+            if parent >= 0:
+                ancestors[b, node] |= ancestors[b, parent]
+    device = device or sequences[0].device
+    return TrieLayout(input_ids.to(device), position_ids.to(device), ancestors.to(device), paths, kernel=kernel)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The attention function
 
@@ -245,6 +310,13 @@ def prefix_grouper_attention(
     layout = prefix_grouper
     layout.calls += 1
     batch, heads, width, head_dim = query.shape
+    repeats = heads // key.shape[1] if layout.kernel == "sdpa" else 1
+    window = kwargs.get("sliding_window")  # set on a sliding-window layer (Mistral, Qwen2, Gemma2/3 local layers)
+    kwargs.pop("is_causal", None)  # causality is in our masks
+    attend = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
+    if isinstance(layout, TrieLayout):  # O = softmax(Q K^T scale + tree mask) V: one call, each node its ancestors
+        mask = layout.masks(query.dtype, repeats, window)
+        return attend(module, query, key, value, mask, scaling=scaling, dropout=dropout, is_causal=False, **kwargs)
 
     def split(x):  # (B, h, T, D) -> prompt part (B, h, P_max, D) and completion part (N, h, S_max, D)
         flat = x.transpose(1, 2).reshape(batch * width, x.shape[1], head_dim)  # (B*T, h, D)
@@ -257,11 +329,7 @@ def prefix_grouper_attention(
     k_completion = torch.cat([k_prompt[layout.suffix_row], k_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
     v_completion = torch.cat([v_prompt[layout.suffix_row], v_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
     # sdpa with grouped-query attention: fold the query heads instead of repeating K/V per head (sdpa_shared_kv)
-    repeats = heads // key.shape[1] if layout.kernel == "sdpa" else 1
-    window = kwargs.get("sliding_window")  # set on a sliding-window layer (Mistral, Qwen2, Gemma2/3 local layers)
     prefix_mask, suffix_mask = layout.masks(query.dtype, repeats, window)
-    attend = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
-    kwargs.pop("is_causal", None)  # causality is in our masks
     # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, transformers' sdpa with
     # is_causal and no mask (which also runs grouped-query attention without copying K/V)
     if layout.kernel == "sdpa" and layout.prompts_unpadded and window is None:
@@ -431,6 +499,47 @@ def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, retur
     logps, entropy = logprobs_from_logits(logits[valid], input_ids[:, p_max:][valid], temperature)
     sizes = [len(c) for _, c in rows]
     return unflatten(logps, sizes, completions, entropy if return_entropy else None)
+
+
+def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return_entropy=False):
+    """Log-probs of sequences[i][starts[i]:] for each i (1-D tensors), equal to a forward of each sequence alone, with
+    every distinct prefix of the sequences encoded once (pack_trie): a Tree-GRPO tree's leaves share its prompt and
+    every step before they branch. Sequences may repeat, be prefixes of one another, and start inside a shared part.
+    Differentiable when the model is in train mode. Returns a list of 1-D tensors (and the entropies, if asked).
+    """
+    if len(sequences) != len(starts) or not sequences:
+        raise ValueError(f"need one start per sequence and at least one sequence, got {len(sequences)} sequences "
+                         f"and {len(starts)} starts")  # fmt: skip
+    for i, (sequence, start) in enumerate(zip(sequences, starts)):
+        if sequence.dim() != 1 or not 1 <= start <= len(sequence):
+            raise ValueError(
+                f"sequence {i}: need a 1-D tensor and 1 <= start <= its length (the first token has nothing before "
+                f"it to predict it), got shape {tuple(sequence.shape)}, start {start}"
+            )
+    current = model.config._attn_implementation
+    layout = pack_trie(sequences, kernel=kernel or (current if current in KERNELS else "sdpa"), device=model.device)
+    # the node of token t-1 predicts token t; nodes predicting a scored token, each once, go through the LM head
+    predictors, targets = [], []
+    for (row, path), sequence, start in zip(layout.paths, sequences, starts):
+        predictors += [(row, node) for node in path[start - 1 : -1]]
+        targets.append(sequence[start:])
+    if not predictors:  # every start at the end: nothing to score
+        empty = [sequence.new_zeros(0, dtype=torch.float32) for sequence in sequences]
+        return (empty, empty) if return_entropy else empty
+    targets = torch.cat(targets).to(model.device)
+    nodes = sorted(set(predictors))
+    where = {pair: k for k, pair in enumerate(nodes)}
+    rows, positions = (torch.tensor(x, device=model.device) for x in zip(*nodes))
+    with use_prefix_grouper(model), lm_head_sees_only(model, (rows, positions)):
+        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_grouper=layout,
+                       use_cache=False).logits[0]  # (unique predicting nodes, V)  # fmt: skip
+    if layout.calls == 0:
+        raise ValueError(f"{type(model).__name__} never called the prefix_grouper attention function; this "
+                         f"architecture cannot use trie_logprobs.")  # fmt: skip
+    logits = logits[torch.tensor([where[pair] for pair in predictors], device=model.device)]  # (tokens, V)
+    logps, entropy = logprobs_from_logits(logits, targets, temperature)
+    sizes = [len(sequence) - start for sequence, start in zip(sequences, starts)]
+    return (list(logps.split(sizes)), list(entropy.split(sizes))) if return_entropy else list(logps.split(sizes))
 
 
 def unflatten(values, sizes, completions, entropy=None):

@@ -101,7 +101,7 @@ from common import (
     seed_everything,
     seed_sweep,
 )
-from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
+from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, trie_logprobs
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Args:
         default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
     )
     prefix_grouper: bool = field(
-        default=False, metadata={"help": "encode each question's prompt once for all its leaves (prefix_grouper.py)"}
+        default=False, metadata={"help": "encode what leaves share (prompt, steps before a branch) once: a trie"}
     )
     # evaluation
     eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out questions every N steps"})
@@ -319,6 +319,26 @@ def pad_batch(sequences, pad_id, left: bool, device):
         ids.append(padding + s if left else s + padding)
         mask.append([0] * len(padding) + [1] * len(s) if left else [1] * len(s) + [0] * len(padding))
     return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def leaf_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
+    """Per-token log-probs and entropies (leaves, T) of each leaf's response, as completion_logprobs gives them.
+    With prefix_grouper the leaves go through prefix_grouper.trie_logprobs: what they share (their question's
+    prompt, and every step and observation before they branch) is encoded once instead of once per leaf."""
+    if not prefix_grouper:
+        return completion_logprobs(model, batch, temperature)
+    prompt_mask, response_mask = (
+        batch["prompt_mask"].bool(),
+        batch["completion_mask"].bool(),
+    )  # (leaves, P), (leaves, T)
+    sequences = [torch.cat([prompt[p_mask], response[r_mask]]) for prompt, p_mask, response, r_mask in
+                 zip(batch["prompt_ids"], prompt_mask, batch["completion_ids"], response_mask)]  # fmt: skip
+    logps, entropy = trie_logprobs(model, sequences, prompt_mask.sum(1).tolist(), temperature, return_entropy=True)
+    # back to (leaves, T): each leaf's values fill its mask's ones, in order
+    to_padded = lambda values: torch.zeros(response_mask.shape, device=model.device).masked_scatter(
+        response_mask, torch.cat(values)
+    )  # fmt: skip
+    return to_padded(logps), to_padded(entropy)
 
 
 def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6):
@@ -521,7 +541,7 @@ def train(args: Args):
             prompt_ids, prompt_mask = pad_batch([leaf.root().prompt_ids for leaf in leaves], pad, True, model.device)
             response_ids, response_mask = pad_batch([r[0] for r in responses], pad, False, model.device)
             loss_mask, _ = pad_batch([r[1] for r in responses], 0, False, model.device)  # 0 on observations
-            batch = {  # a question's leaves are consecutive rows sharing its prompt (what --prefix_grouper uses)
+            batch = {  # one row per kept leaf: its question's prompt, then its path's steps and observations
                 "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,  # (leaves, P)
                 "completion_ids": response_ids, "completion_mask": response_mask,  # (leaves, T): steps + observations
             }  # fmt: skip
@@ -531,7 +551,7 @@ def train(args: Args):
             ref_logps = None
             with torch.no_grad(), autocast(model.device, args.dtype):
                 if ref_model is not None:
-                    ref_logps = torch.cat([completion_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
+                    ref_logps = torch.cat([leaf_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
                                            for mb in micro_batches])  # (leaves, T)  # fmt: skip
             # 4. one optimiser step over micro-batches (on-policy: old log-probs = current ones, detached)
             model.train()
@@ -539,7 +559,7 @@ def train(args: Args):
             step_metrics, loss_sum = [], 0.0
             for rows, micro_batch in zip(row_chunks, micro_batches):
                 with autocast(model.device, args.dtype):
-                    logps, entropy = completion_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
+                    logps, entropy = leaf_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
                 loss, metrics = policy_loss(
                     logps,
                     logps.detach(),

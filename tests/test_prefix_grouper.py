@@ -281,6 +281,84 @@ def test_layers_other_than_full_and_sliding_attention_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tries: every distinct prefix encoded once
+
+
+def shared_sequences(device="cpu"):
+    """Sequences that share prefixes at different depths: a duplicate, one a prefix of another, branches at 5 and
+    8 tokens, one sharing nothing; starts inside shared parts, at the first scorable token and at the end."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(1, VOCAB, (12,), generator=g)
+    branch = lambda n, k: torch.cat([base[:n], torch.randint(1, VOCAB, (k,), generator=g)])  # noqa: E731
+    sequences = [base, base[:8], branch(5, 6), base.clone(), branch(5, 3), torch.randint(1, VOCAB, (7,), generator=g),
+                 branch(8, 4)]  # fmt: skip
+    return [x.to(device) for x in sequences], [3, 6, 2, 10, 5, 1, 12]
+
+
+def each_alone(model, sequences, starts, temperature=1.0):
+    """The reference: a plain forward of each sequence by itself."""
+    logits = [model(input_ids=x[None], use_cache=False).logits[0, s - 1 : -1] for x, s in zip(sequences, starts)]
+    return [(z.float() / temperature).log_softmax(-1).gather(-1, x[s:, None]).squeeze(-1)
+            for z, x, s in zip(logits, sequences, starts)]  # fmt: skip
+
+
+def trie_and_alone(model, sequences, starts, **kwargs):
+    results = []
+    for fn in (lambda: pg.trie_logprobs(model, sequences, starts, **kwargs), lambda: each_alone(model, sequences,
+               starts, **kwargs)):  # fmt: skip
+        model.zero_grad(set_to_none=True)
+        logps = fn()
+        flat = torch.cat(logps)
+        (flat * torch.linspace(0.5, 1.5, len(flat), device=flat.device)).sum().backward()
+        results.append(([[x] for x in logps], {n: p.grad.clone() for n, p in model.named_parameters()}))
+    return results
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_trie_logprobs_equal_each_sequence_alone(device, family, kernel):
+    model = tiny_model(family, kernel, device)
+    sequences, starts = shared_sequences(device)
+    trie, alone = trie_and_alone(model, sequences, starts, temperature=0.7)
+    assert_same(trie, alone, logp_atol=1e-5, grad_rtol=1e-4)
+    assert len(trie[0][-1][0]) == 0  # started at its end: nothing to score
+
+
+def test_trie_encodes_each_distinct_prefix_once_and_rows_may_split(monkeypatch):
+    sequences, starts = shared_sequences()
+    layout = pg.pack_trie(sequences)
+    distinct = {tuple(x[:n].tolist()) for x in sequences for n in range(1, len(x) + 1)}
+    assert layout.input_ids.shape == (1, len(distinct)) and len(distinct) < sum(map(len, sequences))
+    assert sorted(layout.position_ids[0].tolist()) == sorted(len(prefix) - 1 for prefix in distinct)  # depths
+    model = tiny_model("qwen2")
+    one_row = pg.trie_logprobs(model, sequences, starts)
+    small_rows = pg.pack_trie
+    monkeypatch.setattr(pg, "pack_trie", lambda sequences, **options: small_rows(sequences, **options,
+                                                                                   max_row_tokens=10))  # fmt: skip
+    assert pg.pack_trie(sequences).input_ids.shape[0] > 1
+    for a, b in zip(one_row, pg.trie_logprobs(model, sequences, starts)):  # rows of about 10 nodes: the same
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_trie_on_a_sliding_window_model():
+    model = sliding_model("mistral", "sdpa")
+    sequences, starts = shared_sequences()
+    trie, alone = trie_and_alone(model, sequences, starts)
+    assert_same(trie, alone, logp_atol=1e-5, grad_rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "sequences, starts, message",
+    [([torch.tensor([1, 2])], [0], "1 <= start <= its length"), ([torch.tensor([1, 2])], [1, 1], "one start per"),
+     ([torch.tensor([[1, 2]])], [1], "1-D tensor")],
+)  # fmt: skip
+def test_trie_bad_input_is_a_clear_error(sequences, starts, message):
+    with pytest.raises(ValueError, match=message):
+        pg.trie_logprobs(tiny_model("qwen2"), sequences, starts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # grpo.py --prefix_grouper
 
 

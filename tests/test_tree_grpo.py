@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import ROOT, main_runner, script_runner
 
+import common
 import grpo
+import prefix_grouper as pg
 import tree_grpo as T
 from common import build_tiny_tokenizer
 
@@ -237,9 +239,39 @@ def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
     assert message in err.splitlines()[-1], err[-2000:]
 
 
+def test_leaf_logprobs_through_the_trie_equal_each_leaf_alone(monkeypatch):
+    """A rollout's leaves share their prompt and the steps before they branch: through trie_logprobs each shared
+    token is encoded once, and the log-probs, entropies and every gradient equal the per-leaf forward."""
+    monkeypatch.setattr(T, "generate_steps", scripted_steps)
+    random.seed(0)
+    args = replace(T.Args(), num_trees=2, expand_nodes=2, expand_rounds=1, keep_leaves=3, max_turns=4)
+    items = TRAIN[:2]
+    prompts = [TOKENIZER(x["question"])["input_ids"] for x in items]
+    kept, _ = T.tree_rollout(None, TOKENIZER, items, prompts, SEARCH, args, random.Random(0), T.Budget())
+    leaves = [leaf for _, _, leaf in kept]
+    prompt_ids, prompt_mask = T.pad_batch([leaf.root().prompt_ids for leaf in leaves], 0, True, "cpu")
+    response_ids, response_mask = T.pad_batch([T.leaf_sequence(leaf)[0] for leaf in leaves], 0, False, "cpu")
+    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": response_ids,
+             "completion_mask": response_mask}  # fmt: skip
+    model = common.build_tiny_model(TOKENIZER).train()
+    results = []
+    for prefix_grouper in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps, entropy = T.leaf_logprobs(model, batch, prefix_grouper=prefix_grouper)
+        (logps * response_mask).sum().backward()
+        results.append((logps * response_mask, entropy * response_mask, [p.grad.clone() for p in model.parameters()]))
+    (logps_n, entropy_n, grads_n), (logps_t, entropy_t, grads_t) = results
+    torch.testing.assert_close(logps_t, logps_n, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy_t, entropy_n, atol=1e-5, rtol=0)
+    assert all(((a - b).norm() / b.norm()).item() < 1e-4 for a, b in zip(grads_t, grads_n))
+    sequences = [torch.cat([p[m.bool()], r[k.bool()]]) for p, m, r, k in zip(prompt_ids, prompt_mask, response_ids,
+                                                                               response_mask)]  # fmt: skip
+    assert pg.pack_trie(sequences).input_ids.numel() < 0.6 * sum(map(len, sequences))  # the sharing is real
+
+
 def test_prefix_grouper_gives_the_same_step(tmp_path):
-    """--prefix_grouper encodes each question's prompt once for all its leaves (consecutive rows that share it):
-    the same seed gives the same rollouts, and the loss, entropy and gradient norm agree up to float rounding."""
+    """--prefix_grouper scores the leaves through a trie of what they share: the same seed gives the same
+    rollouts, and the loss, entropy and gradient norm agree up to float rounding."""
     last = {}
     for prefix_grouper in (False, True):
         args = T.Args(num_steps=1, sft_steps=20, num_eval=10, prompts_per_step=2, max_step_tokens=16, max_turns=2,
