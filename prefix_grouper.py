@@ -208,29 +208,37 @@ def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab
 
 @dataclass
 class TrieLayout:
-    """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, after
-    its parent; a node attends to itself and its ancestors only, at the position of its depth.
+    """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, at the
+    position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points: a
+    segment's queries see its ancestors' keys and its own, causally (the two calls of a GroupLayout are the case of
+    one prompt segment and its completions). Every distinct token passes the MLP and projections once.
 
-    B rows (runs of sequences in sorted order, each row one trie), T = most nodes in a row.
+    B rows (runs of sequences in sorted order, one trie each), T = most nodes in a row; N segments, of at most
+    S_max nodes with at most K_max - S_max ancestors. "flat" indices count positions of the (B, T) batch: b * T + t.
     """
 
     input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
     position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
-    ancestors: torch.Tensor  # (B, T, T) bool: node k is node q or an ancestor of q (padding sees itself)
+    query_index: torch.Tensor  # (N, S_max) flat index of each node of a segment, right-padded
+    query_valid: torch.Tensor  # (N, S_max) bool
+    key_index: torch.Tensor  # (N, K_max) flat index of the segment's ancestors, then its own nodes, right-padded
+    key_valid: torch.Tensor  # (N, K_max) bool
     paths: list  # for each sequence: (row, the node of each of its tokens)
     kernel: str = "sdpa"
     calls: int = 0
     _masks: dict = field(default_factory=dict)
 
     def masks(self, dtype, repeats=1, window=None):
-        """The additive mask (B, 1, T*repeats, T) of the one attention call; a sliding-window layer keeps only
-        ancestors less than `window` positions back."""
+        """The additive mask (N, 1, S_max*repeats, K_max): a node sees the keys not deeper than itself (its
+        ancestors and itself; a sliding-window layer only those less than `window` positions back)."""
         key = (dtype, repeats, window)
         if key not in self._masks:
-            allowed = self.ancestors
+            depth = self.position_ids.flatten()
+            query_depth, key_depth = depth[self.query_index], depth[self.key_index]  # (N, S_max), (N, K_max)
+            allowed = self.key_valid[:, None, :] & (key_depth[:, None, :] <= query_depth[:, :, None])
             if window is not None:
-                depth = self.position_ids
-                allowed = allowed & (depth[:, None, :] > depth[:, :, None] - window)
+                allowed &= key_depth[:, None, :] > query_depth[:, :, None] - window
+            allowed[:, :, 0] |= ~self.query_valid  # a padding query sees one key: its softmax stays finite
             mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                 ~allowed, torch.finfo(dtype).min
             )  # fmt: skip
@@ -238,10 +246,10 @@ class TrieLayout:
         return self._masks[key]
 
 
-def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096) -> TrieLayout:
+def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segment_tokens=128) -> TrieLayout:
     """Pack 1-D token tensors as tries. Sequences are taken in sorted order, so that those sharing a prefix are
     neighbours, and a new row starts once a row holds `max_row_tokens` nodes (a prefix two rows share is then
-    encoded in both: the attention mask of a row is (T, T))."""
+    encoded in both)."""
     order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
     rows, paths = [], [None] * len(sequences)
     for i in order:
@@ -260,15 +268,39 @@ def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096) -> Tri
     width = max(len(row["tokens"]) for row in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     position_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    ancestors = torch.eye(width, dtype=torch.bool).repeat(len(rows), 1, 1)  # (B, T, T)
+    segments = []  # (flat indices of the ancestors, flat indices of the segment's nodes)
     for b, row in enumerate(rows):
         n = len(row["tokens"])
         input_ids[b, :n], position_ids[b, :n] = torch.tensor(row["tokens"]), torch.tensor(row["depths"])
-        for node, parent in enumerate(row["parents"]):  # a parent comes before its children
+        children = [[] for _ in range(n)]
+        for node, parent in enumerate(row["parents"]):
             if parent >= 0:
-                ancestors[b, node] |= ancestors[b, parent]
+                children[parent].append(node)
+        starts = [node for node, parent in enumerate(row["parents"]) if parent < 0 or len(children[parent]) > 1]
+        for node in starts:  # a segment runs from a root or branch to the next branch point or leaf
+            ancestors, up = [], row["parents"][node]
+            while up >= 0:
+                ancestors.append(b * width + up)
+                up = row["parents"][up]
+            own = [node]
+            while len(children[own[-1]]) == 1:
+                own.append(children[own[-1]][0])
+            ancestors, own = ancestors[::-1], [b * width + x for x in own]
+            for i in range(0, len(own), segment_tokens):  # a long run in pieces: less padding to the longest
+                segments.append((ancestors + own[:i], own[i : i + segment_tokens]))
+    s_max = max(len(own) for _, own in segments)
+    k_max = max(len(ancestors) + len(own) for ancestors, own in segments)
+    query_index = torch.zeros(len(segments), s_max, dtype=torch.long)
+    query_valid = torch.zeros(len(segments), s_max, dtype=torch.bool)
+    key_index = torch.zeros(len(segments), k_max, dtype=torch.long)
+    key_valid = torch.zeros(len(segments), k_max, dtype=torch.bool)
+    for j, (ancestors, own) in enumerate(segments):
+        query_index[j, : len(own)], query_valid[j, : len(own)] = torch.tensor(own), True
+        keys = ancestors + own
+        key_index[j, : len(keys)], key_valid[j, : len(keys)] = torch.tensor(keys), True
     device = device or sequences[0].device
-    return TrieLayout(input_ids.to(device), position_ids.to(device), ancestors.to(device), paths, kernel=kernel)
+    tensors = (input_ids, position_ids, query_index, query_valid, key_index, key_valid)
+    return TrieLayout(*(t.to(device) for t in tensors), paths, kernel=kernel)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,9 +346,15 @@ def prefix_grouper_attention(
     window = kwargs.get("sliding_window")  # set on a sliding-window layer (Mistral, Qwen2, Gemma2/3 local layers)
     kwargs.pop("is_causal", None)  # causality is in our masks
     attend = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
-    if isinstance(layout, TrieLayout):  # O = softmax(Q K^T scale + tree mask) V: one call, each node its ancestors
-        mask = layout.masks(query.dtype, repeats, window)
-        return attend(module, query, key, value, mask, scaling=scaling, dropout=dropout, is_causal=False, **kwargs)
+    if isinstance(layout, TrieLayout):  # O_seg = softmax(Q_seg [K_ancestors; K_seg]^T scale + mask) [V_anc; V_seg]
+        flat = lambda x: x.transpose(1, 2).reshape(batch * width, x.shape[1], head_dim)  # noqa: E731  (B*T, h, D)
+        gather = lambda x, index: flat(x)[index].transpose(1, 2)  # noqa: E731  (N, h, S_max or K_max, D)
+        out, _ = attend(module, gather(query, layout.query_index), gather(key, layout.key_index),
+                        gather(value, layout.key_index), layout.masks(query.dtype, repeats, window), scaling=scaling,
+                        dropout=dropout, is_causal=False, **kwargs)  # (N, S_max, H, D)  # fmt: skip
+        real, index = out[layout.query_valid], layout.query_index[layout.query_valid]  # (nodes, H, D), (nodes,)
+        output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, index, real)
+        return output.view(batch, width, heads, head_dim), None
 
     def split(x):  # (B, h, T, D) -> prompt part (B, h, P_max, D) and completion part (N, h, S_max, D)
         flat = x.transpose(1, 2).reshape(batch * width, x.shape[1], head_dim)  # (B*T, h, D)
@@ -558,7 +596,11 @@ def unflatten(values, sizes, completions, entropy=None):
 @dataclass
 class Args:
     model: str = field(
-        default="tiny", metadata={"help": "tiny (random 0.8M Qwen2) | qwen2.5-0.5b (random, that shape)"}
+        default="tiny",
+        metadata={
+            "help": "tiny (random 0.8M Qwen2) | small (random, width 512, 32k vocabulary) | "
+            "qwen2.5-0.5b (random, that shape)"
+        },
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
@@ -567,6 +609,7 @@ class Args:
     completion_lengths: str = field(default="64,256", metadata={"help": "S values, comma-separated"})
     group_sizes: str = field(default="4,8", metadata={"help": "G values, comma-separated"})
     repeats: int = field(default=3, metadata={"help": "timed forward+backward passes per cell (median)"})
+    trees: bool = field(default=True, metadata={"help": "also the tree table: trie_logprobs vs each leaf alone"})
 
 
 def random_model(name, kernel, dtype, device):
@@ -575,6 +618,8 @@ def random_model(name, kernel, dtype, device):
     shapes = {  # random weights: speed and memory depend on the shape only
         "tiny": dict(vocab_size=107, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2),
+        "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2),
         "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                              num_attention_heads=14, num_key_value_heads=2),
     }  # fmt: skip
@@ -671,6 +716,57 @@ def benchmark(args: Args):
     return rows
 
 
+def random_tree(vocab_size, prompt_length, trees, expansions, turns, step_tokens, seed=0):
+    """A Tree-GRPO-shaped rollout of one question: `trees` chains of `turns` steps of `step_tokens` tokens (a step
+    and its observation), and per tree `expansions` more leaves, each branching off an existing leaf at a random
+    step and finishing with new steps. Returns the prompt and the leaves' responses."""
+    g = torch.Generator().manual_seed(seed)
+    new_steps = lambda n: [torch.randint(3, vocab_size, (step_tokens,), generator=g) for _ in range(n)]  # noqa: E731
+    prompt, responses = torch.randint(3, vocab_size, (prompt_length,), generator=g), []
+    for _ in range(trees):
+        leaves = [new_steps(turns)]
+        for _ in range(expansions):
+            parent = leaves[int(torch.randint(len(leaves), (1,), generator=g))]
+            keep = int(torch.randint(turns, (1,), generator=g))  # branch after this many steps (0: at the root)
+            leaves.append(parent[:keep] + new_steps(turns - keep))
+        responses += [torch.cat(steps) for steps in leaves]
+    return prompt, responses
+
+
+def trie_of_groups(model, prompts, completions):
+    """trie_logprobs with shared_prefix_logprobs's inputs and output (for the benchmark)."""
+    sequences = [torch.cat([prompt, c]) for prompt, group in zip(prompts, completions) for c in group]
+    starts = [len(prompt) for prompt, group in zip(prompts, completions) for _ in group]
+    return unflatten(torch.cat(trie_logprobs(model, sequences, starts)), [len(c) for g in completions for c in g],
+                     completions)  # fmt: skip
+
+
+def tree_benchmark(args: Args, model):
+    """Forward+backward of a tree's leaf log-probs: each leaf as its own row vs trie_logprobs."""
+    print("\ntrees: trie_logprobs vs each leaf alone (repeated_prefix_logprobs), one question, forward+backward\n")
+    print("| shape | leaves | leaf tokens | trie tokens | ideal | naive s | trie s | speed-up | naive MB | trie MB | "
+          "memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    shapes = {  # (prompt, M trees, expansions per tree = N*L, turns, tokens per step and observation)
+        "default (M=2, N=2, L=1, 4 turns)": (256, 2, 2, 4, 96),
+        "deeper (M=2, N=4, L=3, 8 turns)": (256, 2, 12, 8, 64),
+    }
+    for name, (p, m, e, turns, step) in shapes.items():
+        prompt, responses = random_tree(model.config.vocab_size, p, m, e, turns, step)
+        prompt, responses = prompt.to(model.device), [r.to(model.device) for r in responses]
+        sequences = [torch.cat([prompt, r]) for r in responses]
+        trie_tokens = pack_trie(sequences).input_ids.numel()
+        leaf_tokens = sum(map(len, sequences))
+        cell = {}
+        for label, fn in (("naive", repeated_prefix_logprobs), ("trie", trie_of_groups)):
+            forward_backward(fn, model, [prompt], [responses])  # warm-up
+            runs = [forward_backward(fn, model, [prompt], [responses]) for _ in range(args.repeats)]
+            cell[label] = (sorted(r[0] for r in runs)[len(runs) // 2], max(r[1] for r in runs))
+        (tn, mn), (tt, mt) = cell["naive"], cell["trie"]
+        print(f"| {name} | {len(sequences)} | {leaf_tokens} | {trie_tokens} | {leaf_tokens / trie_tokens:.2f} | "
+              f"{tn:.3f} | {tt:.3f} | {tn / tt:.2f}x | {mn / 2**20:.0f} | {mt / 2**20:.0f} | {mn / mt:.2f}x |",
+              flush=True)  # fmt: skip
+
+
 if __name__ == "__main__":
     from common import parse_args, pick_device
 
@@ -682,3 +778,6 @@ if __name__ == "__main__":
     if logp_diff > 1e-5 or grad_diff > 1e-4:
         sys.exit("prefix_grouper does not match the naive computation")
     benchmark(args)
+    if args.trees:
+        tree_benchmark(args, random_model(args.model, args.kernel, {"float32": torch.float32, "bfloat16":
+                                          torch.bfloat16}[args.dtype], pick_device(args.device)).train())  # fmt: skip
