@@ -518,7 +518,9 @@ def format_prompt(tokenizer, question: str, system_prompt: str | None = None, ex
 
 
 @torch.no_grad()
-def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.0, top_p=1.0, greedy=False, **settings):
+def generate(
+    model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.0, top_p=1.0, greedy=False, copies=1, **settings
+):
     """`model.generate(**inputs)` with the caller's sampling settings and nothing else.
 
     A checkpoint's generation_config.json may set a repetition penalty, top_k, n-gram blocking, a minimum length,
@@ -528,6 +530,9 @@ def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.
     samples from the nucleus, a truncated distribution, while the loss scores the full one (as in TRL): keep it
     at 1 for on-policy training. `settings` add generate options that do not change the distribution of the
     tokens sampled (stop_strings) or that the loss matches (suppress_tokens in grpo_pp.py).
+
+    copies > 1: the rows come in runs of `copies` equal prompts (a GRPO group). Each prompt is then prefilled once,
+    and its KV cache repeated for its copies, instead of `copies` identical prefills; the tokens are the same.
     """
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -541,12 +546,24 @@ def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.
         ),
         **settings,
     )
+    if copies > 1 and inputs["input_ids"].size(1) > 1 and "pixel_values" not in inputs:
+        inputs = {**inputs, "past_key_values": shared_prompt_cache(model, inputs, copies)}
     # generate fills every setting we leave unset from model.generation_config: give it a blank one for this call
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         return model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
     finally:
         model.generation_config = checkpoint_config
+
+
+def shared_prompt_cache(model, inputs, copies):
+    """The KV cache of every prompt but its last token, computed for one row of each run of `copies` equal rows and
+    repeated for the others: generate then prefills only each row's last prompt token."""
+    ids, mask = inputs["input_ids"][::copies, :-1], inputs["attention_mask"][::copies, :-1]  # (B, P-1)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate counts them: real tokens from 0
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(copies)  # (B*copies, ...) in the rows' order
+    return cache
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ class Args:
         default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
     )
     prefix_grouper: bool = field(
-        default=False, metadata={"help": "encode each group's prompt once (prefix_grouper.py)"}
+        default=False, metadata={"help": "each group's prompt once: one prefill, one encoding (prefix_grouper.py)"}
     )
     # evaluation
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
@@ -293,9 +293,11 @@ def objective_advantages(rewards_by_objective, weights, group_size, mode="sum_th
 
 @torch.no_grad()
 def generate_completions(
-    model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False
-):
-    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...].
+    model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
+    prefix_grouper=False,
+):  # fmt: skip
+    """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...]. With prefix_grouper,
+    each prompt is prefilled once and its KV cache shared by its G samples (common.generate), the same tokens.
 
     Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
     ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
@@ -307,7 +309,7 @@ def generate_completions(
     # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
     output = generate(
         model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy,
+        temperature=temperature, top_p=top_p, greedy=greedy, copies=group_size if prefix_grouper else 1,
     )  # fmt: skip
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
@@ -475,6 +477,7 @@ def train(args: Args):
                 rollout = generate_completions(
                     model, tokenizer, [to_prompt(x) for x in batch_items], group_size=args.group_size,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    prefix_grouper=args.prefix_grouper,
                 )  # fmt: skip
             group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and group-relative advantages

@@ -18,6 +18,15 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
+Tries (ours; the paper shares one prompt). A Tree-GRPO tree's leaves share their prompt and every step before
+they branch. `trie_logprobs(model, sequences, starts)` makes each distinct prefix one node of a packed row, at
+the position of its depth, and runs attention per segment (an unbranched run of nodes between branch points):
+
+    O_seg = softmax(Q_seg [K_ancestors; K_seg]^T * scale + mask) [V_ancestors; V_seg]
+
+where the mask lets a node see its ancestors and the nodes before it in its segment. The two calls above are the
+case of one prompt segment and G completion segments. Ideal saving: leaf tokens / distinct prefixes.
+
 What we do differently from the official package (https://github.com/johncaged/PrefixGrouper):
 - Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on flash-
   attention's bottom-right causal alignment: with `sdpa` the result is silently wrong and `eager` raises. We

@@ -17,6 +17,7 @@ from transformers import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+import common
 import grpo
 import prefix_grouper as pg
 
@@ -360,6 +361,25 @@ def test_trie_bad_input_is_a_clear_error(sequences, starts, message):
 
 # ---------------------------------------------------------------------------------------------------------------
 # grpo.py --prefix_grouper
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_rollout_prefills_each_prompt_once_with_the_same_tokens(greedy):
+    """With prefix_grouper the rollout prefills each prompt once (B rows, not B*G) and shares its KV cache with the
+    group's samples: greedy completions are token for token today's, and so are samples with the same seed here."""
+    tokenizer = common.build_tiny_tokenizer()
+    model = common.build_tiny_model(tokenizer).eval()
+    prompts, rows = ["12+34=", "5+6=", "100+2="], []
+    model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape), with_kwargs=True)
+    results = []
+    for prefix_grouper in (False, True):
+        torch.manual_seed(0)
+        rows.clear()
+        results.append(grpo.generate_completions(model, tokenizer, prompts, group_size=4, max_new_tokens=10,
+                                                 greedy=greedy, prefix_grouper=prefix_grouper))  # fmt: skip
+    assert rows[0] == (3, 5)  # the shared prefill: 3 prompts, all but their last token (the longest has 6)
+    assert torch.equal(results[0]["completion_ids"], results[1]["completion_ids"])
+    assert torch.equal(results[0]["completion_mask"], results[1]["completion_mask"])
 
 
 def test_grpo_step_is_the_same_with_prefix_grouper():
