@@ -89,7 +89,7 @@ from common import (
     seed_everything,
     seed_sweep,
 )
-from prefix_grouper import logprobs_from_logits
+from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
 
 
 @dataclass
@@ -139,6 +139,9 @@ class Args:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
+    )
+    prefix_grouper: bool = field(
+        default=False, metadata={"help": "a group's image and prompt encoded once in the log-probs (prefix_grouper)"}
     )
     eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out split every N steps"})
     # stages 2 and 3
@@ -342,8 +345,24 @@ def completion_logits(model, batch):
     return logits.index_fill(-1, torch.tensor([model.config.image_token_id], device=logits.device), float("-inf"))
 
 
-def completion_logprobs(model, batch, temperature=1.0):
-    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values."""
+def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
+    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values. With
+    prefix_grouper a group's image and prompt are encoded once (the vision tower sees each image once)."""
+    if prefix_grouper:  # as grpo.py's, with each group's pixel values and <image> given probability 0
+        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
+        # a group: consecutive rows with the same prompt *and image* (every image has the same prompt tokens)
+        rows = torch.cat([prompt_ids.float(), prompt_mask.float(), batch["pixel_values"].flatten(1).float()], 1)
+        _, group_sizes = torch.unique_consecutive(rows, dim=0, return_counts=True)
+        firsts = group_sizes.cumsum(0) - group_sizes  # the first row of each group
+        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
+        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
+        groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), group_sizes.tolist())]
+        pixel_values, image_token = batch["pixel_values"][firsts], model.config.image_token_id
+        logps = shared_prefix_logprobs(model, prompts, groups, temperature, suppress_tokens=[image_token],
+                                       prompt_inputs={"pixel_values": pixel_values})  # fmt: skip
+        flat = torch.cat([x for group in logps for x in group])
+        return torch.zeros(completion_ids.shape, device=model.device).masked_scatter(completion_mask.bool(), flat)
     # log pi(o_t | image, q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
     return logprobs_from_logits(completion_logits(model, batch), batch["completion_ids"], temperature)[0]  # (B, C)
 
@@ -507,13 +526,15 @@ def train_grpo(args: Args, task=None):
             if len(rows):
                 # 3. log-probs of the sampling policy and of the reference (only if beta > 0)
                 with torch.no_grad(), autocast(model.device, args.dtype):
-                    old_logps = completion_logprobs(model, batch, args.temperature)
-                    ref_logps = completion_logprobs(ref_model, batch, args.temperature) if ref_model else None
+                    old_logps = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
+                    ref_logps = None
+                    if ref_model is not None:
+                        ref_logps = completion_logprobs(ref_model, batch, args.temperature, args.prefix_grouper)
                 # 4. num_iterations passes of one optimiser step each
                 model.train()
                 for _ in range(args.num_iterations):
                     with autocast(model.device, args.dtype):
-                        logps = completion_logprobs(model, batch, args.temperature)
+                        logps = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
                     loss, metrics = policy_loss(
                         logps, old_logps, ref_logps, advantages[rows], batch["completion_mask"], eps_low=args.eps_low,
                         eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,

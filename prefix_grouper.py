@@ -403,7 +403,8 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # for plain forwards on a mode
 
 
 class use_prefix_grouper:
-    """Context manager: the model's attention is "prefix_grouper" inside, what it was before outside."""
+    """Context manager: the model's attention is "prefix_grouper" inside, what it was before outside. In a
+    vision-language model only the language model's: the vision tower keeps its own kernel."""
 
     def __init__(self, model):
         if not getattr(model, "_supports_attention_backend", False):
@@ -412,14 +413,20 @@ class use_prefix_grouper:
                 f"so prefix_grouper cannot replace it; use repeated_prefix_logprobs for this model."
             )
         check_layer_types(model.config)
-        self.model, self.previous = model, model.config._attn_implementation
+        self.model, self.previous = model, text_config(model.config)._attn_implementation
+        self.composite = text_config(model.config) is not model.config
 
     def __enter__(self):
-        self.model.set_attn_implementation(NAME)
+        self.model.set_attn_implementation({"text_config": NAME} if self.composite else NAME)
         return self.previous
 
     def __exit__(self, *exc):
-        self.model.set_attn_implementation(self.previous)
+        self.model.set_attn_implementation({"text_config": self.previous} if self.composite else self.previous)
+
+
+def text_config(config):
+    """The language model's config (a VLM's text_config, or the config itself)."""
+    return getattr(config, "text_config", None) or config
 
 
 @contextmanager
@@ -436,7 +443,7 @@ def lm_head_sees_only(model, index):
 def check_layer_types(config):
     """Full and sliding-window attention are what the masks express; any other kind of layer (chunked attention,
     linear attention, ...) would be computed wrongly without a word, so it is refused."""
-    config = getattr(config, "text_config", config)
+    config = text_config(config)
     unsupported = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
     if unsupported or getattr(config, "attention_chunk_size", None):
         kinds = ", ".join(sorted(unsupported)) or "chunked_attention"
@@ -474,15 +481,20 @@ def chunk_logprobs(logits, targets, temperature):
     return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - z.logsumexp(dim=-1)  # (rows,)
 
 
-def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False):
+def shared_prefix_logprobs(
+    model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False, prompt_inputs=None,
+    suppress_tokens=(),
+):  # fmt: skip
     """Per-token log-probs of each completion given its prompt, each prompt encoded once.
 
     prompts: list of B 1-D id tensors; completions: for each prompt a list of 1-D id tensors (no padding).
     Returns for each prompt a list of 1-D log-prob tensors, one per completion (and the entropies, if asked).
     Differentiable when the model is in train mode. kernel: sdpa | eager | flex_attention (default: the model's
-    current attention implementation if it is one of those, else sdpa).
+    current attention implementation if it is one of those, else sdpa). prompt_inputs: more model inputs, one row
+    per prompt (a VLM's pixel_values: each image then goes through the vision tower once, not once per completion).
+    suppress_tokens: token ids given probability 0, as generate's suppress_tokens does when sampling.
     """
-    current = model.config._attn_implementation
+    current = text_config(model.config)._attn_implementation
     kernel = kernel or (current if current in KERNELS else "sdpa")
     vocab_size = model.get_input_embeddings().num_embeddings
     layout = pack(prompts, completions, pad_token_id=0, kernel=kernel, device=model.device, vocab_size=vocab_size)
@@ -511,19 +523,23 @@ def shared_prefix_logprobs(model, prompts, completions, temperature=1.0, kernel=
             prefix_grouper=layout,
             use_cache=False,
             logits_to_keep=keep,
+            **(prompt_inputs or {}),
         ).logits[0]  # (tokens, V)
     if layout.calls == 0:
         raise ValueError(
             f"{type(model).__name__} never called the prefix_grouper attention function, so its result would be "
             f"wrong; this architecture cannot use prefix_grouper."
         )
+    if suppress_tokens:
+        logits = logits.index_fill(-1, torch.tensor(list(suppress_tokens), device=logits.device), float("-inf"))
     logps, entropy = logprobs_from_logits(logits, targets, temperature)
     sizes = [len(c) for group in completions for c in group]
     return unflatten(logps, sizes, completions, entropy if return_entropy else None)
 
 
-def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, return_entropy=False):
-    """The naive reference: one row per completion, [left-padded prompt][right-padded completion]."""
+def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, return_entropy=False, prompt_inputs=None):
+    """The naive reference: one row per completion, [left-padded prompt][right-padded completion]; prompt_inputs'
+    rows are repeated for each completion of their prompt."""
     check_inputs(prompts, completions, vocab_size=model.get_input_embeddings().num_embeddings)
     rows = [(prompt, completion) for prompt, group in zip(prompts, completions) for completion in group]
     p_max = max(len(p) for p, _ in rows)
@@ -541,6 +557,10 @@ def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, retur
         position_ids=position_ids,
         use_cache=False,
         logits_to_keep=s_max + 1,
+        **{
+            k: v.repeat_interleave(torch.tensor([len(g) for g in completions], device=v.device), dim=0)
+            for k, v in (prompt_inputs or {}).items()
+        },
     ).logits[:, :-1]  # (N, S_max, V): position P_max - 1 + t predicts completion token t
     valid = attention_mask[:, p_max:].bool()  # (N, S_max)
     logps, entropy = logprobs_from_logits(logits[valid], input_ids[:, p_max:][valid], temperature)
@@ -563,7 +583,7 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
                 f"sequence {i}: need a 1-D tensor and 1 <= start <= its length (the first token has nothing before "
                 f"it to predict it), got shape {tuple(sequence.shape)}, start {start}"
             )
-    current = model.config._attn_implementation
+    current = text_config(model.config)._attn_implementation
     layout = pack_trie(sequences, kernel=kernel or (current if current in KERNELS else "sdpa"), device=model.device)
     # the node of token t-1 predicts token t; nodes predicting a scored token, each once, go through the LM head
     predictors, targets = [], []

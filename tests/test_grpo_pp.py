@@ -148,6 +148,31 @@ def test_tiny_vlm_sees_the_image_and_round_trips(tmp_path):
 # Stage 1 runs
 
 
+def test_prefix_grouper_encodes_each_image_once_with_the_same_logprobs_and_gradients():
+    """--prefix_grouper: a group's image and prompt go through the model once; the vision tower sees each image
+    once, and the log-probs (with <image> at probability 0) and every gradient equal the per-row forward."""
+    model, processor = load_vlm("tiny-vlm", device="cpu")
+    items = G.make_lesion_task(2, 1, seed=0)[0][:2]
+    torch.manual_seed(0)
+    batch = G.generate_completions(model, processor, [x["image"] for x in items], group_size=3, max_new_tokens=8)
+    batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    model.train()
+    images_seen, results = [], []
+    model.model.vision_tower.register_forward_pre_hook(lambda m, args: images_seen.append(len(args[0])))
+    for prefix_grouper in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps = G.completion_logprobs(model, batch, temperature=0.8, prefix_grouper=prefix_grouper)
+        (logps * batch["completion_mask"]).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((logps * batch["completion_mask"], grads))
+    assert images_seen == [6, 2]  # 2 images x G=3 rows, then each image once
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=0)
+    # (the keys' biases get gradient 0 up to rounding, ~1e-8: a softmax ignores a constant added to its logits)
+    assert all(
+        ((a - b).norm() / b.norm()).item() < 1e-4 for a, b in zip(results[1][1], results[0][1]) if b.norm() > 1e-6
+    )
+
+
 def test_grpo_pp_flag_turns_every_stabiliser_on():
     plain, plus = G.Args(grpo_pp=False), G.Args()
     assert (plain.advantage, plain.skip_zero_variance, plain.eps_high, plain.loss_type, plain.beta) == (
