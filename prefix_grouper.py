@@ -125,16 +125,20 @@ class GroupLayout:
                 prefix_allowed &= prefix_pos[:, None, :] > prefix_pos[:, :, None] - window
                 suffix_allowed &= keys_pos[:, None, :] > suffix_pos[:, :, None] - window
             prefix_allowed |= diagonal
-            to_additive = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-                ~allowed, torch.finfo(dtype).min
-            )[:, None].repeat(1, 1, repeats, 1)  # fmt: skip
-            self._masks[key] = (to_additive(prefix_allowed), to_additive(suffix_allowed))
+            self._masks[key] = (additive(prefix_allowed, dtype, repeats), additive(suffix_allowed, dtype, repeats))
         return self._masks[key]
 
     @cached_property
     def flat_valid_index(self):
         """Flat positions of every real token: the prompts' then the completions', matching the attention output."""
         return torch.cat([self.prefix_index[self.prefix_valid], self.suffix_index[self.suffix_valid]])
+
+
+def additive(allowed, dtype, repeats=1):
+    """A bool mask (N, Q, K) as the kernels' additive mask (N, 1, Q*repeats, K): 0 = attend, the dtype's most
+    negative number = not (not -inf, so that no row turns into NaN); each query row repeated for sdpa_shared_kv."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None].repeat(1, 1, repeats, 1)
 
 
 def check_inputs(prompts, completions, vocab_size=None):
@@ -248,10 +252,7 @@ class TrieLayout:
             if window is not None:
                 allowed &= key_depth[:, None, :] > query_depth[:, :, None] - window
             allowed[:, :, 0] |= ~self.query_valid  # a padding query sees one key: its softmax stays finite
-            mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-                ~allowed, torch.finfo(dtype).min
-            )  # fmt: skip
-            self._masks[key] = mask[:, None].repeat(1, 1, repeats, 1)
+            self._masks[key] = additive(allowed, dtype, repeats)
         return self._masks[key]
 
 
@@ -481,6 +482,26 @@ def chunk_logprobs(logits, targets, temperature):
     return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - z.logsumexp(dim=-1)  # (rows,)
 
 
+def default_kernel(model, kernel=None):
+    """The kernel of the two calls: `kernel` if given, else the model's own if it takes explicit masks, else sdpa."""
+    current = text_config(model.config)._attn_implementation
+    return kernel or (current if current in KERNELS else "sdpa")
+
+
+def packed_logits(model, layout, scored, **model_inputs):
+    """Logits (tokens, V) at the `scored` (row, position) pairs of one forward of a packed layout (GroupLayout or
+    TrieLayout) through the prefix_grouper attention function."""
+    with use_prefix_grouper(model), lm_head_sees_only(model, scored):
+        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_grouper=layout,
+                       use_cache=False, **model_inputs).logits[0]  # fmt: skip
+    if layout.calls == 0:
+        raise ValueError(
+            f"{type(model).__name__} never called the prefix_grouper attention function, so its result would be "
+            f"wrong; this architecture cannot use prefix_grouper."
+        )
+    return logits
+
+
 def shared_prefix_logprobs(
     model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False, prompt_inputs=None,
     suppress_tokens=(),
@@ -494,10 +515,9 @@ def shared_prefix_logprobs(
     per prompt (a VLM's pixel_values: each image then goes through the vision tower once, not once per completion).
     suppress_tokens: token ids given probability 0, as generate's suppress_tokens does when sampling.
     """
-    current = text_config(model.config)._attn_implementation
-    kernel = kernel or (current if current in KERNELS else "sdpa")
     vocab_size = model.get_input_embeddings().num_embeddings
-    layout = pack(prompts, completions, pad_token_id=0, kernel=kernel, device=model.device, vocab_size=vocab_size)
+    layout = pack(prompts, completions, pad_token_id=0, kernel=default_kernel(model, kernel), device=model.device,
+                  vocab_size=vocab_size)  # fmt: skip
     # position predicting each completion token: the last prompt token for the first, then the completion's own
     predictors, targets = [], []
     for row, (prompt, group) in enumerate(zip(prompts, completions)):
@@ -516,20 +536,7 @@ def shared_prefix_logprobs(
     # any row (logits_to_keep), and the LM head gets exactly the (row, position) pairs that do
     keep = torch.unique(predictors[:, 1])  # sorted (K,)
     scored = (predictors[:, 0], torch.searchsorted(keep, predictors[:, 1].contiguous()))  # into (B, K)
-    with use_prefix_grouper(model), lm_head_sees_only(model, scored):
-        logits = model(
-            input_ids=layout.input_ids,
-            position_ids=layout.position_ids,
-            prefix_grouper=layout,
-            use_cache=False,
-            logits_to_keep=keep,
-            **(prompt_inputs or {}),
-        ).logits[0]  # (tokens, V)
-    if layout.calls == 0:
-        raise ValueError(
-            f"{type(model).__name__} never called the prefix_grouper attention function, so its result would be "
-            f"wrong; this architecture cannot use prefix_grouper."
-        )
+    logits = packed_logits(model, layout, scored, logits_to_keep=keep, **(prompt_inputs or {}))  # (tokens, V)
     if suppress_tokens:
         logits = logits.index_fill(-1, torch.tensor(list(suppress_tokens), device=logits.device), float("-inf"))
     logps, entropy = logprobs_from_logits(logits, targets, temperature)
@@ -583,8 +590,7 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
                 f"sequence {i}: need a 1-D tensor and 1 <= start <= its length (the first token has nothing before "
                 f"it to predict it), got shape {tuple(sequence.shape)}, start {start}"
             )
-    current = text_config(model.config)._attn_implementation
-    layout = pack_trie(sequences, kernel=kernel or (current if current in KERNELS else "sdpa"), device=model.device)
+    layout = pack_trie(sequences, kernel=default_kernel(model, kernel), device=model.device)
     # the node of token t-1 predicts token t; nodes predicting a scored token, each once, go through the LM head
     predictors, targets = [], []
     for (row, path), sequence, start in zip(layout.paths, sequences, starts):
@@ -596,13 +602,8 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
     targets = torch.cat(targets).to(model.device)
     nodes = sorted(set(predictors))
     where = {pair: k for k, pair in enumerate(nodes)}
-    rows, positions = (torch.tensor(x, device=model.device) for x in zip(*nodes))
-    with use_prefix_grouper(model), lm_head_sees_only(model, (rows, positions)):
-        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_grouper=layout,
-                       use_cache=False).logits[0]  # (unique predicting nodes, V)  # fmt: skip
-    if layout.calls == 0:
-        raise ValueError(f"{type(model).__name__} never called the prefix_grouper attention function; this "
-                         f"architecture cannot use trie_logprobs.")  # fmt: skip
+    scored = tuple(torch.tensor(x, device=model.device) for x in zip(*nodes))  # (row, position) of each node
+    logits = packed_logits(model, layout, scored)  # (unique predicting nodes, V)
     logits = logits[torch.tensor([where[pair] for pair in predictors], device=model.device)]  # (tokens, V)
     logps, entropy = logprobs_from_logits(logits, targets, temperature)
     sizes = [len(sequence) - start for sequence, start in zip(sequences, starts)]

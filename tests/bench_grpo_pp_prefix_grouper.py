@@ -10,7 +10,6 @@ Memory = bytes autograd saves for the backward (the CPU has no allocator statist
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo_pp as G  # noqa: E402
 from common import load_vlm  # noqa: E402
+from prefix_grouper import forward_backward  # noqa: E402
 
 
 def batch_for(processor, images, group_size, completion_tokens, vocab_size, seed=0):
@@ -33,20 +33,9 @@ def batch_for(processor, images, group_size, completion_tokens, vocab_size, seed
     }
 
 
-def forward_backward(model, batch, prefix_grouper):
-    saved = {}
-
-    def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        logps = G.completion_logprobs(model, batch, prefix_grouper=prefix_grouper)
-    (logps * batch["completion_mask"]).sum().backward()
-    seconds = time.perf_counter() - start
-    model.zero_grad(set_to_none=True)
-    return seconds, sum(saved.values())
+def masked_logprobs(model, batch, prefix_grouper):
+    """completion_logprobs in the nested form prefix_grouper.forward_backward sums."""
+    return [[G.completion_logprobs(model, batch, prefix_grouper=prefix_grouper) * batch["completion_mask"]]]
 
 
 if __name__ == "__main__":
@@ -61,8 +50,8 @@ if __name__ == "__main__":
         batch = batch_for(processor, images, group_size, completion_tokens, vocab_size)
         cell = {}
         for grouped in (False, True):
-            forward_backward(model, batch, grouped)  # warm-up
-            runs = [forward_backward(model, batch, grouped) for _ in range(3)]
+            forward_backward(masked_logprobs, model, batch, grouped)  # warm-up
+            runs = [forward_backward(masked_logprobs, model, batch, grouped) for _ in range(3)]
             cell[grouped] = (statistics.median(r[0] for r in runs), max(r[1] for r in runs))
         (tn, mn), (tg, mg) = cell[False], cell[True]
         print(f"| {group_size} | {completion_tokens} | {batch['prompt_ids'].size(1)} | {tn:.3f} | {tg:.3f} | "
