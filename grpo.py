@@ -129,7 +129,7 @@ class Args:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
+        default=False, metadata={"help": "recompute activations in the backward: less memory, more compute"}
     )
     prefix_grouper: bool = field(
         default=False, metadata={"help": "each group's prompt once: one prefill, one encoding (prefix_grouper.py)"}

@@ -138,7 +138,7 @@ class Args:
     num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each batch"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward: less memory, about 1.3x the compute"}
+        default=False, metadata={"help": "recompute activations in the backward: less memory, more compute"}
     )
     prefix_grouper: bool = field(
         default=False, metadata={"help": "a group's image and prompt encoded once in the log-probs (prefix_grouper)"}
