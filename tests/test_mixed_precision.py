@@ -90,13 +90,16 @@ def test_chunked_logprobs_and_gradients_equal_the_plain_computation(dtype):
     z = logits.float() / 0.7
     plain = z.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     plain_entropy = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
-    (plain_grad,) = torch.autograd.grad((plain * weights).sum(), logits)
+    (plain_grad,) = torch.autograd.grad((plain * weights).sum(), logits, retain_graph=True)
+    (plain_entropy_grad,) = torch.autograd.grad((plain_entropy * weights).sum(), logits)  # an entropy bonus's
     for chunk_bytes in (4 * 50 * 2, 2**28):  # two rows per chunk, and everything in one
         logps, entropy = logprobs_from_logits(logits, targets, 0.7, chunk_bytes=chunk_bytes)
-        (grad,) = torch.autograd.grad((logps * weights).sum(), logits)
+        (grad,) = torch.autograd.grad((logps * weights).sum(), logits, retain_graph=True)
+        (entropy_grad,) = torch.autograd.grad((entropy * weights).sum(), logits)
         torch.testing.assert_close(logps, plain, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(entropy, plain_entropy, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, plain_grad, atol=1e-6, rtol=1e-3)
+        torch.testing.assert_close(entropy_grad, plain_entropy_grad, atol=1e-6, rtol=1e-3)
 
 
 def saved_bytes(fn, exclude=()):
