@@ -20,14 +20,18 @@ Equations (k = 10, so accuracy dominates and the other terms add at most 2, the 
     R_i   = k * R_acc + R_format                                           GRPO baseline (--method grpo)
     A_i   = (R_i - mean(R_group)) / (std(R_group) + eps)                   mode sum_then_normalize (default)
     A_i   = z_batch( sum_j w_j * z_group(R_ij) )                           mode normalize_then_sum (ablation, GDPO)
-    loss  = GRPO's clipped surrogate with TRL's aggregation (see grpo.py)
+    loss  = GRPO's clipped surrogate with TRL's aggregation and the k3 KL (see grpo.py)
+            - c_H * sum_it M_it H_it / sum_it M_it                         entropy bonus (verl's entropy_coeff)
 
     R_acc    = 1 if the option letter in <conclusion> is the gold one
-    R_faith  = 0.5 * precision(findings cited in <dx> that are in the stem)  + 0.5 * [the <dx> says the concluded
+    R_faith  = 0.5 * precision(findings cited in <dx> that the case has)  + 0.5 * [the <dx> says the concluded
                option fits and does not reject it]                          (0 if the format is wrong)
-    R_comp   = 0.5 * (stem findings cited / stem findings) + 0.5 * (distractors rejected with a stem finding as
-               the reason / distractors)                                    (0 if the format is wrong)
+    R_comp   = 0.5 * (stem findings cited / stem findings) + 0.5 * (distractors rejected for a stem finding that
+               the graph says the distractor lacks / distractors)          (0 if the format is wrong)
     R_format = 1 if the response is exactly <dx>...</dx><conclusion>X</conclusion>
+
+"B no cough" earns R_comp only if cough is in the case and the graph does not give disease B a cough: a rejection
+for a finding the distractor has would teach a wrong reason (an earlier version paid for it).
 
 Why it works without hurting accuracy: in a group where every answer is right (or every one is wrong) the
 accuracy term has no variance, so the whole advantage comes from faithfulness and comprehensiveness; in mixed
@@ -37,11 +41,18 @@ What is the paper's and what is ours (Clinical-R1, https://arxiv.org/abs/2512.00
 - The paper's: the three objectives, rule-based rewards, <dx>/<conclusion>, k = 10 and the k + 2 bound, GRPO
   with correctness + format as the baseline, evaluation of faithfulness, evidence citation and distractor
   rejection. Its exact reward rules, weights of the auxiliary terms and data pipeline are not public.
+- The paper's settings, our defaults: G = 5, a k3 KL to the warm start with beta = 0.001 and an entropy bonus of
+  0.001 (its verl scripts), for both --method crpo and the GRPO baseline. Not the paper's: the learning rate
+  (1e-4 for our 0.8M-parameter model; its 1e-6 is for 3B) and the sampling temperature (1.0, which the loss
+  scores; its cold-start run samples at 0.6).
 - Ours (interpretation): the formulas of R_faith and R_comp above; summing before normalising (the k + 2 bound
   points to one summed reward); a synthetic clinical task whose findings are exact words, so "cites a finding"
-  is a string match (real MedQA would need clinical NER: on the MedQA path we use MedQA's metamap phrases);
-  an evaluation checked against the knowledge graph, stricter than the training reward (a rejection counts as
-  valid only if the rejected disease really lacks the finding).
+  is a string match (real MedQA would need clinical NER: on the MedQA path we use MedQA's metamap phrases).
+- On MedQA there is no knowledge graph. What stands in (`load_medqa`): the findings are the case's metamap
+  phrases; the vocabulary a response may cite from is every phrase of the training split, so a cited phrase the
+  case does not mention counts as invented; and a graph mined from the training split, option text -> the
+  phrases of the training cases whose answer it is, refutes a rejection whose reason was seen with that option.
+  It is weaker than a curated graph: an option never seen as an answer refutes nothing.
 - Simplified: a 0.8M-parameter model warm-started on templated traces instead of Qwen2.5-3B with R1 traces.
 - Samples are what the loss scores: every rollout and greedy evaluation calls `generate` with our settings only
   (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
@@ -61,7 +72,7 @@ No held-out question appears in training. `--dataset medqa` reads MedQA (4 optio
 Run:
     python crpo.py                          # CRPO on the tiny model, CPU
     python crpo.py --method grpo            # the GRPO baseline: same loop, accuracy + format reward
-    python crpo.py --compare                # GRPO vs CRPO, 3 seeds each: table and plot
+    python crpo.py --compare                # GRPO vs CRPO, 5 seeds each: table and plot
     python crpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset medqa ...   # one GPU: the recipe in RESULTS.md
 
 Results (GRPO vs CRPO over seeds, the advantage-mode ablation) are in RESULTS.md.
@@ -123,11 +134,11 @@ class Args:
         default="sum_then_normalize", metadata={"help": "combine objectives before or after normalising"}
     )
     compare: bool = field(default=False, metadata={"help": "run grpo and crpo for every seed in --seeds, then plot"})
-    seeds: str = field(default="0,1,2", metadata={"help": "--compare: comma-separated seeds"})
+    seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
     # rollout
     num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step; the batch is this x group_size"})
-    group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (at least 2)"})
+    group_size: int = field(default=5, metadata={"help": "G, completions per prompt (at least 2; paper: 5)"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
@@ -135,7 +146,8 @@ class Args:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
     eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
     eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (DAPO: 0.28)"})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient; > 0 loads a frozen reference model"})
+    beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient (paper: 0.001); > 0 loads a reference"})
+    entropy_coef: float = field(default=0.001, metadata={"help": "entropy bonus c_H (paper: 0.001); 0 = off"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions with no EOS"})
     # optimisation
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
@@ -179,7 +191,8 @@ def parse_response(completion: str, item) -> dict:
     return {
         "formatted": conclusion in item["options"],
         "conclusion": conclusion,
-        "cited": [f for f in item["vocabulary"] if f in dx],  # findings named anywhere in the reasoning
+        # findings named anywhere in the reasoning: the case's own, and any other the task knows of
+        "cited": [f for f in dict.fromkeys([*item["findings"], *item["vocabulary"]]) if f in dx],
         "fits": set(re.findall(rf"\b([{letters}]) fits\b", dx)),
         "rejections": [(L, reason.strip()) for L, reason in re.findall(rf"\b([{letters}]) no ([^;]+)", dx)],
     }
@@ -189,25 +202,35 @@ def accuracy_reward(parsed, item) -> float:
     return float(parsed["conclusion"] == item["answer"])
 
 
+def in_case(finding, item) -> bool:
+    """The case has this finding: one of its findings, or words its question text contains."""
+    return finding in item["findings"] or finding in item["question"].lower()
+
+
+def valid_rejection(letter, reason, item) -> bool:
+    """A valid rejection ("B no cough") of distractor B: the case has cough and the graph gives B no cough."""
+    return reason in item["findings"] and reason not in item["option_findings"][letter]
+
+
 def faithfulness_reward(parsed, item) -> float:
-    """0.5 * share of cited findings that are in the stem (none cited: 0) + 0.5 * conclusion grounded in the <dx>."""
+    """0.5 * share of cited findings that the case has (none cited: 0) + 0.5 * conclusion grounded in the <dx>."""
     if not parsed["formatted"]:
         return 0.0
     cited = parsed["cited"]
-    precision = sum(f in item["findings"] for f in cited) / len(cited) if cited else 0.0
+    precision = sum(in_case(f, item) for f in cited) / len(cited) if cited else 0.0
     rejected = {L for L, _ in parsed["rejections"]}
     grounded = parsed["conclusion"] in parsed["fits"] and parsed["conclusion"] not in rejected
     return 0.5 * precision + 0.5 * float(grounded)
 
 
 def comprehensiveness_reward(parsed, item) -> float:
-    """0.5 * share of stem findings cited + 0.5 * share of distractors rejected with a stem finding as the reason."""
+    """0.5 * share of stem findings cited + 0.5 * share of distractors validly rejected (valid_rejection)."""
     if not parsed["formatted"] or not item["findings"]:
         return 0.0
     coverage = sum(f in parsed["cited"] for f in item["findings"]) / len(item["findings"])
     distractors = [L for L in item["options"] if L != item["answer"]]
     reasons = {L: reason for L, reason in parsed["rejections"]}
-    rejected = sum(reasons.get(L) in item["findings"] for L in distractors) / len(distractors)
+    rejected = sum(valid_rejection(L, reasons.get(L), item) for L in distractors) / len(distractors)
     return 0.5 * coverage + 0.5 * rejected
 
 
@@ -523,6 +546,8 @@ def train(args: Args):
                         num_items_in_batch=num_items,
                         grad_accum_steps=args.gradient_accumulation_steps,
                     )
+                    # entropy bonus: - c_H * token mean of H over the whole batch (micro-batches add up to it)
+                    loss = loss - args.entropy_coef * (entropy * completion_mask[rows]).sum() / num_items
                     loss.backward()
                     metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
                     step_metrics.append(metrics)
@@ -657,6 +682,7 @@ def make_item(gold, stem, rng):
         "answer": LETTERS[options.index(gold)],
         "findings": list(stem),  # the stem's findings
         "vocabulary": FINDINGS,  # the words that count as findings when the reasoning is parsed
+        "option_findings": {L: KNOWLEDGE_GRAPH[d] for L, d in zip(LETTERS, options)},  # what the graph gives each
     }
 
 
@@ -711,31 +737,43 @@ def _key_and_two(findings):
 
 def load_medqa(path: str, num_train: int, num_eval: int):
     """MedQA 4-option (GBaker/MedQA-USMLE-4-options format: question, options {A..D}, answer_idx, and
-    metamap_phrases, which stand in for the findings). No knowledge graph: the warm-start demos are lazy."""
+    metamap_phrases, which stand in for the findings). No knowledge graph: the warm-start demos are lazy, and the
+    training split stands in for the graph (see the module docstring): its phrases are the vocabulary, and each
+    option text gets the phrases of the training cases whose answer it is."""
     columns = ("question", "options", "answer_idx")
     data = load_data(path, "MedQA", {"train": ("train",), "eval": ("test",)}, columns, "--dataset clinic")
+    train_rows = data["train"].select(range(min(num_train, len(data["train"]))))
+    phrases = lambda row: [p.lower() for p in row.get("metamap_phrases") or []]  # noqa: E731
+    vocabulary = tuple(sorted({p for row in train_rows for p in phrases(row)}))  # one tuple, shared by every item
+    mined_graph = {}  # option text -> phrases of the training cases it answers
+    for row in train_rows:
+        mined_graph.setdefault(row["options"][row["answer_idx"]].lower().strip(), set()).update(phrases(row))
 
-    def to_items(split, limit):
+    def to_items(rows):
         items = []
-        for row in split.select(range(min(limit, len(split)))):
+        for row in rows:
             options = {L: row["options"][L] for L in sorted(row["options"])}
-            phrases = [p.lower() for p in row.get("metamap_phrases") or []]
             question = row["question"] + " " + " ".join(f"{L} {text}" for L, text in options.items())
+            graph = {L: sorted(mined_graph.get(text.lower().strip(), ())) for L, text in options.items()}
             item = {"question": question, "options": options, "answer": row["answer_idx"],
-                    "findings": phrases, "vocabulary": phrases}  # fmt: skip
+                    "findings": phrases(row), "vocabulary": vocabulary, "option_findings": graph}  # fmt: skip
             items.append(check_item(item))
         return items
 
-    train_items, eval_items = to_items(data["train"], num_train), to_items(data["eval"], num_eval)
+    train_items = to_items(train_rows)
+    eval_items = to_items(data["eval"].select(range(min(num_eval, len(data["eval"])))))
     demos = [(x["question"], f"<dx>{x['answer']} fits</dx><conclusion>{x['answer']}</conclusion>") for x in train_items]
     return train_items, eval_items, demos
 
 
 def check_item(item):
     """One clear error for a malformed item, naming what is wrong."""
-    for key in ("question", "options", "answer", "findings", "vocabulary"):
+    for key in ("question", "options", "answer", "findings", "vocabulary", "option_findings"):
         if key not in item:
-            raise UsageError(f"item is missing {key!r}: each item needs question, options, answer, findings")
+            raise UsageError(
+                f"item is missing {key!r}: each item needs question, options, answer, findings, vocabulary and "
+                f"option_findings (what the knowledge graph gives each option)"
+            )
     if not isinstance(item["options"], dict) or len(item["options"]) < 2:
         raise UsageError(f"item needs at least 2 options as a dict letter -> text, got {item['options']!r}")
     if item["answer"] not in item["options"]:
@@ -757,25 +795,24 @@ def load_task(args: Args):
 
 
 def strict_metrics(completion: str, item) -> dict:
-    """One answer checked against the knowledge graph, stricter than the training reward.
+    """One answer checked against the knowledge graph.
 
-    faithful: the <dx> cites at least one stem finding, invents none, and says the concluded option fits;
+    faithful: the <dx> cites at least one finding of the case, invents none, and says the concluded option fits;
     hallucinated: it cites a finding the case does not have; citations: stem findings cited; rejections: share
-    of distractors rejected with a stem finding as the reason (what the training reward counts); valid_rejections:
-    those whose reason the graph confirms, the disease really lacks it (MedQA has no graph: equal to rejections).
+    of distractors rejected with a stem finding as the reason, right or wrong; valid_rejections: those whose
+    reason the graph confirms, the distractor really lacks it (what the training reward counts).
     """
     parsed = parse_response(completion, item)
-    in_stem = [f for f in parsed["cited"] if f in item["findings"]]
-    invented = [f for f in parsed["cited"] if f not in item["findings"]]
+    invented = [f for f in parsed["cited"] if not in_case(f, item)]
     reasons = dict(parsed["rejections"])
-    distractors = {letter: d for letter, d in item["options"].items() if letter != item["answer"]}
-    rejected = [letter for letter in distractors if reasons.get(letter) in item["findings"]]  # as the reward counts
-    valid = [letter for letter in rejected if reasons[letter] not in KNOWLEDGE_GRAPH.get(distractors[letter], [])]
+    distractors = [letter for letter in item["options"] if letter != item["answer"]]
+    rejected = [letter for letter in distractors if reasons.get(letter) in item["findings"]]
+    valid = [letter for letter in rejected if valid_rejection(letter, reasons[letter], item)]
     return {
         "accuracy": accuracy_reward(parsed, item),
-        "faithfulness": float(bool(in_stem) and not invented and parsed["conclusion"] in parsed["fits"]),
+        "faithfulness": float(bool(parsed["cited"]) and not invented and parsed["conclusion"] in parsed["fits"]),
         "hallucination": float(bool(invented)),
-        "citations": float(len(in_stem)),
+        "citations": float(sum(f in parsed["cited"] for f in item["findings"])),
         "rejections": len(rejected) / len(distractors),
         "valid_rejections": len(valid) / len(distractors),
     }

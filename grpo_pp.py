@@ -63,6 +63,7 @@ import random
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -162,6 +163,9 @@ class Args:
     compare: bool = field(default=False, metadata={"help": "stage 1 GRPO vs GRPO++ for --seeds x --sizes, then plot"})
     seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
     sizes: str = field(default="8,16", metadata={"help": "--compare: comma-separated training images per class"})
+    arms: str = field(
+        default="grpo,grpo_pp", metadata={"help": "--compare: grpo, grpo_pp, or grpo_pp with one off: no_<stabiliser>"}
+    )
 
     # filled in by __post_init__: the stabilisers given explicitly, which a switch of method (with_method) keeps
     set_by_user: tuple = field(default=(), init=False)
@@ -180,6 +184,9 @@ def check_args(args: Args):
     if args.stage in ("2", "3") and not args.init:
         raise UsageError(f"--stage {args.stage} alone needs --init, the model folder of the previous stage")
     int_list(args.seeds, "--seeds"), int_list(args.sizes, "--sizes")
+    arms = ["grpo", "grpo_pp", *(f"no_{name}" for name in STABILISERS["grpo"])]
+    if unknown := [arm for arm in args.arms.split(",") if arm not in arms]:
+        raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(arms)}")
     for name in ("images_per_class", "eval_per_class", "answer_tokens", "answer_samples", "dpo_samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -200,7 +207,7 @@ def with_method(args: Args, grpo_pp: bool, **changes) -> Args:
     """A copy of args with stage 1 switched to GRPO++ or to GRPO: every stabiliser the user did not set takes the
     method's value, the ones the user set keep theirs."""
     unset = {name: None for name in STABILISERS["grpo"] if name not in args.set_by_user}
-    return replace(args, grpo_pp=grpo_pp, **unset, **changes)  # replace() runs __post_init__
+    return replace(args, grpo_pp=grpo_pp, **(unset | changes))  # replace() runs __post_init__
 
 
 def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -557,10 +564,14 @@ def train_grpo(args: Args, task=None):
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['accuracy']:.2f}")
     # a collapse: held-out F1 falls 10 points below its own best so far
     collapses = sum(f < max(curve[: i + 1]) - 0.10 for i, f in enumerate(curve))
-    results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "collapses": collapses,
-               "curve": curve, "wall_time_s": time.time() - start, "run_dir": str(run_dir)}  # fmt: skip
-    print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}), "
-          f"{collapses} evaluations 10 points below the best so far, {results['wall_time_s']:.0f}s")  # fmt: skip
+    with autocast(model.device, args.dtype):  # the paper's protocol: a majority vote over sampled answers
+        f1_vote = vote_macro_f1(model, processor, eval_items, args.max_new_tokens, args.answer_samples)
+    results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "f1_vote": f1_vote,
+               "collapses": collapses, "curve": curve, "wall_time_s": time.time() - start,
+               "run_dir": str(run_dir)}  # fmt: skip
+    print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}; majority vote of "
+          f"{args.answer_samples} samples {f1_vote:.3f}), {collapses} evaluations 10 points below the best so far, "
+          f"{results['wall_time_s']:.0f}s")  # fmt: skip
     model.save_pretrained(run_dir / "model")
     processor.save_pretrained(run_dir / "model")
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -671,20 +682,25 @@ def pipeline(args: Args):
 
 
 def compare(args: Args):
-    """Stage 1 with GRPO and with GRPO++ for every seed and training size (same warm start and splits), then a
-    table of held-out macro-F1 (mean, seed-to-seed spread, collapses) and the F1 curves."""
+    """Stage 1 with each arm (GRPO, GRPO++, GRPO++ with one stabiliser switched to GRPO's value) for every seed
+    and training size (same warm start and splits), then a table of held-out macro-F1 (after, best, majority vote
+    of sampled answers; mean, seed-to-seed spread) and collapses, and the F1 curves."""
     sizes, seeds = int_list(args.sizes, "--sizes"), int_list(args.seeds, "--seeds")
+    arms = {"grpo": (False, {}), "grpo_pp": (True, {})}
+    arms |= {f"no_{name}": (True, {name: value}) for name, value in STABILISERS["grpo"].items()}
     runs = {
-        f"{'grpo_pp' if grpo_pp else 'grpo'} ({size}/class)": [
-            with_method(args, grpo_pp, seed=seed, images_per_class=size, compare=False) for seed in seeds
+        f"{arm} ({size}/class)": [
+            with_method(args, arms[arm][0], **arms[arm][1], seed=seed, images_per_class=size, compare=False)
+            for seed in seeds
         ]
         for size in sizes
-        for grpo_pp in (False, True)
+        for arm in args.arms.split(",")
     }
-    summarize = lambda run: {key: run[key] for key in ("f1_after", "f1_best", "collapses")}  # noqa: E731
+    summarize = lambda run: {key: run[key] for key in ("f1_after", "f1_best", "f1_vote", "collapses")}  # noqa: E731
     # held-out macro-F1 at step 0, then every eval_every steps and at the last step
     curve = lambda run: ([min(k * args.eval_every, args.num_steps) for k in range(len(run["curve"]))], run["curve"])  # noqa: E731
-    out = f"{args.output_dir}/grpo_pp_compare/grpo_pp_compare"
+    name = "grpo_pp_compare" if args.arms == "grpo,grpo_pp" else "grpo_pp_ablation"
+    out = f"{args.output_dir}/grpo_pp_compare/{name}"
     return seed_sweep(
         train_grpo,
         runs,
@@ -952,6 +968,22 @@ def evaluate(model, processor, items, max_new_tokens, batch_size=128):
     return {"macro_f1": macro_f1(predictions, labels),
             "accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(items),
             "format": sum(formatted) / len(items)}  # fmt: skip
+
+
+@torch.no_grad()
+def vote_macro_f1(model, processor, items, max_new_tokens, samples):
+    """Macro-F1 of the majority class over `samples` answers sampled at T=1 per held-out image (an unparsable
+    answer is a vote for no class)."""
+    model.eval()
+    rollout = generate_completions(model, processor, [x["image"] for x in items], group_size=samples,
+                                   max_new_tokens=max_new_tokens)  # fmt: skip
+    return macro_f1(majority_vote([parse_answer(t)["answer"] for t in rollout["texts"]], samples),
+                    [x["label"] for x in items])  # fmt: skip
+
+
+def majority_vote(answers: list, samples: int) -> list:
+    """The most common answer of each run of `samples` consecutive answers (a tie goes to the one named first)."""
+    return [Counter(answers[i : i + samples]).most_common(1)[0][0] for i in range(0, len(answers), samples)]
 
 
 FACTS = sorted({f for node in KNOWLEDGE_GRAPH.values() for f in [*node["symptoms"], node["care"]]})

@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import script_runner
 
+import grpo_pp as G
+
 COMPARISONS = {
     "crpo.py": (["--num_steps", "1", "--sft_steps", "20", "--num_train", "100", "--num_eval", "4",
                  "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "16"], ["grpo", "crpo"]),
@@ -28,3 +30,17 @@ def test_compare_runs_every_method_and_seed(tmp_path, script):
     assert saved["args"]["compare"] and saved["args"]["seeds"] == "0,1"
     assert all(f"| {key} |" in saved["table"] for key in saved["results"][methods[0]][0])
     assert (tmp_path / name / f"{name}.png").stat().st_size > 0
+
+
+def test_grpo_pp_ablation_switches_one_stabiliser_off_per_arm(tmp_path):
+    argv, _ = COMPARISONS["grpo_pp.py"]
+    arms = "no_advantage,no_skip_zero_variance,no_eps_high,no_loss_type,no_beta"
+    result = script_runner("grpo_pp.py")(*argv, "--compare", "--arms", arms, "--seeds", "0", "--output_dir",
+                                         str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "grpo_pp_compare" / "grpo_pp_ablation.json").read_text())
+    assert list(saved["results"]) == [f"{arm} (2/class)" for arm in arms.split(",")]
+    # each arm's run folder records GRPO++ with exactly that stabiliser at GRPO's value
+    ran = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("grpo_pp-stage1*/args.json"))]
+    off = [{name for name, value in G.STABILISERS["grpo"].items() if run[name] == value} for run in ran]
+    assert sorted(map(sorted, off)) == sorted([[name] for name in G.STABILISERS["grpo"]])

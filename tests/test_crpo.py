@@ -17,6 +17,7 @@ ITEM = crpo.check_item(
         "answer": "A",
         "findings": ["fever", "cough", "anosmia"],
         "vocabulary": crpo.FINDINGS,
+        "option_findings": {L: crpo.KNOWLEDGE_GRAPH[d] for L, d in zip("ABCD", ["covid", "strep", "flu", "pna"])},
     }
 )
 FULL = "<dx>fever, cough, anosmia; A fits; B no cough; C no anosmia; D no anosmia</dx><conclusion>A</conclusion>"
@@ -50,14 +51,18 @@ def test_rewards_on_hand_written_responses():
     assert rewards_of("<dx>A fits</dx><conclusion>E</conclusion>")["format"] == 0  # not an option
 
 
-def test_strict_metrics_check_the_knowledge_graph():
+def test_a_rejection_earns_credit_only_when_the_graph_confirms_it():
     full = crpo.strict_metrics(FULL, ITEM)
     assert full == {"accuracy": 1, "faithfulness": 1, "hallucination": 0, "citations": 3, "rejections": 1,
                     "valid_rejections": 1}  # fmt: skip
-    # pna HAS cough: rejecting D for 'cough' earns the training reward (a stem finding) but is not valid
+    # valid: strep lacks cough, flu and pna lack anosmia. Contradicted: pna HAS cough, so "D no cough" names a
+    # finding of the case that the rejected disease has; it earns no comprehensiveness and is not valid
+    assert crpo.valid_rejection("B", "cough", ITEM) and crpo.valid_rejection("D", "anosmia", ITEM)
+    assert not crpo.valid_rejection("D", "cough", ITEM)
+    assert not crpo.valid_rejection("B", "myalgia", ITEM)  # strep lacks myalgia, but the case does not have it
     text = "<dx>fever, cough, anosmia; A fits; B no cough; C no anosmia; D no cough</dx><conclusion>A</conclusion>"
-    assert rewards_of(text)["comprehensiveness"] == 1.0
-    assert crpo.strict_metrics(text, ITEM)["rejections"] == 1.0
+    assert rewards_of(text)["comprehensiveness"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert crpo.strict_metrics(text, ITEM)["rejections"] == 1.0  # a stem finding as the reason, right or wrong
     assert crpo.strict_metrics(text, ITEM)["valid_rejections"] == pytest.approx(2 / 3)
     hallucinated = crpo.strict_metrics(HALLUCINATED, ITEM)
     assert hallucinated["hallucination"] == 1 and hallucinated["faithfulness"] == 0 and hallucinated["citations"] == 2
@@ -131,7 +136,37 @@ def test_medqa_fixture_loads():
     assert "fever" in train[0]["findings"]
     text = "<dx>fever, sore throat, enlarged spleen; B fits; A no enlarged spleen</dx><conclusion>B</conclusion>"
     r = rewards_of_item(text, train[0])
-    assert r["accuracy"] == 1 and r["faithfulness"] == 1.0 and r["comprehensiveness"] > 0.3
+    # 3 of 8 phrases cited; strep pharyngitis answers no training case, so nothing refutes "A no enlarged spleen"
+    assert r == pytest.approx({"accuracy": 1, "faithfulness": 1, "comprehensiveness": 0.5 * 3 / 8 + 0.5 / 3,
+                               "format": 1})  # fmt: skip
+
+
+def test_medqa_stand_ins_for_the_graph(tmp_path):
+    """Without a graph: the training split's phrases are the vocabulary (so a finding can be invented), and the
+    training cases an option answers stand in for what it has (so a rejection can be contradicted)."""
+    rows = [
+        {"question": "Fever and a positive Murphy sign.", "options": {"A": "Cholecystitis", "B": "Appendicitis"},
+         "answer_idx": "A", "metamap_phrases": ["fever", "positive murphy sign"]},
+        {"question": "Fever and right lower quadrant pain.", "options": {"A": "Cholecystitis", "B": "Appendicitis"},
+         "answer_idx": "B", "metamap_phrases": ["fever", "right lower quadrant pain"]},
+    ]  # fmt: skip
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train, _, _ = crpo.load_medqa(str(tmp_path), 10, 10)
+    appendicitis = train[1]
+    assert appendicitis["option_findings"]["A"] == ["fever", "positive murphy sign"]  # cholecystitis's cases
+    assert "positive murphy sign" in appendicitis["vocabulary"]
+    # "A no fever": cholecystitis's training case has fever, so the rejection is contradicted
+    contradicted = "<dx>fever, right lower quadrant pain; B fits; A no fever</dx><conclusion>B</conclusion>"
+    valid = contradicted.replace("A no fever", "A no right lower quadrant pain")
+    assert rewards_of_item(contradicted, appendicitis)["comprehensiveness"] == 0.5
+    assert rewards_of_item(valid, appendicitis)["comprehensiveness"] == 1.0
+    assert crpo.strict_metrics(contradicted, appendicitis)["valid_rejections"] == 0
+    # citing another case's finding is invented: precision 2/3, a hallucination, not faithful
+    invented = "<dx>fever, right lower quadrant pain, positive murphy sign; B fits</dx><conclusion>B</conclusion>"
+    assert rewards_of_item(invented, appendicitis)["faithfulness"] == pytest.approx(0.5 * 2 / 3 + 0.5)
+    metrics = crpo.strict_metrics(invented, appendicitis)
+    assert metrics["hallucination"] == 1 and metrics["faithfulness"] == 0
 
 
 run_script = script_runner("crpo.py")
@@ -171,3 +206,16 @@ def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
     code, err = run_main(*argv, "--output_dir", str(tmp_path), capsys=capsys)
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert message in err.splitlines()[-1], err[-2000:]
+
+
+def test_entropy_bonus_enters_the_loss(tmp_path):
+    """--entropy_coef c subtracts c x the batch's token-mean entropy from the loss that is backpropagated (the same
+    rollouts with and without it: one step from the same seed)."""
+    records = {}
+    for coef in (0.0, 0.5):
+        args = crpo.Args(num_steps=1, sft_steps=20, num_train=50, num_eval=4, prompts_per_step=2, group_size=3,
+                         max_new_tokens=24, entropy_coef=coef, output_dir=str(tmp_path / str(coef)))  # fmt: skip
+        run_dir = crpo.train(args)["run_dir"]
+        records[coef] = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")][-1]
+    assert records[0.0]["entropy"] == records[0.5]["entropy"] > 0
+    assert records[0.5]["loss"] == pytest.approx(records[0.0]["loss"] - 0.5 * records[0.0]["entropy"], abs=1e-6)

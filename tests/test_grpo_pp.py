@@ -226,12 +226,25 @@ def test_macro_f1_by_hand():
     assert G.macro_f1(["a", "a", "b", None], ["a", "b", "b", "a"]) == pytest.approx((0.5 + 2 / 3) / 2)
 
 
+def test_majority_vote_by_hand():
+    # runs of 3 answers: "a" wins 2-1; an unparsable answer is a vote too; a tie goes to the answer named first
+    assert G.majority_vote(["a", "b", "a", None, None, "c", "b", "c", "d"], 3) == ["a", None, "b"]
+
+
+def test_stage1_reports_the_majority_vote(tmp_path):
+    args = G.Args(stage="1", **{k.removeprefix("--"): type(getattr(G.Args(), k.removeprefix("--")))(v)
+                                for k, v in zip(SMALL[::2], SMALL[1::2])}, output_dir=str(tmp_path))  # fmt: skip
+    results = G.train_grpo(args)
+    assert 0 <= results["f1_vote"] <= 1 and results["collapses"] >= 0
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--group_size", "1"], "group_size must be at least 2"),
         (["--dataset_path", "/no/such/folder"], "Could not load an image classification data set"),
         (["--model", "no-such-org/no-such-vlm"], "Run offline with --model tiny-vlm"),
+        (["--compare", "--arms", "grpo,no_kl"], "--arms: unknown arm 'no_kl'; known: grpo, grpo_pp, no_advantage"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
