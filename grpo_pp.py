@@ -47,6 +47,8 @@ Run:
     python grpo_pp.py                       # stages 1 -> 2 -> 3 with GRPO++ in stage 1, tiny VLM, CPU
     python grpo_pp.py --no_grpo_pp          # the same with plain GRPO in stage 1
     python grpo_pp.py --compare             # stage 1, GRPO vs GRPO++, 5 seeds x (8, 16) images per class
+    python grpo_pp.py --compare --sizes 4 --learning_rate 1e-3 --seeds 0,1,2,3,4,5,6,7,8,9   # where GRPO is unstable
+    python grpo_pp.py --compare ... --arms no_beta,no_eps_high   # ablation: GRPO++ with one stabiliser off each
     python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
     python grpo_pp.py --model <a local VLM folder> --dataset_path <an image folder with train/ and test/>
     python grpo_pp.py --model HuggingFaceTB/SmolVLM-256M-Instruct ...   # one GPU: the recipe in RESULTS.md
