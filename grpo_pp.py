@@ -21,6 +21,9 @@ each behind its own flag so that GRPO vs GRPO++ is one switch, --no_grpo_pp (Der
     KL anchor          + beta * k3(pi_ref, pi), beta = 0.04, the reference being the warm start (GRPO: beta = 0)
 Reward (VLM-R1 style): 1 for the right class + 0.5 for the <think>..</think><answer>..</answer> format
 (+ --kg_weight x the share of the attributes named in <think> that the graph gives the predicted class).
+Stage 1 is evaluated by greedy macro-F1 every --eval_every steps (a "collapse": an evaluation 10 points below the
+run's best so far) and at the end also by the paper's protocol, a majority vote over --answer_samples answers
+sampled at T=1 per held-out image.
 Stage 2, SFT: conversations written from the graph (the recognition trace, then symptoms and care), a known
 share (--sft_error_rate) with one fact swapped for another class's. Stage 3, DPO (Rafailov et al., 2023): sample
 K answers per training image, score each against the graph (+1 per fact it confirms, -1 per fact it contradicts:
@@ -161,7 +164,7 @@ class Args:
     dpo_epochs: int = field(default=8, metadata={"help": "stage 3: passes over the preference pairs"})
     dpo_learning_rate: float = field(default=1e-5, metadata={"help": "stage 3: AdamW learning rate"})
     answer_tokens: int = field(default=112, metadata={"help": "stages 2-3: longest conversational answer, in tokens"})
-    answer_samples: int = field(default=8, metadata={"help": "stages 2-3: answers sampled per held-out image"})
+    answer_samples: int = field(default=8, metadata={"help": "answers sampled per held-out image (all stages)"})
     compare: bool = field(default=False, metadata={"help": "stage 1 GRPO vs GRPO++ for --seeds x --sizes, then plot"})
     seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
     sizes: str = field(default="8,16", metadata={"help": "--compare: comma-separated training images per class"})
