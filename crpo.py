@@ -547,7 +547,7 @@ def train(args: Args):
                         grad_accum_steps=args.gradient_accumulation_steps,
                     )
                     # entropy bonus: - c_H * token mean of H over the whole batch (micro-batches add up to it)
-                    loss = loss - args.entropy_coef * (entropy * completion_mask[rows]).sum() / num_items
+                    loss = loss - args.entropy_coef * (entropy * completion_mask[rows]).sum() / num_items.clamp(min=1)
                     loss.backward()
                     metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
                     step_metrics.append(metrics)

@@ -90,7 +90,10 @@ def test_the_command_line_says_error_and_exits_2_without_a_traceback(script, tmp
 def test_ctrl_c_keeps_metrics_plot_and_model_without_a_traceback(tmp_path):
     command = [sys.executable, str(ROOT / "grpo.py"), "--sft_steps", "20", "--num_steps", "500", "--num_eval", "8",
                "--prompts_per_step", "2", "--group_size", "2", "--output_dir", str(tmp_path)]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child: a shell that starts jobs in the background (nohup, `&` without job
+    # control) makes them ignore SIGINT, and Python then installs no KeyboardInterrupt handler
+    restore_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True, preexec_fn=restore_sigint)
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.read_text().count("\n") >= 2 for p in tmp_path.glob("*/metrics.jsonl")):
         time.sleep(0.2)
