@@ -423,6 +423,7 @@ def policy_loss(
     max_completion_length=None,
     num_items_in_batch=None,
     grad_accum_steps=1,
+    dual_clip=None,
 ):
     """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
 
@@ -430,6 +431,8 @@ def policy_loss(
     beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
     B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
     (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    dual_clip = c > 1 (off when None) caps a token's loss at -c A where A < 0 (veRL's clip_ratio_c): off-policy, a
+    bad token whose ratio has grown large cannot dominate the batch. On-policy (ratio 1) it never acts.
     Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
     """
     if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -441,6 +444,11 @@ def policy_loss(
     # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    if dual_clip is not None:
+        # dual clip: where A < 0, l_it = min(l_it, -c A)
+        per_token_loss = torch.where(
+            advantages < 0, torch.minimum(per_token_loss, -dual_clip * advantages), per_token_loss
+        )
     metrics = {}
     if beta != 0.0:
         # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0

@@ -38,12 +38,17 @@ What we kept, simplified or chose:
   sampled at random, as in the official code. A branch still open after max_turns steps becomes a leaf with no
   answer (reward 0); the official code forces one more step with search disabled.
 - eps = 1e-6 as the official code; a group of one leaf contributes 0 (the official code passes the raw reward).
-- On-policy, one optimiser step per batch (num_iterations = 1), so clipping and the official dual clip (c = 3)
-  never act; the official KL (0.001) and entropy bonus (0.001) are off by default (--beta sets the KL).
+- Off-policy updates as the official code: --num_minibatches optimiser steps per rollout batch, each on a share of
+  its questions (official: 512 prompts in minibatches of 64, so 8), and --num_iterations passes (official: 1).
+  The sampling policy's log-probs are computed once, before the first step; after it the ratio moves away from 1,
+  PPO's clip acts, and the dual clip (c = 3, official) caps the loss of a token with A < 0 at -c A. Our default
+  is one step per batch (on-policy, where both clips are idle), the cheaper of the two; RESULTS.md compares them
+  (arm tree_off_policy: 4 steps per batch). The official KL (0.001) and entropy bonus (0.001) are off by default
+  (--beta sets the KL).
 - The environment is offline and generated (nothing can be answered from memory): a knowledge base of fictional
-  people, cities, countries and companies, one short document each, a plain-Python BM25 search, and 1-, 2- and
-  3-hop questions about people whose questions never appear in training. `--dataset hotpotqa` uses HotpotQA
-  (hub or local folder) with each question's paragraphs as the searchable corpus.
+  people, cities, countries and companies, one short document each, a plain-Python BM25 search, and questions
+  of 1 to 4 hops about people whose questions never appear in training (below). `--dataset hotpotqa` uses
+  HotpotQA (hub or local folder) with each question's paragraphs as the searchable corpus.
 - Budget: we count generated tokens and tool calls as they happen. Prefill is recomputed (no prefix cache), and
   in the update each leaf is its own sequence, as in the official code.
 - Samples are what the loss scores: every agent step (and greedy evaluation) calls `generate` with our settings only
@@ -51,19 +56,27 @@ What we kept, simplified or chose:
   would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
   scores the full one: keep it at 1 for on-policy training.
 
-The task for the tiny model. It is warm-started (600 SFT steps of 16 trajectories, loss on the steps only) on
-scripted trajectories that, on a 2- or 3-hop question, answer too early (with the entity in hand after that hop)
-with probability --demo_stop at each hop; RL has to learn to go on searching, and to copy names more reliably.
-Questions: "Where was Kavo born?" (1 hop), "In which country was Kavo born?" (2), "In which country is the
-company Kavo works for based?" (3). A trajectory for a 2-hop question:
-    <think>born in</think><search>Kavo</search><information>Kavo was born in Rilu and works for Zemo.</information>
-    <think>city in</think><search>Rilu</search><information>Rilu is a city in Tasa.</information>
-    <think>found</think><answer>Tasa</answer>
+The task for the tiny model: people who share a first name. A knowledge base of fictional people, cities,
+countries and companies; three people share each first name, and the first name's document lists them:
+    <think>who</think><search>Kavo</search><information>Kavo may refer to: Kavo the pilot, Kavo the baker, Kavo the
+    singer.</information><think>check</think><search>Kavo the pilot</search><information>Kavo the pilot was born
+    in Bota and works for Mesa.</information><think>check</think><search>Kavo the baker</search><information>Kavo
+    the baker was born in Lido and works for Zemo.</information><think>born in</think><search>Lido</search>
+    <information>Lido is a city in Tasa.</information><think>city in</think><answer>Tasa</answer>
+for "In which country was the Kavo who works for Zemo born?". Six kinds of question, from one search ("Where was
+Kavo the baker born?") to six (which company does "the Kavo born in Lido" work for, where is it based, in which
+country is that city): 3.3 searches on average for a policy that checks the namesakes in the listed order. The
+tiny model is warm-started (1500 SFT steps of 16 trajectories, loss on the steps only, cached) on scripted
+trajectories about the training questions and about four other generated knowledge bases (so that it learns to
+read and copy names rather than remember people), with two habits to unlearn: at a namesake the question does
+not fit it goes on with them anyway (--demo_trust, a wrong turn that checking the next namesake recovers from),
+and at each further hop it answers too early with the entity in hand (--demo_stop). 21 held-out people (one
+namesake of each of 21 first names) are asked about only in evaluation.
 
 Run:
     python tree_grpo.py                           # Tree-GRPO, tiny model, CPU
     python tree_grpo.py --rollout chain           # chain GRPO with G = 4, the baseline
-    python tree_grpo.py --compare                 # both, seeds 0-2: table and plot
+    python tree_grpo.py --compare --prefix_grouper   # chain, tree, the advantage ablation: seeds 0-4, same budget
     python tree_grpo.py --model smollm2-135m --dataset hotpotqa --dataset_path hotpot_qa   # a real model
     python tree_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset hotpotqa ...   # one GPU: RESULTS.md's recipe
 
@@ -103,6 +116,15 @@ from common import (
 )
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, trie_logprobs
 
+# --compare's arms: what each sets (chain GRPO, Tree-GRPO, and Tree-GRPO with one advantage term: the ablation)
+ARMS = {
+    "chain": {"rollout": "chain", "advantage": "both"},
+    "tree": {"rollout": "tree", "advantage": "both"},
+    "tree_inter": {"rollout": "tree", "advantage": "inter"},
+    "tree_intra": {"rollout": "tree", "advantage": "intra"},
+    "tree_off_policy": {"rollout": "tree", "advantage": "both", "num_minibatches": 4},  # 4 optimiser steps a batch
+}
+
 
 @dataclass
 class Args:
@@ -123,7 +145,10 @@ class Args:
     top_k_docs: int = field(default=1, metadata={"help": "documents the search tool returns"})
     max_doc_chars: int = field(default=200, metadata={"help": "each returned document is cut to this many characters"})
     demo_stop: float = field(default=0.6, metadata={"help": "tiny warm start: chance a demo answers too early per hop"})
-    sft_steps: int = field(default=600, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
+    demo_trust: float = field(
+        default=0.5, metadata={"help": "tiny warm start: chance a demo goes on with a namesake who does not fit"}
+    )
+    sft_steps: int = field(default=1500, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
     sft_batch_size: int = field(default=16, metadata={"help": "tiny warm start: trajectories per SFT step"})
     # rollout
     rollout: Literal["tree", "chain"] = field(default="tree", metadata={"help": "tree search, or chain GRPO"})
@@ -132,19 +157,28 @@ class Args:
     expand_rounds: int = field(default=1, metadata={"help": "tree: L, expansion rounds"})
     keep_leaves: int = field(default=3, metadata={"help": "tree: K, leaves kept per tree (at most 1 + N*L)"})
     group_size: int = field(default=4, metadata={"help": "chain: G, trajectories per question"})
-    max_turns: int = field(default=4, metadata={"help": "most agent steps per trajectory"})
+    max_turns: int = field(default=7, metadata={"help": "most agent steps per trajectory"})
     max_step_tokens: int = field(default=32, metadata={"help": "most tokens generated in one step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
-    num_steps: int = field(default=40, metadata={"help": "training steps (one batch of rollouts each)"})
+    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
+    token_budget: int = field(default=0, metadata={"help": "stop once this many tokens are generated (0: num_steps)"})
     prompts_per_step: int = field(default=8, metadata={"help": "questions per step"})
     # loss
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
     eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
     eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high"})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (official: 0.001); > 0 loads a reference"})
+    dual_clip: float = field(default=3.0, metadata={"help": "A < 0: a token's loss is at most -c*A (official: 3)"})
+    advantage: Literal["both", "inter", "intra"] = field(
+        default="both", metadata={"help": "tree: A_inter + A_intra, or one of them alone (the ablation)"}
+    )
     # optimisation
-    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
+    num_minibatches: int = field(
+        default=1, metadata={"help": "optimiser steps per rollout batch, each on a share of its questions"}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "passes over each rollout batch (veRL's ppo_epochs)"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     gradient_checkpointing: bool = field(
@@ -154,10 +188,15 @@ class Args:
         default=False, metadata={"help": "encode what leaves share (prompt, steps before a branch) once: a trie"}
     )
     # evaluation
-    eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out questions every N steps"})
-    compare: bool = field(default=False, metadata={"help": "run chain and tree for every seed in --seeds, then plot"})
-    seeds: str = field(default="0,1,2", metadata={"help": "--compare: comma-separated seeds"})
-    matched_tokens: int = field(default=20000, metadata={"help": "--compare: EM read off each curve at this budget"})
+    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out questions every N steps"})
+    compare: bool = field(default=False, metadata={"help": "run every arm for every seed in --seeds, then plot"})
+    arms: str = field(
+        default="chain,tree,tree_inter,tree_intra", metadata={"help": "--compare: some of " + ", ".join(ARMS)}
+    )
+    seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
+    compare_tokens: int = field(
+        default=70000, metadata={"help": "--compare: each run stops after generating this many tokens (the budget)"}
+    )
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -167,6 +206,8 @@ def check_args(args: Args):
     """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
     check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
     int_list(args.seeds, "--seeds")
+    if unknown := [arm for arm in args.arms.split(",") if arm not in ARMS]:
+        raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
     num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
     if args.rollout == "tree" and (num_trees < 1 or num_nodes < 0 or num_rounds < 0 or keep < 1):
         raise UsageError("--num_trees and --keep_leaves must be at least 1, --expand_nodes/--expand_rounds >= 0")
@@ -179,6 +220,21 @@ def check_args(args: Args):
         raise UsageError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
     if args.max_turns < 1 or args.max_step_tokens < 1:
         raise UsageError("--max_turns and --max_step_tokens must be at least 1")
+    if not 1 <= args.num_minibatches <= args.prompts_per_step:
+        raise UsageError(
+            f"--num_minibatches must be between 1 and --prompts_per_step ({args.prompts_per_step}): each optimiser "
+            f"step takes whole questions, got {args.num_minibatches}"
+        )
+    if args.dual_clip <= 1:
+        raise UsageError(
+            f"--dual_clip must be > 1 (it caps the loss of a token whose ratio is above c), got {args.dual_clip}"
+        )
+    if args.rollout == "chain" and args.advantage == "intra":
+        raise UsageError(
+            "--advantage intra with --rollout chain gives every advantage 0 (a chain is a tree of one leaf)"
+        )
+    if args.token_budget < 0:
+        raise UsageError(f"--token_budget must be at least 0 (0: run --num_steps steps), got {args.token_budget}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,9 +397,10 @@ def leaf_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     return to_padded(logps), to_padded(entropy)
 
 
-def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6):
+def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6, terms: str = "both"):
     """A(l) = A_inter(l) + A_intra(l): the leaf's z-score among all leaves of its question plus its z-score among
     the leaves of its own tree. rewards, prompt_ids, tree_ids: one entry per kept leaf, in any order.
+    terms = "inter" or "intra" keeps that term alone (the ablation; "inter" is GRPO over all of a question's leaves).
 
     std is unbiased (n - 1, torch.std); a group of one leaf contributes 0 (as does a group of equal rewards).
     A tree is identified by (prompt id, tree id), so tree ids may restart at 0 for every question.
@@ -368,10 +425,12 @@ def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6):
                 out[members] = (group - group.mean()) / (group.std() + eps)
         return out
 
+    if terms not in ("both", "inter", "intra"):
+        raise ValueError(f"terms must be both, inter or intra, got {terms!r}")
     # A_inter: the question's M*K leaves are the group
-    inter = z_scores(prompt_ids)
+    inter = z_scores(prompt_ids) if terms != "intra" else 0
     # A_intra: the K leaves of one tree are the group
-    intra = z_scores(torch.stack([prompt_ids, tree_ids], dim=1))
+    intra = z_scores(torch.stack([prompt_ids, tree_ids], dim=1)) if terms != "inter" else 0
     return inter + intra
 
 
@@ -428,6 +487,7 @@ def policy_loss(
     max_completion_length=None,
     num_items_in_batch=None,
     grad_accum_steps=1,
+    dual_clip=None,
 ):
     """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
 
@@ -435,6 +495,8 @@ def policy_loss(
     beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
     B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
     (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
+    dual_clip = c > 1 (off when None) caps a token's loss at -c A where A < 0 (veRL's clip_ratio_c): off-policy, a
+    bad token whose ratio has grown large cannot dominate the batch. On-policy (ratio 1) it never acts.
     Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
     """
     if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -446,6 +508,11 @@ def policy_loss(
     # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
+    if dual_clip is not None:
+        # dual clip: where A < 0, l_it = min(l_it, -c A)
+        per_token_loss = torch.where(
+            advantages < 0, torch.minimum(per_token_loss, -dual_clip * advantages), per_token_loss
+        )
     metrics = {}
     if beta != 0.0:
         # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
@@ -536,7 +603,8 @@ def train(args: Args):
             texts = ["".join(n.text for n in leaf.path()) for leaf in leaves]
             answers = [batch_items[i]["answer"] for i in prompt_index]
             rewards = torch.tensor([em_format_reward(t, a) for t, a in zip(texts, answers)])  # (num_leaves,)
-            advantages = tree_advantages(rewards, prompt_index, tree_index).to(model.device)  # (num_leaves,)
+            advantages = tree_advantages(rewards, prompt_index, tree_index, terms=args.advantage)  # (num_leaves,)
+            advantages = advantages.to(model.device)
             pad = tokenizer.pad_token_id
             prompt_ids, prompt_mask = pad_batch([leaf.root().prompt_ids for leaf in leaves], pad, True, model.device)
             response_ids, response_mask = pad_batch([r[0] for r in responses], pad, False, model.device)
@@ -545,42 +613,57 @@ def train(args: Args):
                 "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,  # (leaves, P)
                 "completion_ids": response_ids, "completion_mask": response_mask,  # (leaves, T): steps + observations
             }  # fmt: skip
-            row_chunks = torch.arange(len(leaves)).chunk(args.gradient_accumulation_steps)
-            micro_batches = [{k: v[rows] for k, v in batch.items()} for rows in row_chunks]
-            # 3. log-probs of the reference (only if beta > 0), in the training pass's micro-batches
-            ref_logps = None
+            # num_minibatches optimiser steps, each on whole questions (leaves come in question order, M*K each),
+            # each split into gradient_accumulation_steps micro-batches: updates[j] = [(rows, micro-batch), ...]
+            per_question = len(leaves) // len(batch_items)
+            minibatches = [torch.arange(q[0] * per_question, (q[-1] + 1) * per_question)
+                           for q in torch.arange(len(batch_items)).tensor_split(args.num_minibatches)]  # fmt: skip
+            updates = [[(rows, {k: v[rows] for k, v in batch.items()})
+                        for rows in minibatch.chunk(args.gradient_accumulation_steps)]
+                       for minibatch in minibatches]  # fmt: skip
+            micro_batches = [micro_batch for update in updates for _, micro_batch in update]  # rows 0, 1, ...
+            # 3. log-probs of the sampling policy (only needed off-policy: more than one optimiser step per batch)
+            #    and of the reference (only if beta > 0), in the training pass's micro-batches
+            old_logps = ref_logps = None
             with torch.no_grad(), autocast(model.device, args.dtype):
+                if args.num_minibatches * args.num_iterations > 1:
+                    old_logps = torch.cat([leaf_logprobs(model, mb, args.temperature, args.prefix_grouper)[0]
+                                           for mb in micro_batches])  # (leaves, T)  # fmt: skip
                 if ref_model is not None:
                     ref_logps = torch.cat([leaf_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
                                            for mb in micro_batches])  # (leaves, T)  # fmt: skip
-            # 4. one optimiser step over micro-batches (on-policy: old log-probs = current ones, detached)
+            # 4. num_iterations passes over the batch, one optimiser step per minibatch (with one of each, on-policy:
+            #    old log-probs = current ones, detached)
             model.train()
-            num_items = loss_mask.sum()  # generated tokens in the whole batch (dapo's normaliser)
-            step_metrics, loss_sum = [], 0.0
-            for rows, micro_batch in zip(row_chunks, micro_batches):
-                with autocast(model.device, args.dtype):
-                    logps, entropy = leaf_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
-                loss, metrics = policy_loss(
-                    logps,
-                    logps.detach(),
-                    None if ref_logps is None else ref_logps[rows],
-                    advantages[rows],
-                    loss_mask[rows],
-                    eps_low=args.eps_low,
-                    eps_high=args.eps_high,
-                    beta=args.beta,
-                    loss_type=args.loss_type,
-                    max_completion_length=args.max_turns * args.max_step_tokens,
-                    num_items_in_batch=num_items,
-                    grad_accum_steps=args.gradient_accumulation_steps,
-                )
-                loss.backward()
-                metrics["entropy"] = masked_mean(entropy, loss_mask[rows]).item()
-                step_metrics.append(metrics)
-                loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step_metrics, loss_sum, grad_norms = [], 0.0, []
+            for _ in range(args.num_iterations):
+                for update in updates:
+                    num_items = sum(loss_mask[rows].sum() for rows, _ in update)  # dapo's normaliser: this update's
+                    for rows, micro_batch in update:
+                        with autocast(model.device, args.dtype):
+                            logps, entropy = leaf_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
+                        loss, metrics = policy_loss(
+                            logps,
+                            logps.detach() if old_logps is None else old_logps[rows],
+                            None if ref_logps is None else ref_logps[rows],
+                            advantages[rows],
+                            loss_mask[rows],
+                            eps_low=args.eps_low,
+                            eps_high=args.eps_high,
+                            beta=args.beta,
+                            loss_type=args.loss_type,
+                            max_completion_length=args.max_turns * args.max_step_tokens,
+                            num_items_in_batch=num_items,
+                            grad_accum_steps=args.gradient_accumulation_steps,
+                            dual_clip=args.dual_clip,
+                        )
+                        loss.backward()
+                        metrics["entropy"] = masked_mean(entropy, loss_mask[rows]).item()
+                        step_metrics.append(metrics)
+                        loss_sum += loss.item() / (args.num_iterations * len(updates))
+                    grad_norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item())
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
 
             # 5. log
             correct = torch.tensor([normalize_answer(extract_answer(t) or "") == normalize_answer(a)
@@ -598,19 +681,23 @@ def train(args: Args):
                 "budget/generated_tokens": budget.generated_tokens,
                 "budget/tool_calls": budget.tool_calls,
                 "budget/trajectories": budget.trajectories,
-                "grad_norm": grad_norm.item(),
+                "grad_norm": sum(grad_norms) / len(grad_norms),
                 "step_time": time.time() - step_start,
             }
             if model.device.type == "cuda":  # measured, beside what estimate_memory printed
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
-            if step % args.eval_every == 0 or step == args.num_steps:
+            last = step == args.num_steps or 0 < args.token_budget <= budget.generated_tokens
+            if step % args.eval_every == 0 or last:
                 with autocast(model.device, args.dtype):
                     held_out = evaluate(model, tokenizer, eval_items, encode, search, args)
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", em=f"{record['em']:.2f}")
+            if last:  # the token budget is spent
+                break
 
     after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
+    quarter = max(1, step // 4)  # training steps over which the final training reward is averaged
     results = {
         "before": before,
         "after": after,
@@ -620,6 +707,7 @@ def train(args: Args):
             for r in logger.records
             if "eval/em_multihop" in r
         ],
+        "train_reward_last_quarter": sum(r["reward"] for r in logger.records[1:][-quarter:]) / quarter,
         "wall_time_s": time.time() - start,
         "run_dir": str(run_dir),
     }
@@ -644,24 +732,33 @@ def em_at_budget(curve, tokens):
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= tokens <= x1:
             return y0 + (y1 - y0) * (tokens - x0) / max(x1 - x0, 1)
-    raise ValueError(f"the run generated {points[-1][0]} tokens, fewer than --matched_tokens {tokens}")
+    raise ValueError(f"the run generated {points[-1][0]} tokens, fewer than {tokens}")
 
 
 def compare(args: Args):
-    """Train chain and tree rollouts for every seed (same warm start), then a table and the EM-vs-tokens curves."""
+    """Train every arm for every seed (same warm start), each until it has generated --compare_tokens tokens; then
+    a table (held-out EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens
+    curves."""
     seeds = int_list(args.seeds, "--seeds")
-    runs = {rollout: [replace(args, rollout=rollout, seed=seed, compare=False) for seed in seeds]
-            for rollout in ("chain", "tree")}  # fmt: skip
+    budget = args.compare_tokens
+    runs = {arm: [replace(args, **ARMS[arm], seed=seed, token_budget=budget, compare=False) for seed in seeds]
+            for arm in args.arms.split(",")}  # fmt: skip
 
     def summarize(run):
         tokens = run["budget"]["generated_tokens"]
-        return {
-            f"em_multihop_at_{args.matched_tokens // 1000}k": em_at_budget(run["curve"], args.matched_tokens),
+        if tokens < budget:
+            raise UsageError(
+                f"a run stopped after --num_steps {args.num_steps} steps with {tokens} of the {budget} tokens of "
+                f"--compare_tokens generated: raise --num_steps (or lower --compare_tokens)"
+            )
+        at = {f"em_multihop_at_{budget * f // 4000}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
+        return at | {
             "em_multihop": run["after"]["em_multihop"],
             "em_1hop": run["after"]["em_1hop"],
             "tool_calls": run["after"]["tool_calls"],
-            "generated_tokens": tokens,
             "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
+            "steps": run["curve"][-1]["step"],
+            "train_reward_last_quarter": run["train_reward_last_quarter"],
         }
 
     def curve(run):  # held-out multi-hop EM against the generated tokens (thousands)
@@ -669,8 +766,13 @@ def compare(args: Args):
             p["eval/em_multihop"] for p in run["curve"]
         ]
 
-    out = f"{args.output_dir}/tree_grpo_compare/tree_grpo_compare"
-    title = "chain GRPO (G=4) vs Tree-GRPO (M=2, N=2, L=1, K=3), tiny model"
+    default_arms = Args.__dataclass_fields__["arms"].default
+    name = "tree_grpo_compare" if args.arms == default_arms else "tree_grpo_" + args.arms.replace(",", "_vs_")
+    out = f"{args.output_dir}/tree_grpo_compare/{name}"
+    title = (
+        f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
+        f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget // 1000}k generated tokens, tiny model"
+    )
     labels = ("generated tokens (thousands)", "held-out multi-hop EM")
     return seed_sweep(train, runs, summarize, out, args, curve=curve, curve_labels=labels, title=title)
 
@@ -690,85 +792,136 @@ SYSTEM_PROMPT = (
 
 
 SYLLABLES = ["ka", "ro", "mi", "ta", "ve", "lo", "zu", "ne", "sa", "di", "po", "ri", "ga", "lu", "te", "bo"]
+JOBS = ["painter", "pilot", "singer", "farmer", "doctor", "baker", "sailor", "writer"]  # "Kavo the pilot"
 
 
-# question type: (template, relations followed from the person, one per hop)
+# question kind: (template, the relation that singles out the person among their namesakes or None for a full
+# name, the relations followed from the person to the answer)
 QUESTIONS = {
-    "born": ("Where was {} born?", ["born in"]),
-    "employer": ("Who employs {}?", ["works for"]),
-    "born_country": ("In which country was {} born?", ["born in", "city in"]),
-    "founder": ("Who founded the company {} works for?", ["works for", "founded by"]),
-    "hq_country": ("In which country is the company {} works for based?", ["works for", "based in", "city in"]),
-}
+    "born": ("Where was {} born?", None, ["born in"]),
+    "born_by_employer": ("Where was the {} who works for {} born?", "works for", ["born in"]),
+    "employer_by_birthplace": ("Who employs the {} born in {}?", "born in", ["works for"]),
+    "country_by_employer": ("In which country was the {} who works for {} born?", "works for", ["born in", "city in"]),
+    "founder_by_birthplace": (
+        "Who founded the company the {} born in {} works for?", "born in", ["works for", "founded by"]
+    ),
+    "hq_country_by_birthplace": (
+        "In which country is the company the {} born in {} works for based?", "born in",
+        ["works for", "based in", "city in"],
+    ),
+}  # fmt: skip
 
 
-def make_knowledge_base(seed: int, num_people=100, num_cities=20, num_countries=6, num_companies=12):
-    """Fictional entities with made-up names, their relations, and one short document each.
+def make_knowledge_base(seed: int, num_names=33, namesakes=3, num_held_out=21, num_cities=20, num_countries=6,
+                        num_companies=12):  # fmt: skip
+    """Fictional people, cities, countries and companies with made-up names, and one short document each.
 
-    Returns {"docs": {title: text}, "facts": {(entity, relation): entity}, "people": [names]}.
+    People share first names: each of `num_names` first names belongs to `namesakes` people ("Kavo the pilot",
+    "Kavo the baker", ...) who were born in different cities and work for different companies, and the first
+    name's own document lists them ("Kavo may refer to: Kavo the pilot, Kavo the baker, Kavo the singer."). One
+    person of each of the first `num_held_out` first names is held out: asked about only in evaluation, and
+    founder of no company.
+    Returns {"docs": {title: text}, "facts": {(entity, relation): entity}, "people": [full names], "namesakes":
+    {first name: [full names, in the order its document lists them]}, "held_out": {full names}}.
     """
     rng = random.Random(seed)
     names = [a + b for a in SYLLABLES for b in SYLLABLES if a != b]
     rng.shuffle(names)
-    names = [n.capitalize() for n in names]
-    people, names = names[:num_people], names[num_people:]
-    cities, names = names[:num_cities], names[num_cities:]
-    countries, names = names[:num_countries], names[num_countries:]
-    companies = names[:num_companies]
-    facts, docs = {}, {}
+    names = iter(n.capitalize() for n in names)
+    take = lambda n: [next(names) for _ in range(n)]  # noqa: E731
+    first_names, cities, countries, companies = take(num_names), take(num_cities), take(num_countries), take(
+        num_companies
+    )  # fmt: skip
+    facts, docs, namesakes_of, people = {}, {}, {}, []
+    for first in first_names:
+        group = [f"{first} the {job}" for job in rng.sample(JOBS, namesakes)]
+        for person, city, company in zip(group, rng.sample(cities, namesakes), rng.sample(companies, namesakes)):
+            facts[person, "born in"], facts[person, "works for"] = city, company
+            docs[person] = f"{person} was born in {city} and works for {company}."
+        people += group
+        rng.shuffle(group)
+        namesakes_of[first] = group
+        docs[first] = f"{first} may refer to: {', '.join(group)}."
+    held_out = set(people[namesakes - 1 : namesakes * num_held_out : namesakes])  # the last of each of the first groups
     for city in cities:
         facts[city, "city in"] = rng.choice(countries)
         docs[city] = f"{city} is a city in {facts[city, 'city in']}."
     for company in companies:
-        facts[company, "founded by"], facts[company, "based in"] = rng.choice(people), rng.choice(cities)
-        docs[company] = f"{company} was founded by {facts[company, 'founded by']} and is based in " + (
-            f"{facts[company, 'based in']}."
-        )
-    for person in people:
-        facts[person, "born in"], facts[person, "works for"] = rng.choice(cities), rng.choice(companies)
-        docs[person] = f"{person} was born in {facts[person, 'born in']} and works for {facts[person, 'works for']}."
+        founder = rng.choice([p for p in people if p not in held_out])
+        facts[company, "founded by"], facts[company, "based in"] = founder, rng.choice(cities)
+        docs[company] = f"{company} was founded by {founder} and is based in {facts[company, 'based in']}."
     for country in countries:
         docs[country] = f"{country} is a country."
-    return {"docs": docs, "facts": facts, "people": people}
+    return {"docs": docs, "facts": facts, "people": people, "namesakes": namesakes_of, "held_out": held_out}
 
 
 def kb_question(kb, person: str, kind: str) -> dict:
-    """One question with its gold answer and the entities on the way: path[0] = person, path[-1] = answer."""
-    template, relations = QUESTIONS[kind]
+    """One question with its gold answer and the entities on the way: path[0] = the person, path[-1] = the answer.
+
+    hops = the documents on the shortest path to the answer: the first name's list (when the question gives only
+    the first name), the person's document, then one per further relation. A question that gives only the first
+    name also needs the namesakes checked in turn, one search each, until the one the qualifier fits.
+    """
+    template, qualifier, relations = QUESTIONS[kind]
+    first = person.split()[0]
     path = [person]
     for relation in relations:
         path.append(kb["facts"][path[-1], relation])
-    return {"question": template.format(person), "answer": path[-1], "hops": len(relations), "kind": kind,
-            "path": path, "relations": relations}  # fmt: skip
+    question = template.format(person) if qualifier is None else template.format(first, kb["facts"][person, qualifier])
+    return {"question": question, "answer": path[-1], "hops": len(relations) + (qualifier is not None), "kind": kind,
+            "path": path, "relations": relations, "first_name": None if qualifier is None else first,
+            "qualifier": qualifier}  # fmt: skip
 
 
-def kb_trajectory(item, kb, rng, demo_stop: float) -> list[tuple[str, str]]:
-    """A scripted trajectory as (step, observation) pairs; with probability demo_stop at each hop after the first
-    it answers too early, with the entity in hand (a consistent but wrong habit for RL to unlearn)."""
-    steps = []
-    for hop, relation in enumerate(item["relations"]):
-        if hop > 0 and rng.random() < demo_stop:
-            return steps + [(f"<think>found</think><answer>{item['path'][hop]}</answer>", "")]
-        entity = item["path"][hop]
-        steps.append((f"<think>{relation}</think><search>{entity}</search>", information([kb["docs"][entity]])))
-    return steps + [(f"<think>found</think><answer>{item['answer']}</answer>", "")]
+def kb_trajectory(item, kb, rng, demo_stop: float, demo_trust: float) -> list[tuple[str, str]]:
+    """A scripted trajectory as (step, observation) pairs. It searches the first name, checks the namesakes in the
+    listed order until the qualifier fits, then follows the relations: each step's thought names the relation it
+    reads off the last document ("<think>born in</think><search>Lido</search>"). Two habits for RL to unlearn: at a
+    namesake who does not fit it goes on with them anyway with probability demo_trust (a wrong turn; checking the
+    next one would recover), and at each further hop it answers too early, with the entity in hand, with
+    probability demo_stop."""
+    docs, person, relations = kb["docs"], item["path"][0], item["relations"]
+    if item["first_name"] is None:  # a full name: its own document
+        steps = [(f"<think>who</think><search>{person}</search>", information([docs[person]]))]
+    else:
+        first = item["first_name"]
+        steps = [(f"<think>who</think><search>{first}</search>", information([docs[first]]))]
+        for candidate in kb["namesakes"][first]:
+            steps.append((f"<think>check</think><search>{candidate}</search>", information([docs[candidate]])))
+            if candidate == person:
+                break
+            if rng.random() < demo_trust:  # the wrong turn: go on with a namesake the qualifier does not fit
+                person = candidate
+                break
+    entity = person
+    for hop, relation in enumerate(relations):
+        entity = kb["facts"][entity, relation]  # read off the last document
+        if hop == len(relations) - 1 or rng.random() < demo_stop:
+            return steps + [(f"<think>{relation}</think><answer>{entity}</answer>", "")]
+        steps.append((f"<think>{relation}</think><search>{entity}</search>", information([docs[entity]])))
 
 
-def make_kb_task(seed: int, demo_stop: float, num_eval: int, num_demos: int = 3000):
-    """Questions about 80 people for training and 20 held-out people for evaluation, on one knowledge base.
+def make_kb_task(seed: int, demo_stop: float, demo_trust: float, num_eval: int, num_demos: int = 3000, num_demo_kbs=4):
+    """Questions about 78 people for training and about 21 held-out people (one namesake each of 21 first names)
+    for evaluation. The warm start's demos are about the training questions and about every person of
+    `num_demo_kbs` other generated knowledge bases (the same names in other roles): the tiny model learns to read
+    and copy names, not to remember 78 people.
 
     Returns (train, eval, demos, corpus); a demo is a whole scripted trajectory, its steps and observations.
     """
     kb = make_knowledge_base(seed)
-    people = kb["people"]
-    held_out = set(people[-20:])
-    items = [kb_question(kb, person, kind) for person in people for kind in QUESTIONS]
-    train_items = [x for x in items if x["path"][0] not in held_out]
-    eval_items = [x for x in items if x["path"][0] in held_out][:num_eval]
+    items = [kb_question(kb, person, kind) for person in kb["people"] for kind in QUESTIONS]
+    train_items = [x for x in items if x["path"][0] not in kb["held_out"]]
+    eval_items = [x for x in items if x["path"][0] in kb["held_out"]][:num_eval]
+    others = [make_knowledge_base(seed + 1000 * (i + 1)) for i in range(num_demo_kbs)]
+    pool = [(x, kb) for x in train_items] + [
+        (kb_question(other, person, kind), other)
+        for other in others for person in other["people"] if person not in kb["held_out"] for kind in QUESTIONS
+    ]  # fmt: skip
     rng = random.Random(seed)
     demos = []  # (question, [(step, trained), (observation, not trained), ...]): the loss is on the steps only
-    for item in rng.choices(train_items, k=num_demos):
-        steps = kb_trajectory(item, kb, rng, demo_stop)
+    for item, item_kb in rng.choices(pool, k=num_demos):
+        steps = kb_trajectory(item, item_kb, rng, demo_stop, demo_trust)
         demos.append((item["question"], [(text, trained) for s in steps for text, trained in zip(s, (1, 0)) if text]))
     return train_items, eval_items, demos, kb["docs"]
 
@@ -812,7 +965,9 @@ def load_hotpotqa(path: str, num_train: int, num_eval: int):
 
 def load_task(args: Args):
     if args.dataset == "kb":
-        train_items, eval_items, demos, corpus = make_kb_task(args.data_seed, args.demo_stop, args.num_eval)
+        train_items, eval_items, demos, corpus = make_kb_task(
+            args.data_seed, args.demo_stop, args.demo_trust, args.num_eval
+        )
     else:
         train_items, eval_items, demos, corpus = load_hotpotqa(args.dataset_path, args.num_train, args.num_eval)
     if not train_items or not eval_items:
@@ -826,7 +981,9 @@ def load_task(args: Args):
 class BM25:
     """Okapi BM25 over {title: text} in plain Python; deterministic (ties go to the earlier document).
 
-    Title words count twice, a simple field boost: searching an entity's name finds its own document first.
+    Title words count twice, a simple field boost, and a query that is a document's whole title (up to case and
+    punctuation) finds that document first, as an encyclopedia's search box does: "Kavo the pilot" finds Kavo the
+    pilot's page before the page that lists every Kavo.
     """
 
     def __init__(self, corpus: dict[str, str], k1: float = 1.2, b: float = 0.75):
@@ -839,6 +996,7 @@ class BM25:
         n = len(self.docs)
         self.idf = {w: math.log((n - f + 0.5) / (f + 0.5) + 1) for w, f in df.items()}
         self.k1, self.b = k1, b
+        self.by_title = {" ".join(words(t)): i for i, t in enumerate(self.titles)}
 
     def search(self, query: str, k: int = 1) -> list[str]:
         """The texts of the k best documents (fewer if fewer share a word with the query)."""
@@ -849,7 +1007,9 @@ class BM25:
             score = sum(self.idf[t] * doc[t] * (self.k1 + 1) / (doc[t] + norm) for t in terms if t in doc)
             if score > 0:
                 scores.append((-score, i))
-        return [self.texts[i] for _, i in sorted(scores)[:k]]
+        exact = self.by_title.get(" ".join(terms))
+        ranked = [i for _, i in sorted(scores) if i != exact]
+        return [self.texts[i] for i in ([exact] if exact is not None else []) + ranked][:k]
 
 
 def words(text: str) -> list[str]:
@@ -908,11 +1068,13 @@ def em_format_reward(response: str, answer: str) -> float:
 @torch.no_grad()
 def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
     """Greedy, one chain per question (as the paper): EM overall, on 1-hop and on multi-hop questions, the share
-    in a valid format, and tool calls per episode."""
+    in a valid format, and tool calls per episode. On the kb task also the two habits: of the questions that give
+    only a first name, the share where the last namesake searched is the one meant (found_person), and of the
+    multi-hop questions, the share answered with an entity from the middle of the path (answered_early)."""
     model.eval()
     chain = copy.copy(args)  # one greedy chain per question: an evaluation setting, not checked as a training one
     chain.rollout, chain.num_trees, chain.expand_rounds, chain.keep_leaves = "tree", 1, 0, 1
-    em, valid, calls, hops = [], [], [], []
+    em, valid, calls, hops, found, early = [], [], [], [], [], []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         kept, _ = tree_rollout(
@@ -924,6 +1086,12 @@ def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
             valid.append(VALID_FORMAT.fullmatch(text) is not None)
             calls.append(sum(n.action == "search" for n in leaf.path()))
             hops.append(chunk[i]["hops"])
+            if chunk[i].get("first_name"):  # the kb task's habits
+                queries = [parse_step(n.text.partition("<information>")[0])[1] for n in leaf.path()]
+                namesakes = [q for q in queries if q.startswith(f"{chunk[i]['first_name']} the ")]
+                found.append(bool(namesakes) and namesakes[-1] == chunk[i]["path"][0])
+            if chunk[i].get("relations") and len(chunk[i]["relations"]) > 1:
+                early.append(extract_answer(text) in chunk[i]["path"][1:-1])
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     return {
         "em": mean(em),
@@ -931,6 +1099,7 @@ def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
         "em_multihop": mean([e for e, h in zip(em, hops) if h > 1]),
         "format": mean(valid),
         "tool_calls": mean(calls),
+        **({"found_person": mean(found), "answered_early": mean(early)} if found else {}),
     }
 
 

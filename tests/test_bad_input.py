@@ -55,6 +55,10 @@ OWN = {
     "tree_grpo.py": [
         (["--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--keep_leaves", "4"], "more than the 1 + N*L = 3 leaves"),
+        (["--arms", "chain,forest"], "--arms: unknown arm 'forest'"),
+        (["--num_minibatches", "9"], "--num_minibatches must be between 1 and --prompts_per_step (8)"),
+        (["--dual_clip", "1"], "--dual_clip must be > 1"),
+        (["--rollout", "chain", "--advantage", "intra"], "gives every advantage 0"),
     ],
     "grpo_pp.py": [
         (["--stage", "3"], "--stage 3 alone needs --init"),
