@@ -6,7 +6,7 @@ from conftest import ROOT
 from tutorials.run import execute
 
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
-pytestmark = pytest.mark.slow  # about 6 minutes on 2 CPU cores: in the slower tier
+pytestmark = pytest.mark.slow  # about 9 minutes on 2 CPU cores: in the slower tier
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
