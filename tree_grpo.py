@@ -564,9 +564,7 @@ def train(args: Args):
     run_dir = make_run_dir(f"tree_grpo-{args.rollout}", args, root=args.output_dir)
     print(f"[tree_grpo] run folder: {run_dir}")
     search = BM25(corpus)
-    encode = lambda item: tokenizer(  # noqa: E731
-        format_prompt(tokenizer, item["question"], SYSTEM_PROMPT), add_special_tokens=False
-    )["input_ids"]
+    encode = lambda item: encode_question(tokenizer, item)  # noqa: E731
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
         memory = estimate_memory(
@@ -766,8 +764,7 @@ def compare(args: Args):
             p["eval/em_multihop"] for p in run["curve"]
         ]
 
-    default_arms = Args.__dataclass_fields__["arms"].default
-    name = "tree_grpo_compare" if args.arms == default_arms else "tree_grpo_" + args.arms.replace(",", "_vs_")
+    name = "tree_grpo_compare" if args.arms == Args.arms else "tree_grpo_" + args.arms.replace(",", "_vs_")
     out = f"{args.output_dir}/tree_grpo_compare/{name}"
     title = (
         f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
@@ -963,6 +960,11 @@ def load_hotpotqa(path: str, num_train: int, num_eval: int):
     return train_items, eval_items, demos, corpus
 
 
+def encode_question(tokenizer, item) -> list[int]:
+    """The prompt's token ids: the question in the model's chat template (the tiny model: the question alone)."""
+    return tokenizer(format_prompt(tokenizer, item["question"], SYSTEM_PROMPT), add_special_tokens=False)["input_ids"]
+
+
 def load_task(args: Args):
     if args.dataset == "kb":
         train_items, eval_items, demos, corpus = make_kb_task(
@@ -1099,7 +1101,7 @@ def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
         "em_multihop": mean([e for e, h in zip(em, hops) if h > 1]),
         "format": mean(valid),
         "tool_calls": mean(calls),
-        **({"found_person": mean(found), "answered_early": mean(early)} if found else {}),
+        **({"found_person": mean(found), "answered_early": mean(early)} if args.dataset == "kb" else {}),
     }
 
 

@@ -38,7 +38,7 @@ def main():
     )
     search = T.BM25(corpus)
     items = random.Random(0).sample(train_items, 64)
-    prompts = [tokenizer(x["question"], add_special_tokens=False)["input_ids"] for x in items]
+    prompts = [T.encode_question(tokenizer, x) for x in items]
     rows, chain_rate = [], None
     for name, (rollout, m, n, rounds, k) in SHAPES.items():
         shape = replace(args, rollout=rollout, num_trees=m, group_size=max(m, 2), expand_nodes=n,

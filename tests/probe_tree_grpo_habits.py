@@ -20,14 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tree_grpo as T  # noqa: E402
-from common import autocast, format_prompt, load_model  # noqa: E402
+from common import autocast, load_model  # noqa: E402
 
 KEYS = ("found_person", "answered_early", "em_multihop", "tool_calls")
-
-
-def encode_question(tokenizer, item):
-    """The prompt's token ids, as tree_grpo.train encodes them."""
-    return tokenizer(format_prompt(tokenizer, item["question"], T.SYSTEM_PROMPT), add_special_tokens=False)["input_ids"]
 
 
 def arm_of(args: dict) -> str:
@@ -55,7 +50,7 @@ def main(folder: str):
             candidates.append((arm_of(vars(args)), args, load_model(str(run / "model"))))
     table = defaultdict(list)
     for arm, args, (model, tokenizer) in candidates:
-        encode = partial(encode_question, tokenizer)
+        encode = partial(T.encode_question, tokenizer)
         with autocast(model.device, args.dtype):
             table[arm].append(T.evaluate(model, tokenizer, eval_items, encode, search, args))
     print("| arm | " + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS))

@@ -171,10 +171,10 @@ def test_held_out_people_are_unseen_in_training():
 
 def test_demos_have_the_two_habits_to_unlearn():
     country = lambda person: KB["facts"][KB["facts"][person, "born in"], "city in"]  # noqa: E731
-    first = lambda x: KB["namesakes"][x["first_name"]][0]  # noqa: E731  # the namesake listed first
-    ambiguous = next(x for x in TRAIN if x["kind"] == "country_by_employer" and first(x) != x["path"][0]
-                     and country(first(x)) != x["answer"])  # fmt: skip
-    first = first(ambiguous)  # not the one the question means, and born in another country
+    listed_first = lambda x: KB["namesakes"][x["first_name"]][0]  # noqa: E731
+    ambiguous = next(x for x in TRAIN if x["kind"] == "country_by_employer" and listed_first(x) != x["path"][0]
+                     and country(listed_first(x)) != x["answer"])  # fmt: skip
+    first = listed_first(ambiguous)  # listed first, not the one the question means, and born in another country
     # trust: goes on with the first namesake it checks, so it answers about the wrong person
     steps = [step for step, _ in T.kb_trajectory(ambiguous, KB, random.Random(0), demo_stop=0.0, demo_trust=1.0)]
     assert sum("<search>" in s for s in steps) == 3 and f"<search>{first}</search>" in steps[1]
