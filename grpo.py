@@ -22,33 +22,14 @@ Equations (i indexes completions in the batch, t their tokens, M_it = 1 on real 
              dr_grpo: sum_it M_it l_it / (B * L_max)               (constant normaliser, Dr. GRPO)
              dapo:    sum_it M_it l_it / (tokens in the whole batch)   (TRL's default)
 
-What we kept, simplified or chose:
-- The loss types, clipping, k3 KL and advantage scalings follow TRL (trl/trainer/grpo_trainer.py) and are tested
-  against an independent transcription of its formulas (tests/test_grpo.py). We compute k3 with expm1, which is
-  exact near x = 0 where exp(x) - x - 1 loses all its digits.
-- On-policy by default (num_iterations=1): pi_old = pi_theta.detach(), so the loss *value* is ~0 while its
-  gradient is not. With num_iterations > 1 the old log-probs are computed once, before the updates.
-- Log-probs are taken from logits divided by the sampling temperature, so the ratio compares the distribution
-  we actually sampled from. One optimiser step per pass over the batch, split into micro-batches.
-- No vLLM, no distributed training: generation is `model.generate`. See README.md, "Scaling up".
-- Samples are what the loss scores: every rollout and greedy evaluation calls `generate` with our settings only
-  (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
-  would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
-  scores the full one: keep it at 1 for on-policy training.
-
-The task. Offline default: two-digit addition, e.g. prompt "47+38=", answered with a digit-by-digit trace and
-the result, "<think>7+8=15 4+3+1=8</think><answer>85</answer>". The tiny model is warm-started on demonstrations
-that forget the carry most of the time (--demo_noise), so it starts knowing the format but making a systematic
-mistake; the reward (1 for the right number, +0.1 for the format) is what teaches it to carry. `--dataset gsm8k`
-trains on GSM8K (hub id or local folder) with the same reward.
-A pretrained chat model gets no warm start: `--num_shots K` shows it K solved training problems as earlier chat
-turns, which is how it learns the format. `--small_addend` (47+8=, answered "<think>47+8=55</think><answer>55
-</answer>") is the task SmolLM2-135M-Instruct partly solves with 3 shots, unlike two-digit sums
-(tests/probe_smollm2_arithmetic.py measures both), and GRPO needs some right answers in a group to learn.
-
-Reading order: `group_advantages` (what GRPO adds to a policy gradient), then GRPO's shared machinery
-(`generate_completions`, `completion_logprobs`, `policy_loss`), then `train`, whose numbered steps 1-5 every
-algorithm file repeats; the task (arithmetic, GSM8K, the reward, the evaluation) comes last.
+The paper's: the group baseline, the clipped surrogate, the k3 KL. TRL's (and so ours): the four loss types, the
+advantage scalings, clipping; tests/test_grpo.py checks them against an independent transcription of its formulas.
+Ours: k3 computed with expm1 (exact near x = 0, where exp(x) - x - 1 loses all its digits); log-probs from logits
+divided by the sampling temperature, so the ratio compares the distribution we sampled from; on-policy by default
+(num_iterations=1: pi_old = pi_theta.detach(), so the loss *value* is ~0 while its gradient is not; with more
+iterations the old log-probs are computed once, before the updates); one optimiser step per pass over the batch,
+split into micro-batches. No vLLM, no distributed training (README.md, "Scaling up").
+The task (two-digit addition offline, or GSM8K) is tasks/arithmetic.py.
 
 Run:
     python grpo.py                                   # the tiny model on a CPU, no download
@@ -57,14 +38,10 @@ Run:
     python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --num_shots 2 --max_new_tokens 384 \
         --learning_rate 1e-6 --gradient_accumulation_steps 16 --gradient_checkpointing   # one GPU (RESULTS.md)
 On a GPU the weights and AdamW stay float32 and the forwards run under bf16 autocast (--dtype auto); the script
-prints its estimated peak memory before training.
-
-Results (accuracy over seeds, wall times, curves, the comparison with TRL) are in RESULTS.md.
+prints its estimated peak memory before training. Results are in RESULTS.md.
 """
 
-import json
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -72,22 +49,10 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from common import (
-    MetricsLogger,
-    UsageError,
-    autocast,
-    check_args_shared,
-    estimate_memory,
-    format_prompt,
-    frozen_copy,
-    generate,
-    load_data,
-    load_model,
-    make_run_dir,
-    run_cli,
-    seed_everything,
-)
-from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
+from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
+from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
+from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, shared_prompt_cache
+from tasks import arithmetic, format_prompt
 
 
 @dataclass
@@ -158,7 +123,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
 
     std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
-    divide (Dr. GRPO). A group whose rewards are all equal gets advantage 0: it carries no learning signal.
+    divide (Dr. GRPO). A group whose rewards are all equal carries no learning signal: its advantage is 0 up to the
+    float32 rounding of its mean (a small uniform value, as in TRL).
     """
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
@@ -195,7 +161,7 @@ def generate_completions(
     prefix_grouper=False,
 ):  # fmt: skip
     """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...]. With prefix_grouper,
-    each prompt is prefilled once and its KV cache shared by its G samples (common.generate), the same tokens.
+    each prompt is prefilled once and its KV cache shared by its G samples (prefix_grouper.shared_prompt_cache).
 
     Prompts are left-padded; `generate` gets their attention mask (and derives position ids from it). A completion
     ends at its first EOS, which is kept in the completion mask; whatever follows (padding) is masked out. pad and
@@ -204,11 +170,13 @@ def generate_completions(
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
     prompt_mask = enc["attention_mask"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask}
+    if prefix_grouper:  # each prompt prefilled once, its KV cache repeated for its G rows: the same samples
+        inputs["past_key_values"] = shared_prompt_cache(model, inputs, copies=group_size)
     # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate)
     output = generate(
-        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy, copies=group_size if prefix_grouper else 1,
-    )  # fmt: skip
+        model, tokenizer, inputs, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy
+    )
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id  # (B*G, C)
     has_eos = is_eos.any(dim=1)  # (B*G,)
@@ -341,19 +309,22 @@ def masked_mean(values, mask):
 def train(args: Args):
     check_args(args)
     seed_everything(args.seed)
-    train_items, eval_items, demos, shots = load_task(args)
+    train_items, eval_items, demos, shots = arithmetic.load_task(
+        args.dataset, args.dataset_path, args.num_train, args.num_eval, args.seed, args.demo_noise,
+        small_addend=args.small_addend, num_shots=args.num_shots,
+    )  # fmt: skip
     model, tokenizer = load_model(args.model, demos=demos, device=args.device, sft_steps=args.sft_steps)
     ref_model = frozen_copy(model, args.dtype) if args.beta > 0 else None
     if args.gradient_checkpointing:  # recompute each layer in the backward instead of keeping its activations
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     run_dir = make_run_dir("grpo", args, root=args.output_dir)
-    print(f"[grpo] run folder: {run_dir}")
-    print(
-        "[grpo] note: with num_iterations=1 the policy is on-policy (ratio == 1) and advantages are zero-mean, so the\n"
-        "       logged loss stays near 0 while its gradient is not 0. Watch reward and eval/accuracy, not loss."
+    on_policy_note("grpo")
+    to_prompt = lambda item: format_prompt(tokenizer, item["question"], arithmetic.SYSTEM_PROMPT, shots)  # noqa: E731
+    # held-out: greedy answers from generate_completions, scored by the task
+    evaluate = lambda: arithmetic.evaluate(  # noqa: E731
+        model, tokenizer, eval_items, to_prompt, args.max_new_tokens, generate_completions
     )
-    to_prompt = lambda item: format_prompt(tokenizer, item["question"], SYSTEM_PROMPT, shots)  # noqa: E731
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         memory = estimate_memory(
             model, rows=args.prompts_per_step * args.group_size // args.gradient_accumulation_steps,
@@ -367,7 +338,7 @@ def train(args: Args):
 
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
         with autocast(model.device, args.dtype):
-            before = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+            before = evaluate()
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         print(f"[grpo] held-out before training: accuracy {before['accuracy']:.3f}, format {before['format']:.3f}")
         bar = tqdm(range(1, args.num_steps + 1), desc="grpo")
@@ -384,7 +355,7 @@ def train(args: Args):
                 )  # fmt: skip
             group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and group-relative advantages
-            rewards = reward_function(rollout["texts"], [x["answer"] for x in group_items])
+            rewards = arithmetic.reward_function(rollout["texts"], [x["answer"] for x in group_items])
             advantages = group_advantages(rewards["total"], args.group_size, scale=args.scale_rewards)  # (B*G,)
             advantages = advantages.to(model.device)
             completion_mask = rollout["completion_mask"]  # (B*G, C)
@@ -452,7 +423,7 @@ def train(args: Args):
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
-                    held_out = evaluate(model, tokenizer, eval_items, to_prompt, args.max_new_tokens)
+                    held_out = evaluate()
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record['rewards/correct/mean']:.2f}")
@@ -468,150 +439,11 @@ def train(args: Args):
         f"[grpo] held-out accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f} "
         f"in {results['wall_time_s']:.0f}s (evaluations and training, after loading the model)"
     )
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    save_run(run_dir, results, model, tokenizer)
     return results
 
 
 PLOT_KEYS = ["reward", "eval/accuracy", "rewards/format/mean", "completions/mean_length", "entropy", "grad_norm"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
-
-
-SYSTEM_PROMPT = (
-    "Solve the problem. Think step by step inside <think> </think>, then give only the final number "
-    "inside <answer> </answer>."
-)
-
-
-def addition_trace(a: int, b: int, drop_carry: bool = False) -> str:
-    """The digit-by-digit demonstration, e.g. 47+38 -> '<think>7+8=15 4+3+1=8</think><answer>85</answer>'.
-
-    With drop_carry the tens step forgets the carry (4+3=7 -> 75): a consistent trace with a wrong answer.
-    A one-digit b gets the sum in one step, 47+8 -> '<think>47+8=55</think><answer>55</answer>' (drop_carry: 45):
-    SmolLM2-135M copies the digit trace badly (0% right vs 41% in tests/probe_smollm2_arithmetic.py).
-    """
-    if b < 10:
-        total = a + b - (10 if drop_carry and a % 10 + b >= 10 else 0)
-        return f"<think>{a}+{b}={total}</think><answer>{total}</answer>"
-    ones = a % 10 + b % 10
-    carry = ones // 10 if not drop_carry else 0
-    tens = a // 10 + b // 10 + carry
-    tens_step = f"{a // 10}+{b // 10}+1={tens}" if carry else f"{a // 10}+{b // 10}={tens}"
-    return f"<think>{a % 10}+{b % 10}={ones} {tens_step}</think><answer>{tens}{ones % 10}</answer>"
-
-
-def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: float, small_addend: bool = False):
-    """Two-digit additions (small_addend: a two-digit plus a one-digit number), split into disjoint train and
-    held-out sets. Each item has its question, answer and a correct solution. Returns (train, eval, demos)."""
-    rng = random.Random(seed)
-    pairs = [(a, b) for a in range(10, 100) for b in (range(1, 10) if small_addend else range(10, 100))]
-    rng.shuffle(pairs)  # 8100 problems (small_addend: 810)
-    if num_eval + num_train > len(pairs):
-        raise UsageError(
-            f"--num_train + --num_eval must be at most {len(pairs)} (the task's problems), got {num_train} + {num_eval}"
-        )
-    to_item = lambda a, b: {"question": f"{a}+{b}=", "answer": str(a + b), "solution": addition_trace(a, b)}  # noqa: E731
-    eval_items = [to_item(a, b) for a, b in pairs[:num_eval]]
-    train_pairs = pairs[num_eval : num_eval + num_train]
-    train_items = [to_item(a, b) for a, b in train_pairs]
-    demos = [(f"{a}+{b}=", addition_trace(a, b, drop_carry=rng.random() < demo_noise)) for a, b in train_pairs]
-    return train_items, eval_items, demos
-
-
-def load_gsm8k(path: str, num_train: int, num_eval: int):
-    """GSM8K from the hub ('openai/gsm8k') or a local folder with train/test files in its format
-    (fields 'question' and 'answer', the answer ending in '#### <number>'). Returns (train, eval, demos)."""
-    data = load_data(path, "GSM8K", {"train": ("train",), "eval": ("test",)}, ("question", "answer"),
-                     "--dataset arithmetic", config_name="main")  # fmt: skip
-
-    def to_items(split, limit):
-        items = []
-        for i, row in enumerate(split.select(range(min(limit, len(split))))):
-            if "####" not in row["answer"]:
-                raise UsageError(
-                    f"GSM8K at {path!r}: answer {i} does not end in '#### <number>' ({row['answer'][-60:]!r}); "
-                    f"GSM8K's format puts the final number after '####'."
-                )
-            reasoning, _, answer = row["answer"].rpartition("####")
-            reasoning = re.sub(r"<<.*?>>", "", reasoning).strip()  # drop the calculator annotations
-            answer = answer.strip().replace(",", "")
-            solution = f"<think>{reasoning}</think><answer>{answer}</answer>"
-            items.append({"question": row["question"], "answer": answer, "solution": solution})
-        return items
-
-    train_items, eval_items = to_items(data["train"], num_train), to_items(data["eval"], num_eval)
-    return train_items, eval_items, [(x["question"], x["solution"]) for x in train_items]
-
-
-def load_task(args: Args):
-    """(train items, held-out items, the tiny model's demos, the --num_shots worked examples for a chat model)."""
-    if args.dataset == "arithmetic":
-        train_items, eval_items, demos = make_arithmetic_task(
-            args.num_train, args.num_eval, args.seed, args.demo_noise, args.small_addend
-        )
-    else:
-        train_items, eval_items, demos = load_gsm8k(args.dataset_path, args.num_train, args.num_eval)
-    # --num_shots: the first training problems, solved, shown to a chat model as earlier turns (not trained on)
-    shots = [(x["question"], x["solution"]) for x in train_items[: args.num_shots]]
-    train_items = train_items[args.num_shots :]
-    if not train_items or not eval_items:
-        raise UsageError(
-            f"The {args.dataset} task has {len(train_items)} training (after {args.num_shots} worked examples) and "
-            f"{len(eval_items)} held-out problems; both must be non-empty (check --num_train, --num_eval, "
-            f"--num_shots and the data files)."
-        )
-    return train_items, eval_items, demos, shots
-
-
-def extract_answer(completion: str) -> str | None:
-    match = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
-    return match.group(1).strip() if match else None
-
-
-def correctness_reward(completion: str, answer: str) -> float:
-    """1 if the number in <answer> equals the reference (commas and a trailing '.0' ignored), else 0."""
-    predicted = extract_answer(completion)
-    if predicted is None:
-        return 0.0
-    normalise = lambda s: s.replace(",", "").replace("$", "").strip().removesuffix(".0")  # noqa: E731
-    return float(normalise(predicted) == normalise(answer))
-
-
-def format_reward(completion: str) -> float:
-    """1 if the completion is exactly <think>...</think><answer>...</answer>, else 0."""
-    return float(re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", completion, re.DOTALL) is not None)
-
-
-def reward_function(completions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
-    """Per-completion rewards by name; the training reward is their weighted sum (correct + 0.1 format)."""
-    if len(completions) != len(answers):
-        raise ValueError(f"{len(completions)} completions but {len(answers)} answers: pass one answer per completion")
-    correct = torch.tensor([correctness_reward(c, a) for c, a in zip(completions, answers)])
-    formatted = torch.tensor([format_reward(c) for c in completions])
-    return {"correct": correct, "format": formatted, "total": correct + 0.1 * formatted}
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, items, to_prompt, max_new_tokens, batch_size=256):
-    """Greedy decoding on held-out problems: accuracy, share well formatted, mean completion length."""
-    model.eval()
-    correct, formatted, length = [], [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [to_prompt(x) for x in chunk]
-        rollout = generate_completions(
-            model, tokenizer, prompts, group_size=1, max_new_tokens=max_new_tokens, greedy=True
-        )
-        rewards = reward_function(rollout["texts"], [x["answer"] for x in chunk])
-        correct += rewards["correct"].tolist()
-        formatted += rewards["format"].tolist()
-        length += rollout["completion_mask"].sum(1).tolist()
-    n = len(items)
-    return {"accuracy": sum(correct) / n, "format": sum(formatted) / n, "mean_length": sum(length) / n}
 
 
 if __name__ == "__main__":

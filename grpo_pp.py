@@ -4,98 +4,58 @@ Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510
 is grpo.py with an image in the prompt and the stabilisers below. What GRPO++ changes is the section "The
 algorithm": `binary_advantages`, `nonzero_variance_groups`, the stabilisers' values (STABILISERS), and stage 3's
 `dpo_loss` with the graph as the judge (`kg_fact_score`, `preference_pairs`). The loss and the group advantage
-are grpo.py's, line for line; rollout and log-probs are grpo.py's with the image passed along.
+are grpo.py's, line for line; rollout and log-probs are grpo.py's with the image passed along. The task (lesion
+images drawn from a knowledge graph, or an image folder) is tasks/lesions.py.
 
 The idea. Three stages that mimic how a dermatologist is trained: (1) GRPO++, a GRPO made stable enough for
 reasoning-based disease recognition from few images; (2) SFT for conversation; (3) DPO whose preference pairs are
 scored against a knowledge graph instead of by experts.
 
-What the paper leaves open, and our interpretation. The paper's text and code are not public: only the abstract,
-and one secondary source saying GRPO++ uses "a binary advantage". Every stabiliser below is therefore our reading,
-each behind its own flag so that GRPO vs GRPO++ is one switch, --no_grpo_pp (DermIQ-VLM, https://arxiv.org/abs/2510.01236):
+The paper's: the three stages, a stabilised GRPO, the graph as the DPO judge. Its text and code are not public
+(the abstract, and one secondary source saying GRPO++ uses "a binary advantage"), so every stabiliser is ours,
+each behind its own flag so that GRPO vs GRPO++ is one switch, --no_grpo_pp:
     binary advantage   A_i = sign(r_i - mean(r_group))  in {-1, 0, +1}: no division by a near-zero std
                        (GRPO: A_i = (r_i - mean) / (std + eps))
     skip zero-variance groups: no loss on a group whose rewards are all equal
     clip-higher        eps_high = 0.28 (GRPO: 0.2)
     token-mean loss    sum_it M_it l_it / sum_it M_it  (GRPO: the mean over completions of each one's token mean)
     KL anchor          + beta * k3(pi_ref, pi), beta = 0.04, the reference being the warm start (GRPO: beta = 0)
-Reward (VLM-R1 style): 1 for the right class + 0.5 for the <think>..</think><answer>..</answer> format
-(+ --kg_weight x the share of the attributes named in <think> that the graph gives the predicted class).
-Stage 1 is evaluated by greedy macro-F1 every --eval_every steps (a "collapse": an evaluation 10 points below the
-run's best so far) and at the end also by the paper's protocol, a majority vote over --answer_samples answers
-sampled at T=1 per held-out image.
-Stage 2, SFT: conversations written from the graph (the recognition trace, then symptoms and care), a known
-share (--sft_error_rate) with one fact swapped for another class's. Stage 3, DPO (Rafailov et al., 2023): sample
-K answers per training image, score each against the graph (+1 per fact it confirms, -1 per fact it contradicts:
-the attributes against the image's class, symptoms and care against the class the answer names), chosen y_w =
-best, rejected y_l = worst, kept if the scores differ by at least --dpo_margin:
-    loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),  ref = stage 2
-The factual error rate is measured on answers sampled at T=1 (8 per held-out image): greedy decoding shows the
-most likely fact, which is right when 70% of the SFT data is, and so hides the errors SFT taught.
-We simplified: no LoRA (the paper's "memory-efficient" variant; our models are small), full fine-tuning, and
-offline DPO on one set of sampled pairs.
-Samples are what the loss scores: generation uses our settings only (common.generate), never a checkpoint's
-generation_config.json; it never samples the <image> token, and the log-probs give that token probability 0 too.
 Under GRPO++ each stabiliser takes its GRPO++ value unless set on the command line, so each can be switched off
-alone (e.g. --beta 0); args.json records the values that ran.
-
-The task. 32x32 RGB "lesions" drawn in code: a blob on a skin-tone background whose colour, shape, border and
-texture encode one of six classes; every class shares attributes with others, so recognising one takes a
-combination. The knowledge graph gives each class's visual attributes, symptoms and care. The low-data training
-split has --images_per_class images per class (8, 16 or 32); the held-out split is balanced. The tiny VLM (a
-LLaVA-style model built from transformers classes, common.py) is warm-started on attribute captions whose class
-name is a look-alike 60% of the time (it sees well but mixes classes up), cached after the first run.
+alone (e.g. --beta 0); args.json records the values that ran. Stage 1 is evaluated by greedy macro-F1 every
+--eval_every steps (a "collapse": an evaluation 10 points below the run's best so far) and at the end by the
+paper's protocol, a majority vote over --answer_samples answers sampled at T=1 per held-out image.
+Stage 3 (DPO, Rafailov et al., 2023; the pairs are ours): sample K answers per training image, score each against
+the graph (+1 per fact it confirms, -1 per fact it contradicts: the attributes against the image's class, symptoms
+and care against the class the answer names), chosen y_w = best, rejected y_l = worst, kept if the scores differ
+by at least --dpo_margin:
+    loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),  ref = stage 2
+Ours, simplified: no LoRA (the paper's "memory-efficient" variant; our models are small), full fine-tuning, and
+offline DPO on one set of sampled pairs. Generation never samples the <image> token, and the log-probs give that
+token probability 0 too.
 
 Run:
     python grpo_pp.py                       # stages 1 -> 2 -> 3 with GRPO++ in stage 1, tiny VLM, CPU
     python grpo_pp.py --no_grpo_pp          # the same with plain GRPO in stage 1
-    python grpo_pp.py --compare             # stage 1, GRPO vs GRPO++, 5 seeds x (8, 16) images per class
-    python grpo_pp.py --compare --sizes 4 --learning_rate 1e-3 --seeds 0,1,2,3,4,5,6,7,8,9   # where GRPO is unstable
-    python grpo_pp.py --compare ... --arms no_beta,no_eps_high   # ablation: GRPO++ with one stabiliser off each
     python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
     python grpo_pp.py --model <a local VLM folder> --dataset_path <an image folder with train/ and test/>
     python grpo_pp.py --model HuggingFaceTB/SmolVLM-256M-Instruct ...   # one GPU: the recipe in RESULTS.md
-
-Results (stage 1 over seeds and training sizes, the factual error rate through stages 2 and 3) are in
-RESULTS.md.
+    python experiments/grpo_pp_stability.py --sizes 4 --learning_rate 1e-3 --seeds 0,1,2,3,4,5,6,7,8,9
+Results (stage 1 over seeds, the ablation, the factual error rate through stages 2 and 3) are in RESULTS.md.
 """
 
-import colorsys
-import hashlib
-import json
-import math
 import random
-import re
-import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common import (
-    CACHE_DIR,
-    MetricsLogger,
-    UsageError,
-    autocast,
-    cached,
-    check_args_shared,
-    estimate_memory,
-    frozen_copy,
-    generate,
-    int_list,
-    load_data,
-    load_vlm,
-    make_run_dir,
-    run_cli,
-    seed_everything,
-    seed_sweep,
-)
+from common import autocast, cache_entry, cached, estimate_memory, frozen_copy, generate, load_vlm, seed_everything
+from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, run_cli, save_run
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
+from tasks import lesions
 
 
 @dataclass
@@ -115,8 +75,7 @@ class Args:
     data_seed: int = field(default=0, metadata={"help": "seed of the generated images (seeds share one split)"})
     warm_start_steps: int = field(default=600, metadata={"help": "tiny-vlm: SFT steps on attribute captions"})
     warm_start_noise: float = field(default=0.6, metadata={"help": "tiny-vlm: share of captions naming a look-alike"})
-    # stage 1: GRPO++ (every stabiliser on) or GRPO (--no_grpo_pp, every one off). A stabiliser given on the command
-    # line keeps its value under either, so each can be switched alone: "GRPO++ minus one" is --skip_zero_variance false
+    # stage 1: GRPO++ or GRPO (--no_grpo_pp); a stabiliser set on the command line keeps its value under either
     grpo_pp: bool = field(default=True, metadata={"help": "GRPO++ (binary advantage, skip, clip-higher, dapo, KL)"})
     advantage: Literal["group", "binary"] | None = field(
         default=None, metadata={"help": "(r-mean)/std or sign(r-mean) [GRPO++: binary, GRPO: group]"}
@@ -126,14 +85,10 @@ class Args:
     )
     eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
     eps_high: float | None = field(
-        default=None, metadata={"help": "clip ratio above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]"}
+        default=None, metadata={"help": "clip above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]"}
     )
-    loss_type: Literal["grpo", "dapo"] | None = field(
-        default=None, metadata={"help": "sequence mean | token mean [GRPO++: dapo, GRPO: grpo]"}
-    )
-    beta: float | None = field(
-        default=None, metadata={"help": "k3 KL anchor to the warm start [GRPO++: 0.04, GRPO: 0]"}
-    )
+    loss_type: Literal["grpo", "dapo"] | None = field(default=None, metadata={"help": "[GRPO++: dapo, GRPO: grpo]"})
+    beta: float | None = field(default=None, metadata={"help": "k3 KL to the warm start [GRPO++: 0.04, GRPO: 0]"})
     kg_weight: float = field(default=0.0, metadata={"help": "reward weight of the attributes' graph agreement"})
     num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
     prompts_per_step: int = field(default=12, metadata={"help": "images per step; the batch is this x group_size"})
@@ -157,20 +112,12 @@ class Args:
     sft_error_rate: float = field(default=0.3, metadata={"help": "stage 2: share of conversations with a wrong fact"})
     sft_learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: AdamW learning rate"})
     dpo_samples: int = field(default=4, metadata={"help": "stage 3: answers sampled per image to build a pair"})
-    dpo_margin: float = field(
-        default=1.0, metadata={"help": "stage 3: keep a pair if its graph scores differ this much"}
-    )
+    dpo_margin: float = field(default=1.0, metadata={"help": "stage 3: keep a pair if its graph scores differ this"})
     dpo_beta: float = field(default=0.1, metadata={"help": "stage 3: DPO beta"})
     dpo_epochs: int = field(default=8, metadata={"help": "stage 3: passes over the preference pairs"})
     dpo_learning_rate: float = field(default=1e-5, metadata={"help": "stage 3: AdamW learning rate"})
     answer_tokens: int = field(default=112, metadata={"help": "stages 2-3: longest conversational answer, in tokens"})
     answer_samples: int = field(default=8, metadata={"help": "answers sampled per held-out image (all stages)"})
-    compare: bool = field(default=False, metadata={"help": "stage 1 GRPO vs GRPO++ for --seeds x --sizes, then plot"})
-    seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
-    sizes: str = field(default="8,16", metadata={"help": "--compare: comma-separated training images per class"})
-    arms: str = field(
-        default="grpo,grpo_pp", metadata={"help": "--compare: grpo, grpo_pp, or grpo_pp with one off: no_<stabiliser>"}
-    )
 
     # filled in by __post_init__: the stabilisers given explicitly, which a switch of method (with_method) keeps
     set_by_user: tuple = field(default=(), init=False)
@@ -188,13 +135,6 @@ def check_args(args: Args):
     check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, clipping, beta, output_dir
     if args.stage in ("2", "3") and not args.init:
         raise UsageError(f"--stage {args.stage} alone needs --init, the model folder of the previous stage")
-    int_list(args.seeds, "--seeds"), int_list(args.sizes, "--sizes")
-    arms = ["grpo", "grpo_pp", *(f"no_{name}" for name in STABILISERS["grpo"])]
-    if unknown := [arm for arm in args.arms.split(",") if arm not in arms]:
-        raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(arms)}")
-    for name in ("images_per_class", "eval_per_class", "answer_tokens", "answer_samples", "dpo_samples"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,18 +149,15 @@ STABILISERS = {
 
 
 def with_method(args: Args, grpo_pp: bool, **changes) -> Args:
-    """A copy of args with stage 1 switched to GRPO++ or to GRPO: every stabiliser the user did not set takes the
-    method's value, the ones the user set keep theirs."""
+    """A copy of args with stage 1 as GRPO++ or GRPO: the stabilisers the user did not set take the method's value."""
     unset = {name: None for name in STABILISERS["grpo"] if name not in args.set_by_user}
     return replace(args, grpo_pp=grpo_pp, **(unset | changes))  # replace() runs __post_init__
 
 
 def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """GRPO++'s advantage (our reading): A_i = sign(r_i - mean of its group), in {-1, 0, +1}.
-
-    rewards is (num_groups * group_size,), grouped contiguously. Unlike (r - mean) / std it never divides by a
-    near-zero std, so one lucky sample in a low-variance group cannot get a huge advantage.
-    """
+    """GRPO++'s advantage (our reading): A_i = sign(r_i - mean of its group), in {-1, 0, +1}; rewards (num_groups *
+    group_size,), grouped. Unlike (r - mean) / std it never divides by a near-zero std, so one lucky sample in a
+    low-variance group cannot get a huge advantage."""
     # r_i - mean_group(r): GRPO's advantage before any scaling (its checks of the rewards included)
     centred = group_advantages(rewards, group_size, scale="none").view(-1, group_size)  # (num_groups, G)
     # A_i = sign(r_i - mean_group(r)), and 0 where r_i and the mean differ only by float rounding (equal rewards)
@@ -266,16 +203,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def kg_fact_score(answer: str, label: str, penalty: float = 1.0) -> float:
-    """Score a conversational answer against the graph: +1 per right fact, -penalty per wrong one. The attributes
-    named in <think> are checked against `label`, the class the image shows; the symptoms and care stated after
-    the answer against the class the answer names (or `label` when it names none), so that an answer is scored on
-    what it says about its own diagnosis, as `has_factual_error` checks it (whether the diagnosis is right is
-    stage 1's job)."""
-    truth = KNOWLEDGE_GRAPH[check_class(label)]
-    seen = parse_answer(answer)["attributes"]
-    right_attributes = len(seen & {truth[k] for k in ATTRIBUTES})
-    named = KNOWLEDGE_GRAPH.get(parse_answer(answer)["answer"], truth)
-    stated = stated_facts(answer)
+    """+1 per fact the graph confirms, -penalty per fact it contradicts: the attributes named in <think> against
+    `label` (the image's class), the symptoms and care against the class the answer names (or `label`), so an answer
+    is scored on what it says of its own diagnosis, as lesions.has_factual_error checks it (the diagnosis: stage 1)."""
+    truth = lesions.KNOWLEDGE_GRAPH[lesions.check_class(label)]
+    seen = lesions.parse_answer(answer)["attributes"]
+    right_attributes = len(seen & {truth[k] for k in lesions.ATTRIBUTES})
+    named = lesions.KNOWLEDGE_GRAPH.get(lesions.parse_answer(answer)["answer"], truth)
+    stated = lesions.stated_facts(answer)
     right_facts = len(stated & {*named["symptoms"], named["care"]})
     wrong = len(seen) - right_attributes + len(stated) - right_facts
     return right_attributes + right_facts - penalty * wrong
@@ -294,13 +229,10 @@ def preference_pairs(model, processor, train_items, args: Args):
     k = args.dpo_samples
     rollout = generate_completions(model, processor, [x["image"] for x in train_items], group_size=k,
                                    max_new_tokens=args.answer_tokens)  # fmt: skip
-    scores = torch.tensor([kg_fact_score(t, x["label"]) for t, x in zip(rollout["texts"], (x for x in train_items
-                           for _ in range(k)))]).view(-1, k)  # fmt: skip
-    pairs = []
-    for i, row in enumerate(scores):
-        if row.max() - row.min() >= args.dpo_margin:
-            pairs.append((i * k + int(row.argmax()), i * k + int(row.argmin())))
-    return rollout, pairs
+    labels = [x["label"] for x in train_items for _ in range(k)]
+    scores = torch.tensor([kg_fact_score(t, label) for t, label in zip(rollout["texts"], labels)]).view(-1, k)
+    differ = [i for i, row in enumerate(scores) if row.max() - row.min() >= args.dpo_margin]  # images with a pair
+    return rollout, [(i * k + int(scores[i].argmax()), i * k + int(scores[i].argmin())) for i in differ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,7 +241,7 @@ def preference_pairs(model, processor, train_items, args: Args):
 
 def encode_prompts(processor, images, device):
     """Left-padded prompt ids and mask (B, P) and pixel values (B, 3, H, W) for a list of images."""
-    prompt = make_prompt(processor)
+    prompt = lesions.make_prompt(processor)
     enc = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True)
     return enc["input_ids"].to(device), enc["attention_mask"].to(device), enc["pixel_values"].to(device)
 
@@ -383,7 +315,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
 
     std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
-    divide (Dr. GRPO). A group whose rewards are all equal gets advantage 0: it carries no learning signal.
+    divide (Dr. GRPO). A group whose rewards are all equal carries no learning signal: its advantage is 0 up to the
+    float32 rounding of its mean (a small uniform value, as in TRL).
     """
     if group_size < 2:
         raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
@@ -485,8 +418,14 @@ def masked_mean(values, mask):
 # Training loop
 
 
+def load_task(args: Args):
+    """(train items, held-out items) of tasks/lesions.py; the tiny VLM needs 32x32 images, a real VLM resizes."""
+    size = lesions.IMAGE_SIZE if args.model == "tiny-vlm" else None
+    return lesions.load_task(args.dataset_path, args.images_per_class, args.eval_per_class, args.data_seed, size)
+
+
 def train_grpo(args: Args, task=None):
-    """Stage 1 on `task` ((train items, held-out items); default load_task(args)). Returns the results dict
+    """Stage 1 on `task` ((train items, held-out items); default: the task of args). Returns the results dict
     (held-out macro-F1 before, after, best, and each evaluation)."""
     check_args(args)
     seed_everything(args.seed)
@@ -498,7 +437,6 @@ def train_grpo(args: Args, task=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     method = "grpo_pp" if args.grpo_pp else "grpo"
     run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
-    print(f"[grpo_pp] stage 1 ({method}), run folder: {run_dir}")
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         memory = estimate_memory(
             model, rows=args.prompts_per_step * args.group_size, completion_tokens=args.max_new_tokens,
@@ -511,7 +449,7 @@ def train_grpo(args: Args, task=None):
     start = time.time()
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, processor)) as logger:
         with autocast(model.device, args.dtype):
-            before = evaluate(model, processor, eval_items, args.max_new_tokens)
+            before = lesions.evaluate(model, processor, eval_items, args.max_new_tokens, generate_completions)
         logger.log(0, {f"eval/{k}": v for k, v in before.items()})
         curve = [before["macro_f1"]]
         bar = tqdm(range(1, args.num_steps + 1), desc=method)
@@ -527,7 +465,7 @@ def train_grpo(args: Args, task=None):
                 )  # fmt: skip
             labels = [x["label"] for x in batch_items for _ in range(args.group_size)]
             # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
-            rewards = recognition_reward(rollout["texts"], labels, args.kg_weight)
+            rewards = lesions.recognition_reward(rollout["texts"], labels, args.kg_weight)
             if args.advantage == "binary":
                 advantages = binary_advantages(rewards["total"], args.group_size)
             else:
@@ -570,7 +508,7 @@ def train_grpo(args: Args, task=None):
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
                 with autocast(model.device, args.dtype):
-                    held_out = evaluate(model, processor, eval_items, args.max_new_tokens)
+                    held_out = lesions.evaluate(model, processor, eval_items, args.max_new_tokens, generate_completions)
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
                 curve.append(held_out["macro_f1"])
             logger.log(step, record)
@@ -578,16 +516,16 @@ def train_grpo(args: Args, task=None):
     # a collapse: held-out F1 falls 10 points below its own best so far
     collapses = sum(f < max(curve[: i + 1]) - 0.10 for i, f in enumerate(curve))
     with autocast(model.device, args.dtype):  # the paper's protocol: a majority vote over sampled answers
-        f1_vote = vote_macro_f1(model, processor, eval_items, args.max_new_tokens, args.answer_samples)
+        f1_vote = lesions.vote_macro_f1(
+            model, processor, eval_items, args.max_new_tokens, args.answer_samples, generate_completions
+        )
     results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "f1_vote": f1_vote,
                "collapses": collapses, "curve": curve, "wall_time_s": time.time() - start,
                "run_dir": str(run_dir)}  # fmt: skip
     print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}; majority vote of "
           f"{args.answer_samples} samples {f1_vote:.3f}), {collapses} evaluations 10 points below the best so far, "
           f"{results['wall_time_s']:.0f}s")  # fmt: skip
-    model.save_pretrained(run_dir / "model")
-    processor.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    save_run(run_dir, results, model, processor)
     return results
 
 
@@ -619,10 +557,29 @@ def vlm_sft(model, processor, demos, steps, batch_size=32, lr=3e-3, seed=0, desc
     return model
 
 
+def load_policy(args: "Args"):
+    """(model, processor): tiny-vlm warm-started on attribute captions (cached), or a real VLM as it is."""
+    if args.model != "tiny-vlm":
+        return load_vlm(args.model, args.device)
+    recipe = {"version": 1, "steps": args.warm_start_steps, "data_seed": args.data_seed, "noise": args.warm_start_noise}
+    path = cache_entry("tiny-vlm", recipe)
+
+    def build(folder):
+        model, processor = load_vlm("tiny-vlm", "cpu")  # on the CPU in float32: the same cache on every machine
+        print(f"[grpo_pp] warm-starting the tiny VLM on attribute captions (cached in {path})")
+        demos = lesions.warm_start_demos(args.data_seed, args.warm_start_noise)
+        vlm_sft(model, processor, demos, args.warm_start_steps, desc="warm start")
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+
+    return load_vlm(str(cached(path, build)), args.device)
+
+
 def train_sft(args: Args, model, processor, train_items):
     """Stage 2: SFT on (training image, graph conversation) pairs, args.sft_error_rate of them with a wrong fact."""
     rng = random.Random(args.seed)
-    demos = [(x["image"], conversation(x["label"], rng, args.sft_error_rate)[0]) for x in train_items for _ in range(8)]
+    conversation = lambda label: lesions.conversation(label, rng, args.sft_error_rate)[0]  # noqa: E731
+    demos = [(x["image"], conversation(x["label"])) for x in train_items for _ in range(8)]
     vlm_sft(model, processor, demos, args.sft_steps, batch_size=16, lr=args.sft_learning_rate, seed=args.seed,
             desc="stage 2 SFT")  # fmt: skip
     return model
@@ -656,396 +613,38 @@ def train_dpo(args: Args, model, processor, train_items):
 def pipeline(args: Args):
     """Stages 1 -> 2 -> 3 (or one of them from --init); each stage's model is saved in its run folder."""
     train_items, eval_items = load_task(args)
-    init = args.init
-    results = {}
+    init, results = args.init, {}
     if args.stage in ("all", "1"):
         results["stage1"] = train_grpo(args, (train_items, eval_items))
         init = results["stage1"]["run_dir"] + "/model"
+    # held-out conversational answers, greedy and sampled, checked against the graph by the task
+    answers = lambda model, processor: lesions.evaluate_answers(  # noqa: E731
+        model, processor, eval_items, args.answer_tokens, args.answer_samples, generate_completions
+    )
     for stage in ("2", "3"):
         if args.stage not in ("all", stage):
             continue
-        if not init:
-            raise UsageError(f"--stage {stage} alone needs --init, the model folder of the previous stage")
         seed_everything(args.seed)
         start = time.time()
         model, processor = load_vlm(init, args.device)
         run_dir = make_run_dir(f"{'sft' if stage == '2' else 'dpo'}-stage{stage}", args, root=args.output_dir)
-        before = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
-        try:
+        before = answers(model, processor)
+        with MetricsLogger(run_dir, model=(model, processor)):  # Ctrl-C keeps the model as it is
             if stage == "2":
                 model, extra = train_sft(args, model, processor, train_items), {}
             else:
                 model, extra = train_dpo(args, model, processor, train_items)
-        except KeyboardInterrupt:  # keep the model as it is, as stage 1's MetricsLogger does
-            model.save_pretrained(run_dir / "model"), processor.save_pretrained(run_dir / "model")
-            print(f"\n[grpo_pp] interrupted: model saved in {run_dir / 'model'}", file=sys.stderr)
-            raise
-        after = evaluate_answers(model, processor, eval_items, args.answer_tokens, args.answer_samples)
+        after = answers(model, processor)
         results[f"stage{stage}"] = {"before": before, "after": after, **extra, "wall_time_s": time.time() - start,
                                     "run_dir": str(run_dir)}  # fmt: skip
         print(f"[grpo_pp] stage {stage}: held-out macro-F1 {before['macro_f1']:.3f} -> {after['macro_f1']:.3f}, "
               f"factual error rate (sampled) {before['fact_error_rate']:.3f} -> {after['fact_error_rate']:.3f}, "
               f"(greedy) {before['fact_error_rate_greedy']:.3f} -> {after['fact_error_rate_greedy']:.3f}\n"
               f"          e.g. {after['example']!r}")  # fmt: skip
-        model.save_pretrained(run_dir / "model")
-        processor.save_pretrained(run_dir / "model")
-        (run_dir / "results.json").write_text(json.dumps(results[f"stage{stage}"], indent=2))
+        save_run(run_dir, results[f"stage{stage}"], model, processor)
         init = str(run_dir / "model")
     return results
 
 
-def compare(args: Args):
-    """Stage 1 with each arm (GRPO, GRPO++, GRPO++ with one stabiliser switched to GRPO's value) for every seed
-    and training size (same warm start and splits), then a table of held-out macro-F1 (after, best, majority vote
-    of sampled answers; mean, seed-to-seed spread) and collapses, and the F1 curves."""
-    sizes, seeds = int_list(args.sizes, "--sizes"), int_list(args.seeds, "--seeds")
-    arms = {"grpo": (False, {}), "grpo_pp": (True, {})}
-    arms |= {f"no_{name}": (True, {name: value}) for name, value in STABILISERS["grpo"].items()}
-    runs = {
-        f"{arm} ({size}/class)": [
-            with_method(args, arms[arm][0], **arms[arm][1], seed=seed, images_per_class=size, compare=False)
-            for seed in seeds
-        ]
-        for size in sizes
-        for arm in args.arms.split(",")
-    }
-    summarize = lambda run: {key: run[key] for key in ("f1_after", "f1_best", "f1_vote", "collapses")}  # noqa: E731
-    # held-out macro-F1 at step 0, then every eval_every steps and at the last step
-    curve = lambda run: ([min(k * args.eval_every, args.num_steps) for k in range(len(run["curve"]))], run["curve"])  # noqa: E731
-    name = "grpo_pp_compare" if args.arms == "grpo,grpo_pp" else "grpo_pp_ablation"
-    out = f"{args.output_dir}/grpo_pp_compare/{name}"
-    return seed_sweep(
-        train_grpo,
-        runs,
-        summarize,
-        out,
-        args,
-        curve=curve,
-        curve_labels=("step", "held-out macro-F1"),
-        title="stage 1, GRPO vs GRPO++ (tiny VLM)",
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
-
-
-ATTRIBUTES = {
-    "colour": ["brown", "black", "red", "pink"],
-    "shape": ["round", "oval", "irregular"],
-    "border": ["sharp", "blurry"],
-    "texture": ["smooth", "scaly", "dotted"],
-}
-
-
-# class -> visual attributes (what the image shows), symptoms and care (what the conversation needs)
-KNOWLEDGE_GRAPH = {
-    "nevus": {"colour": "brown", "shape": "round", "border": "sharp", "texture": "smooth",
-              "symptoms": ["no symptoms"], "care": "watch for change"},
-    "melanoma": {"colour": "black", "shape": "irregular", "border": "blurry", "texture": "dotted",
-                 "symptoms": ["growing", "bleeding"], "care": "urgent biopsy"},
-    "psoriasis": {"colour": "red", "shape": "oval", "border": "sharp", "texture": "scaly",
-                  "symptoms": ["itching", "silvery scale"], "care": "topical steroid"},
-    "eczema": {"colour": "red", "shape": "irregular", "border": "blurry", "texture": "scaly",
-               "symptoms": ["itching", "dry skin"], "care": "moisturiser"},
-    "keratosis": {"colour": "brown", "shape": "oval", "border": "sharp", "texture": "scaly",
-                  "symptoms": ["no symptoms"], "care": "no treatment"},
-    "rosacea": {"colour": "pink", "shape": "round", "border": "blurry", "texture": "dotted",
-                "symptoms": ["flushing", "burning"], "care": "avoid triggers"},
-}  # fmt: skip
-
-
-CLASSES = list(KNOWLEDGE_GRAPH)
-
-
-IMAGE_SIZE = 32
-
-
-# hue (0-1), saturation, value of each colour; each image jitters them
-COLOURS = {"brown": (0.07, 0.65, 0.45), "black": (0.05, 0.35, 0.15), "red": (0.99, 0.75, 0.75),
-           "pink": (0.95, 0.35, 0.95)}  # fmt: skip
-
-
-def check_class(name: str) -> str:
-    if name not in KNOWLEDGE_GRAPH:
-        raise UsageError(f"unknown class {name!r}: the knowledge graph knows {', '.join(CLASSES)}")
-    return name
-
-
-def draw_lesion(label: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A (size, size, 3) uint8 image of one lesion of class `label`: a blob on skin whose colour, shape, border
-    and texture are the class's attributes, with random skin tone, position, size, rotation and noise."""
-    attrs = KNOWLEDGE_GRAPH[check_class(label)]
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size  # (size, size) each, in [0, 1)
-    skin = np.array(colorsys.hsv_to_rgb(0.08 + rng.uniform(-0.02, 0.02), rng.uniform(0.2, 0.4), rng.uniform(0.8, 1)))
-    # the blob: an ellipse in a rotated frame; "irregular" modulates its radius with the angle
-    cx, cy = 0.5 + rng.uniform(-0.08, 0.08, size=2)
-    angle = rng.uniform(0, math.pi)
-    u = (x - cx) * math.cos(angle) + (y - cy) * math.sin(angle)
-    v = -(x - cx) * math.sin(angle) + (y - cy) * math.cos(angle)
-    radius = rng.uniform(0.26, 0.33)
-    aspect = {"round": 1.0, "oval": 0.55, "irregular": 0.85}[attrs["shape"]]
-    r = np.sqrt(u**2 + (v / aspect) ** 2) / radius  # (size, size): 1 on the border
-    if attrs["shape"] == "irregular":
-        theta = np.arctan2(v, u)
-        phases = rng.uniform(0, 2 * math.pi, size=3)
-        r = r / (1 + sum(0.15 * np.sin(k * theta + p) for k, p in zip((3, 5, 7), phases)))
-    softness = {"sharp": 0.04, "blurry": 0.35}[attrs["border"]]
-    alpha = np.clip((1 - r) / softness + 0.5, 0, 1)  # (size, size): 1 inside, 0 outside
-    hue, sat, val = COLOURS[attrs["colour"]]
-    colour = np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-0.02, 0.02)) % 1, sat, val * rng.uniform(0.9, 1.1)))
-    lesion = np.broadcast_to(colour, (size, size, 3)).copy()
-    if attrs["texture"] == "scaly":  # pale stripes across the lesion
-        stripes = 0.5 + 0.5 * np.sin(2 * math.pi * (u * rng.uniform(7, 9) + rng.uniform(0, 1)))
-        lesion += 0.35 * (stripes > 0.6)[..., None] * (1 - lesion)
-    elif attrs["texture"] == "dotted":  # dark dots
-        dots = rng.random((size, size)) < 0.12
-        lesion[dots] *= 0.35
-    image = alpha[..., None] * lesion + (1 - alpha[..., None]) * skin
-    image += rng.normal(0, 0.03, size=image.shape)  # sensor noise
-    return (np.clip(image, 0, 1) * 255).astype(np.uint8)
-
-
-def make_lesion_task(images_per_class: int, eval_per_class: int, seed: int):
-    """A low-data training split (images_per_class per class) and a balanced held-out split, as lists of
-    {"image": PIL image, "label": class}. The held-out images depend only on `seed`, not on the training size."""
-    from PIL import Image
-
-    def split(count, stream):
-        rng = np.random.default_rng([seed, stream])
-        items = [{"image": Image.fromarray(draw_lesion(c, rng)), "label": c} for _ in range(count) for c in CLASSES]
-        random.Random(seed + stream).shuffle(items)
-        return items
-
-    return split(images_per_class, 0), split(eval_per_class, 1)
-
-
-def check_image(image, size: int | None = IMAGE_SIZE):
-    """The tiny VLM sees size x size RGB images; anything else is one clear error. size=None (a real VLM, whose
-    processor resizes) checks only the mode."""
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        raise UsageError(f"expected a PIL image, got {type(image).__name__}")
-    if image.mode != "RGB":
-        raise UsageError(f"image mode is {image.mode!r}, the model needs 'RGB': convert it with image.convert('RGB')")
-    if size is not None and image.size != (size, size):
-        raise UsageError(
-            f"image is {image.size[0]}x{image.size[1]}, the tiny VLM needs {size}x{size}: resize it with "
-            f"image.resize(({size}, {size})), or use a real VLM (--model a folder or hub id), whose processor resizes"
-        )
-    return image
-
-
-def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, seed: int, size: int | None = IMAGE_SIZE):
-    """An image classification data set through `datasets` (hub id or local folder, e.g. an `imagefolder` with
-    train/ and test/ sub-folders of one folder per class). Its class names must be in the knowledge graph."""
-    splits = {"train": ("train",), "eval": ("test", "validation")}
-    data = load_data(path, "an image classification data set", splits, ("image", "label"), "(no --dataset_path)")
-    names = data["train"].features["label"].names
-
-    def take(split, per_class):
-        rng, counts, items = random.Random(seed), {}, []
-        for row in rng.sample(list(split), len(split)):
-            label = check_class(names[row["label"]])
-            if counts.get(label, 0) < per_class:
-                counts[label] = counts.get(label, 0) + 1
-                items.append({"image": check_image(row["image"], size), "label": label})
-        return items
-
-    return take(data["train"], images_per_class), take(data["eval"], eval_per_class)
-
-
-def load_task(args: Args):
-    if args.dataset_path:
-        size = IMAGE_SIZE if args.model == "tiny-vlm" else None  # a real VLM's processor resizes
-        return load_image_dataset(args.dataset_path, args.images_per_class, args.eval_per_class, args.data_seed, size)
-    return make_lesion_task(args.images_per_class, args.eval_per_class, args.data_seed)
-
-
-QUESTION = "What skin disease is this?"
-
-
-def parse_answer(completion: str) -> dict:
-    """The named attributes in <think> and the class in <answer>: {"answer", "attributes", "formatted"}."""
-    think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    answer = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
-    named = set(re.findall(r"[a-z]+", think.group(1).lower())) if think else set()
-    values = {v for options in ATTRIBUTES.values() for v in options}
-    return {
-        "answer": answer.group(1).strip().lower() if answer else None,
-        "attributes": named & values,
-        "formatted": re.fullmatch(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", completion, re.DOTALL)
-        is not None,
-    }
-
-
-def recognition_reward(completions: list[str], labels: list[str], kg_weight: float = 0.0) -> dict[str, torch.Tensor]:
-    """R = correct class + 0.5 * format (+ kg_weight * share of the named attributes the graph lists for the
-    predicted class; 0 when none is named)."""
-    if len(completions) != len(labels):
-        raise ValueError(f"{len(completions)} completions but {len(labels)} labels: pass one label per completion")
-    correct, formatted, agreement = [], [], []
-    for completion, label in zip(completions, labels):
-        parsed = parse_answer(completion)
-        correct.append(float(parsed["answer"] == check_class(label)))
-        formatted.append(float(parsed["formatted"]))
-        graph = KNOWLEDGE_GRAPH.get(parsed["answer"])
-        named = parsed["attributes"]
-        agreement.append(len(named & {graph[k] for k in ATTRIBUTES}) / len(named) if graph and named else 0.0)
-    correct, formatted, agreement = map(torch.tensor, (correct, formatted, agreement))
-    return {"correct": correct, "format": formatted, "kg": agreement,
-            "total": correct + 0.5 * formatted + kg_weight * agreement}  # fmt: skip
-
-
-def make_prompt(processor) -> str:
-    """The question with the image placeholder: the model's chat template if it has one, else '<image>question'."""
-    text = f"{QUESTION} Describe its colour, shape, border and texture inside <think> </think>, then name it inside " \
-        "<answer> </answer>."  # fmt: skip
-    if getattr(processor, "chat_template", None) is None:
-        return "<image>" + QUESTION
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
-def caption(label: str, answer: str) -> str:
-    """A recognition trace: the class's visual attributes, then a class name."""
-    attrs = KNOWLEDGE_GRAPH[label]
-    return f"<think>{' '.join(attrs[k] for k in ATTRIBUTES)}</think><answer>{answer}</answer>"
-
-
-# the tiny VLM's warm start mixes up each class with one that shares attributes with it
-CONFUSED_WITH = {"nevus": "keratosis", "keratosis": "psoriasis", "psoriasis": "eczema", "eczema": "melanoma",
-                 "melanoma": "rosacea", "rosacea": "nevus"}  # fmt: skip
-
-
-def warm_start_demos(seed: int, noise: float, per_class: int = 200):
-    """The tiny VLM's stand-in for pretraining: images (a separate stream from the task's splits) captioned with
-    their true attributes, and with the class a look-alike (CONFUSED_WITH) with probability `noise`: a model that
-    sees well but has a systematic mix-up for RL to correct."""
-    from PIL import Image
-
-    rng, pick = np.random.default_rng([seed, 2]), random.Random(seed)
-    demos = []
-    for c in CLASSES:
-        for _ in range(per_class):
-            answer = CONFUSED_WITH[c] if pick.random() < noise else c
-            demos.append((Image.fromarray(draw_lesion(c, rng)), caption(c, answer)))
-    return demos
-
-
-def load_policy(args: "Args"):
-    """(model, processor): tiny-vlm warm-started on attribute captions (cached), or a real VLM as it is."""
-    if args.model != "tiny-vlm":
-        return load_vlm(args.model, args.device)
-    recipe = {"version": 1, "steps": args.warm_start_steps, "data_seed": args.data_seed, "noise": args.warm_start_noise}
-    path = CACHE_DIR / f"tiny-vlm-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]}"
-
-    def build(folder):
-        model, processor = load_vlm("tiny-vlm", "cpu")  # on the CPU in float32: the same cache on every machine
-        print(f"[grpo_pp] warm-starting the tiny VLM on attribute captions (cached in {path})")
-        vlm_sft(model, processor, warm_start_demos(args.data_seed, args.warm_start_noise), args.warm_start_steps,
-                desc="warm start")  # fmt: skip
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-
-    return load_vlm(str(cached(path, build)), args.device)
-
-
-def macro_f1(predictions: list, labels: list) -> float:
-    """Mean over the classes present in `labels` of F1 = 2 TP / (2 TP + FP + FN); an unparsable answer is a miss."""
-    scores = []
-    for c in sorted(set(labels)):
-        tp = sum(p == c and y == c for p, y in zip(predictions, labels))
-        fp = sum(p == c and y != c for p, y in zip(predictions, labels))
-        fn = sum(p != c and y == c for p, y in zip(predictions, labels))
-        scores.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return sum(scores) / len(scores)
-
-
-@torch.no_grad()
-def evaluate(model, processor, items, max_new_tokens, batch_size=128):
-    """Greedy recognition on held-out images: macro-F1, accuracy, share well formatted."""
-    model.eval()
-    predictions, formatted = [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        images = [x["image"] for x in chunk]
-        rollout = generate_completions(
-            model, processor, images, group_size=1, max_new_tokens=max_new_tokens, greedy=True
-        )
-        parsed = [parse_answer(t) for t in rollout["texts"]]
-        predictions += [p["answer"] for p in parsed]
-        formatted += [p["formatted"] for p in parsed]
-    labels = [x["label"] for x in items]
-    return {"macro_f1": macro_f1(predictions, labels),
-            "accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(items),
-            "format": sum(formatted) / len(items)}  # fmt: skip
-
-
-@torch.no_grad()
-def vote_macro_f1(model, processor, items, max_new_tokens, samples):
-    """Macro-F1 of the majority class over `samples` answers sampled at T=1 per held-out image (an unparsable
-    answer is a vote for no class)."""
-    model.eval()
-    rollout = generate_completions(model, processor, [x["image"] for x in items], group_size=samples,
-                                   max_new_tokens=max_new_tokens)  # fmt: skip
-    return macro_f1(majority_vote([parse_answer(t)["answer"] for t in rollout["texts"]], samples),
-                    [x["label"] for x in items])  # fmt: skip
-
-
-def majority_vote(answers: list, samples: int) -> list:
-    """The most common answer of each run of `samples` consecutive answers (a tie goes to the one named first)."""
-    return [Counter(answers[i : i + samples]).most_common(1)[0][0] for i in range(0, len(answers), samples)]
-
-
-FACTS = sorted({f for node in KNOWLEDGE_GRAPH.values() for f in [*node["symptoms"], node["care"]]})
-
-
-def conversation(label: str, rng: random.Random, error_rate: float = 0.0) -> tuple[str, bool]:
-    """A conversational answer from the graph: the recognition trace, then symptoms and care. With probability
-    error_rate one of them is another class's (a factual error, as SFT data written in a hurry would have).
-    Returns (text, has_error)."""
-    node = dict(KNOWLEDGE_GRAPH[label])
-    has_error = rng.random() < error_rate
-    if has_error:
-        key = rng.choice(["symptoms", "care"])
-        node[key] = rng.choice([n[key] for n in KNOWLEDGE_GRAPH.values() if n[key] != node[key]])
-    text = f"{caption(label, label)} Symptoms: {', '.join(node['symptoms'])}. Care: {node['care']}."
-    return text, has_error
-
-
-def stated_facts(completion: str) -> set[str]:
-    """The graph's symptoms and care stated after the answer."""
-    text = completion.split("</answer>", 1)[-1].lower()
-    return {f for f in FACTS if re.search(rf"\b{re.escape(f)}\b", text)}
-
-
-def has_factual_error(completion: str) -> bool:
-    """True if the answer states a symptom or care that the graph does not give the class it names."""
-    node = KNOWLEDGE_GRAPH.get(parse_answer(completion)["answer"])
-    facts = stated_facts(completion)
-    return bool(facts) and (node is None or not facts <= {*node["symptoms"], node["care"]})
-
-
-@torch.no_grad()
-def evaluate_answers(model, processor, items, max_new_tokens, samples):
-    """Conversational answers on held-out images. Greedy: macro-F1 of the named class and the factual error rate
-    (share of answers stating a symptom or care the graph does not give the class they name). Sampled at T=1,
-    `samples` per image: the same error rate and the facts stated per answer. Greedy decoding hides a minority of
-    wrong facts behind the most likely one; sampling shows how often the model says them."""
-    model.eval()
-    images, labels = [x["image"] for x in items], [x["label"] for x in items]
-    greedy = generate_completions(model, processor, images, group_size=1, max_new_tokens=max_new_tokens, greedy=True)
-    greedy = greedy["texts"]
-    sampled = generate_completions(model, processor, images, group_size=samples, max_new_tokens=max_new_tokens)
-    sampled = sampled["texts"]
-    return {"macro_f1": macro_f1([parse_answer(t)["answer"] for t in greedy], labels),
-            "fact_error_rate_greedy": sum(map(has_factual_error, greedy)) / len(greedy),
-            "fact_error_rate": sum(map(has_factual_error, sampled)) / len(sampled),
-            "facts_stated": sum(len(stated_facts(t)) for t in sampled) / len(sampled),
-            "example": greedy[0]}  # fmt: skip
-
-
 if __name__ == "__main__":
-    run_cli(Args, lambda args: compare(args) if args.compare else pipeline(args))
+    run_cli(Args, pipeline)

@@ -18,45 +18,31 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-Tries (ours; the paper shares one prompt). A Tree-GRPO tree's leaves share their prompt and every step before
-they branch. `trie_logprobs(model, sequences, starts)` makes each distinct prefix one node of a packed row, at
-the position of its depth, and runs attention per segment (an unbranched run of nodes between branch points):
+Reading order: the group layout and its two calls (`GroupLayout`), the attention function registered with
+transformers' AttentionInterface as "prefix_grouper", `shared_prefix_logprobs` and the naive reference
+`repeated_prefix_logprobs`; then the extensions, each ours: tries (`trie_logprobs`: Tree-GRPO leaves share their
+prompt and every step before they branch, each distinct prefix encoded once, attention per unbranched segment),
+sliding-window layers (a key is seen only within the window, counted in each token's own positions), images (a
+VLM's pixel_values once per prompt) and the shared prefill for generation (`shared_prompt_cache`).
 
-    O_seg = softmax(Q_seg [K_ancestors; K_seg]^T * scale + mask) [V_ancestors; V_seg]
+What we do differently from the official package:
+- Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on
+  flash-attention's bottom-right causal alignment (with sdpa the result is silently wrong, eager raises). We build
+  explicit 4-D additive masks, so sdpa, eager and flex_attention give the naive result on CPU and GPU; masked
+  positions get the dtype's most negative number, not -inf, so a fully padded row gives no NaN. Flash kernels take
+  no explicit mask and are refused with a clear error.
+- Wired in like verl: the layout travels as a keyword argument, `model(..., prefix_grouper=layout)`, down to every
+  attention layer; without it the function is plain sdpa, so a model left on "prefix_grouper" still generates.
+- Logits only where a completion token is scored (the LM head sees exactly those hidden states), from float32
+  logits a chunk at a time (`logprobs_from_logits`); grouped-query attention without copying keys and values per
+  query head (`sdpa_shared_kv`).
+- Not supported: chunked or linear attention layers, KV caches in the scoring forward, models whose attention does
+  not go through AttentionInterface (each a clear error).
 
-where the mask lets a node see its ancestors and the nodes before it in its segment. The two calls above are the
-case of one prompt segment and G completion segments. Ideal saving: leaf tokens / distinct prefixes.
-
-What we do differently from the official package (https://github.com/johncaged/PrefixGrouper):
-- Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on flash-
-  attention's bottom-right causal alignment: with `sdpa` the result is silently wrong and `eager` raises. We
-  build explicit 4-D additive masks, so `sdpa`, `eager` and `flex_attention` kernels give the naive result on CPU
-  and GPU. Masked positions get the dtype's most negative number, not -inf, so a fully padded row gives no NaN.
-  Flash kernels take no explicit mask and are refused with a clear error.
-- Wired in like verl: `prefix_grouper_attention` is registered with `AttentionInterface` as "prefix_grouper";
-  the packed layout travels as a keyword argument, `model(..., prefix_grouper=layout)`, down to every attention
-  layer. Without it the function is plain sdpa, so a model left on "prefix_grouper" still generates.
-- Logits only where a completion token is scored: the LM head gets exactly those hidden states (one per scored
-  token), so no prompt position reaches it: this matters for memory with a 150k-token vocabulary. Log-probs come
-  from float32 logits a chunk at a time (`logprobs_from_logits`), never a full float32 copy.
-- Grouped-query attention without copying keys and values per query head: with sdpa and a mask, the query heads
-  that share a key/value head are folded into one head's query rows (`sdpa_shared_kv`), where transformers'
-  sdpa would repeat K/V per head in every layer.
-- Sliding-window and hybrid local/global models (Mistral, Qwen2 with sliding layers, Gemma2 with its soft-capped
-  eager attention, Gemma3): a sliding layer's masks keep keys less than `window` positions back, counted in each
-  token's own positions (a completion's restart after its prompt), so the result equals the naive forward.
-- Not supported: chunked or linear attention layers, KV caches (scoring and training only), models whose
-  attention does not go through transformers' AttentionInterface (each raises a clear error).
-
-Run:
-    python prefix_grouper.py                        # checks equivalence on the tiny model, then the CPU benchmark
-    python prefix_grouper.py --device cuda --model qwen2.5-0.5b --dtype bfloat16   # the GPU benchmark
-
-Results (the speed and memory table on CPU; GPU not measured yet) are in RESULTS.md.
+Run: python experiments/bench_prefix_grouper.py (equivalence, then the speed and memory tables in RESULTS.md).
 """
 
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -72,7 +58,7 @@ KERNELS = ("sdpa", "eager", "flex_attention")  # the kernels that take an explic
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Packing: one row per prompt, [P][S_1]...[S_G][pad]
+# The group layout: one row per prompt, [P][S_1]...[S_G][pad], and its two attention calls
 
 
 @dataclass
@@ -98,11 +84,9 @@ class GroupLayout:
     def masks(self, dtype, repeats=1, window=None):
         """Additive masks (0 = attend, dtype min = not): prefix (B, 1, P_max, P_max), suffix (N, 1, S_max, P_max+S_max).
 
-        `window`: a sliding-window layer's size: a query at position q sees keys at positions k > q - window (as
-        transformers' sliding_window_overlay), with each token's own position ids (a completion's restart after its
-        prompt, as in the naive row). `repeats`: each query row repeated, for sdpa_shared_kv. Made once per forward
-        and kind of layer, not once per layer. Padding queries' outputs are thrown away; each still sees one key
-        (itself) so its softmax stays finite.
+        `window`: a sliding-window layer's size (in_window). `repeats`: each query row repeated, for sdpa_shared_kv.
+        Made once per forward and kind of layer, not once per layer. Padding queries' outputs are thrown away; each
+        still sees one key (itself) so its softmax stays finite.
         """
         key = (dtype, repeats, window)
         if key not in self._masks:
@@ -122,11 +106,32 @@ class GroupLayout:
                 positions = self.position_ids.flatten()
                 prefix_pos, suffix_pos = positions[self.prefix_index], positions[self.suffix_index]  # (B, P), (N, S)
                 keys_pos = torch.cat([prefix_pos[self.suffix_row], suffix_pos], dim=1)  # (N, P_max + S_max)
-                prefix_allowed &= prefix_pos[:, None, :] > prefix_pos[:, :, None] - window
-                suffix_allowed &= keys_pos[:, None, :] > suffix_pos[:, :, None] - window
+                prefix_allowed &= in_window(prefix_pos, prefix_pos, window)
+                suffix_allowed &= in_window(suffix_pos, keys_pos, window)
             prefix_allowed |= diagonal
             self._masks[key] = (additive(prefix_allowed, dtype, repeats), additive(suffix_allowed, dtype, repeats))
         return self._masks[key]
+
+    def attention(self, query, key, value, attend, repeats=1, window=None):
+        """The two calls for one layer: query (B, H, T, D), key/value (B, H_kv, T, D) of the packed rows;
+        attend(q, k, v, mask) runs the kernel (mask None: causal, nothing padded). Returns the outputs of the real
+        tokens (tokens, H, D) and their flat positions (tokens,)."""
+        query, key, value = flat_tokens(query), flat_tokens(key), flat_tokens(value)  # (B*T, h, D)
+        prompt = lambda x: take(x, self.prefix_index).transpose(1, 2)  # noqa: E731  (B, h, P_max, D)
+        completion = lambda x: take(x, self.suffix_index).transpose(1, 2)  # noqa: E731  (N, h, S_max, D)
+        k_prompt, v_prompt = prompt(key), prompt(value)
+        # each completion attends to its prompt's keys (shared, repeated per completion) and then its own
+        k_completion = torch.cat([take(k_prompt, self.suffix_row), completion(key)], dim=2)  # (N, H_kv, P+S, D)
+        v_completion = torch.cat([take(v_prompt, self.suffix_row), completion(value)], dim=2)  # (N, H_kv, P+S, D)
+        prefix_mask, suffix_mask = self.masks(query.dtype, repeats, window)
+        # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, sdpa's is_causal
+        causal = self.kernel == "sdpa" and self.prompts_unpadded and window is None
+        out_prompt = attend(prompt(query), k_prompt, v_prompt, None if causal else prefix_mask)  # (B, P_max, H, D)
+        # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]
+        out_completion = attend(completion(query), k_completion, v_completion, suffix_mask)  # (N, S_max, H, D)
+        real = torch.cat([take(out_prompt.flatten(0, 1), self.prefix_valid_index),
+                          take(out_completion.flatten(0, 1), self.suffix_valid_index)])  # (tokens, H, D)  # fmt: skip
+        return real, self.flat_valid_index
 
     @cached_property
     def prefix_valid_index(self):
@@ -148,6 +153,11 @@ def take(x, index):
     """x[index] along dim 0 for an integer index of any shape, as index_select: its backward is an index_add,
     much faster on CPU than the accumulating index_put that x[index]'s backward runs."""
     return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
+
+
+def flat_tokens(x):
+    """(B, h, T, D) -> (B*T, h, D): every position of the packed batch, row-major."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
 def additive(allowed, dtype, repeats=1):
@@ -235,100 +245,6 @@ def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab
     return GroupLayout(*(t.to(device) for t in tensors), kernel=kernel, prompts_unpadded=unpadded)
 
 
-@dataclass
-class TrieLayout:
-    """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, at the
-    position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points: a
-    segment's queries see its ancestors' keys and its own, causally (the two calls of a GroupLayout are the case of
-    one prompt segment and its completions). Every distinct token passes the MLP and projections once.
-
-    B rows (runs of sequences in sorted order, one trie each), T = most nodes in a row; N segments, of at most
-    S_max nodes with at most K_max - S_max ancestors. "flat" indices count positions of the (B, T) batch: b * T + t.
-    """
-
-    input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
-    position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
-    query_index: torch.Tensor  # (N, S_max) flat index of each node of a segment, right-padded
-    query_valid: torch.Tensor  # (N, S_max) bool
-    key_index: torch.Tensor  # (N, K_max) flat index of the segment's ancestors, then its own nodes, right-padded
-    key_valid: torch.Tensor  # (N, K_max) bool
-    paths: list  # for each sequence: (row, the node of each of its tokens)
-    kernel: str = "sdpa"
-    calls: int = 0
-    _masks: dict = field(default_factory=dict)
-
-    def masks(self, dtype, repeats=1, window=None):
-        """The additive mask (N, 1, S_max*repeats, K_max): a node sees the keys not deeper than itself (its
-        ancestors and itself; a sliding-window layer only those less than `window` positions back)."""
-        key = (dtype, repeats, window)
-        if key not in self._masks:
-            depth = self.position_ids.flatten()
-            query_depth, key_depth = depth[self.query_index], depth[self.key_index]  # (N, S_max), (N, K_max)
-            allowed = self.key_valid[:, None, :] & (key_depth[:, None, :] <= query_depth[:, :, None])
-            if window is not None:
-                allowed &= key_depth[:, None, :] > query_depth[:, :, None] - window
-            allowed[:, :, 0] |= ~self.query_valid  # a padding query sees one key: its softmax stays finite
-            self._masks[key] = additive(allowed, dtype, repeats)
-        return self._masks[key]
-
-
-def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segment_tokens=128) -> TrieLayout:
-    """Pack 1-D token tensors as tries. Sequences are taken in sorted order, so that those sharing a prefix are
-    neighbours, and a new row starts once a row holds `max_row_tokens` nodes (a prefix two rows share is then
-    encoded in both)."""
-    order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
-    rows, paths = [], [None] * len(sequences)
-    for i in order:
-        if not rows or len(rows[-1]["tokens"]) >= max_row_tokens:
-            rows.append({"tokens": [], "parents": [], "depths": [], "node_of": {}})
-        row, parent, path = rows[-1], -1, []
-        for depth, token in enumerate(sequences[i].tolist()):
-            if (parent, token) not in row["node_of"]:
-                row["node_of"][parent, token] = len(row["tokens"])
-                row["tokens"].append(token)
-                row["parents"].append(parent)
-                row["depths"].append(depth)
-            parent = row["node_of"][parent, token]
-            path.append(parent)
-        paths[i] = (len(rows) - 1, path)
-    width = max(len(row["tokens"]) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    segments = []  # (flat indices of the ancestors, flat indices of the segment's nodes)
-    for b, row in enumerate(rows):
-        n = len(row["tokens"])
-        input_ids[b, :n], position_ids[b, :n] = torch.tensor(row["tokens"]), torch.tensor(row["depths"])
-        children = [[] for _ in range(n)]
-        for node, parent in enumerate(row["parents"]):
-            if parent >= 0:
-                children[parent].append(node)
-        starts = [node for node, parent in enumerate(row["parents"]) if parent < 0 or len(children[parent]) > 1]
-        for node in starts:  # a segment runs from a root or branch to the next branch point or leaf
-            ancestors, up = [], row["parents"][node]
-            while up >= 0:
-                ancestors.append(b * width + up)
-                up = row["parents"][up]
-            own = [node]
-            while len(children[own[-1]]) == 1:
-                own.append(children[own[-1]][0])
-            ancestors, own = ancestors[::-1], [b * width + x for x in own]
-            for i in range(0, len(own), segment_tokens):  # a long run in pieces: less padding to the longest
-                segments.append((ancestors + own[:i], own[i : i + segment_tokens]))
-    s_max = max(len(own) for _, own in segments)
-    k_max = max(len(ancestors) + len(own) for ancestors, own in segments)
-    query_index = torch.zeros(len(segments), s_max, dtype=torch.long)
-    query_valid = torch.zeros(len(segments), s_max, dtype=torch.bool)
-    key_index = torch.zeros(len(segments), k_max, dtype=torch.long)
-    key_valid = torch.zeros(len(segments), k_max, dtype=torch.bool)
-    for j, (ancestors, own) in enumerate(segments):
-        query_index[j, : len(own)], query_valid[j, : len(own)] = torch.tensor(own), True
-        keys = ancestors + own
-        key_index[j, : len(keys)], key_valid[j, : len(keys)] = torch.tensor(keys), True
-    device = device or sequences[0].device
-    tensors = (input_ids, position_ids, query_index, query_valid, key_index, key_valid)
-    return TrieLayout(*(t.to(device) for t in tensors), paths, kernel=kernel)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The attention function
 
@@ -359,8 +275,8 @@ def prefix_grouper_attention(
 ):
     """transformers attention function. query (B, H, T, D), key/value (B, H_kv, T, D) -> output (B, T, H, D).
 
-    With `prefix_grouper=layout` (a GroupLayout passed to `model(...)`), attention runs as the two grouped calls;
-    without it, as plain sdpa with the mask transformers built.
+    With `prefix_grouper=layout` (a GroupLayout or a TrieLayout passed to `model(...)`), attention runs as the
+    layout's calls (`layout.attention`); without it, as plain sdpa with the mask transformers built.
     """
     if prefix_grouper is None:
         return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
@@ -371,44 +287,17 @@ def prefix_grouper_attention(
     repeats = heads // key.shape[1] if layout.kernel == "sdpa" else 1
     window = kwargs.get("sliding_window")  # set on a sliding-window layer (Mistral, Qwen2, Gemma2/3 local layers)
     kwargs.pop("is_causal", None)  # causality is in our masks
-    attend = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
-    if isinstance(layout, TrieLayout):  # O_seg = softmax(Q_seg [K_ancestors; K_seg]^T scale + mask) [V_anc; V_seg]
-        flat = lambda x: x.transpose(1, 2).reshape(batch * width, x.shape[1], head_dim)  # noqa: E731  (B*T, h, D)
-        gather = lambda x, index: flat(x)[index].transpose(1, 2)  # noqa: E731  (N, h, S_max or K_max, D)
-        out, _ = attend(module, gather(query, layout.query_index), gather(key, layout.key_index),
-                        gather(value, layout.key_index), layout.masks(query.dtype, repeats, window), scaling=scaling,
-                        dropout=dropout, is_causal=False, **kwargs)  # (N, S_max, H, D)  # fmt: skip
-        real, index = out[layout.query_valid], layout.query_index[layout.query_valid]  # (nodes, H, D), (nodes,)
-        output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, index, real)
-        return output.view(batch, width, heads, head_dim), None
+    kernel = sdpa_shared_kv if repeats > 1 else kernel_function(module, layout.kernel)
 
-    def split(x):  # (B, h, T, D) -> prompt part (B, h, P_max, D) and completion part (N, h, S_max, D)
-        flat = x.transpose(1, 2).reshape(batch * width, x.shape[1], head_dim)  # (B*T, h, D)
-        return take(flat, layout.prefix_index).transpose(1, 2), take(flat, layout.suffix_index).transpose(1, 2)
+    def attend(q, k, v, mask):  # the kernel on gathered rows; mask None: causal, nothing padded (transformers' sdpa)
+        if mask is None:
+            return ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, None, scaling=scaling, dropout=dropout,
+                                                   is_causal=True, **kwargs)[0]  # fmt: skip
+        return kernel(module, q, k, v, mask, scaling=scaling, dropout=dropout, is_causal=False, **kwargs)[0]
 
-    q_prompt, q_completion = split(query)
-    k_prompt, k_completion = split(key)
-    v_prompt, v_completion = split(value)
-    # each completion attends to its prompt's keys (shared, repeated per completion) and then its own
-    k_completion = torch.cat([take(k_prompt, layout.suffix_row), k_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
-    v_completion = torch.cat([take(v_prompt, layout.suffix_row), v_completion], dim=2)  # (N, H_kv, P_max+S_max, D)
-    # sdpa with grouped-query attention: fold the query heads instead of repeating K/V per head (sdpa_shared_kv)
-    prefix_mask, suffix_mask = layout.masks(query.dtype, repeats, window)
-    # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, transformers' sdpa with
-    # is_causal and no mask (which also runs grouped-query attention without copying K/V)
-    if layout.kernel == "sdpa" and layout.prompts_unpadded and window is None:
-        out_prompt, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, q_prompt, k_prompt, v_prompt, None, scaling=scaling,
-                                                        dropout=dropout, is_causal=True, **kwargs)  # fmt: skip
-    else:
-        out_prompt, _ = attend(module, q_prompt, k_prompt, v_prompt, prefix_mask, scaling=scaling, dropout=dropout,
-                               is_causal=False, **kwargs)  # (B, P_max, H, D)  # fmt: skip
-    # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]
-    out_completion, _ = attend(module, q_completion, k_completion, v_completion, suffix_mask, scaling=scaling,
-                               dropout=dropout, is_causal=False, **kwargs)  # (N, S_max, H, D)  # fmt: skip
+    real, index = layout.attention(query, key, value, attend, repeats, window)  # (tokens, H, D), (tokens,)
     # scatter the real tokens back to their packed positions; padding stays 0
-    real = torch.cat([take(out_prompt.flatten(0, 1), layout.prefix_valid_index),
-                      take(out_completion.flatten(0, 1), layout.suffix_valid_index)])  # (tokens, H, D)  # fmt: skip
-    output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, layout.flat_valid_index, real)
+    output = query.new_zeros(batch * width, heads, head_dim).index_copy(0, index, real)
     return output.view(batch, width, heads, head_dim), None
 
 
@@ -420,26 +309,22 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # for plain forwards on a mode
 # Log-probs: shared prefix and the naive reference
 
 
-class use_prefix_grouper:
-    """Context manager: the model's attention is "prefix_grouper" inside, what it was before outside. In a
-    vision-language model only the language model's: the vision tower keeps its own kernel."""
-
-    def __init__(self, model):
-        if not getattr(model, "_supports_attention_backend", False):
-            raise ValueError(
-                f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
-                f"so prefix_grouper cannot replace it; use repeated_prefix_logprobs for this model."
-            )
-        check_layer_types(model.config)
-        self.model, self.previous = model, text_config(model.config)._attn_implementation
-        self.composite = text_config(model.config) is not model.config
-
-    def __enter__(self):
-        self.model.set_attn_implementation({"text_config": NAME} if self.composite else NAME)
-        return self.previous
-
-    def __exit__(self, *exc):
-        self.model.set_attn_implementation({"text_config": self.previous} if self.composite else self.previous)
+@contextmanager
+def use_prefix_grouper(model):
+    """The model's attention is "prefix_grouper" inside, what it was before outside. In a vision-language model
+    only the language model's: the vision tower keeps its own kernel."""
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(
+            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
+            f"so prefix_grouper cannot replace it; use repeated_prefix_logprobs for this model."
+        )
+    check_layer_types(model.config)
+    previous, composite = text_config(model.config)._attn_implementation, text_config(model.config) is not model.config
+    model.set_attn_implementation({"text_config": NAME} if composite else NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation({"text_config": previous} if composite else previous)
 
 
 def text_config(config):
@@ -499,8 +384,9 @@ def chunk_logprobs(logits, targets, temperature):
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (rows, V)
     log_normaliser = z.logsumexp(dim=-1)  # (rows,)
     logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
-    finite_z = z.clamp(min=torch.finfo(z.dtype).min)  # a -inf logit (a token never sampled) adds 0 * min, not nan
-    entropy = log_normaliser - (z.softmax(dim=-1) * finite_z).sum(dim=-1)
+    # a -inf logit (a token never sampled) has p_v = 0 and adds nothing; masked, so that no -inf or NaN reaches
+    # the backward either (a clamp to the dtype's min overflows there once the upstream gradient exceeds 1)
+    entropy = log_normaliser - (z.softmax(dim=-1) * z.masked_fill(z == float("-inf"), 0.0)).sum(dim=-1)
     return logps, entropy
 
 
@@ -580,21 +466,140 @@ def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, retur
         attention_mask[i, p_max - len(prompt) : p_max + len(completion)] = 1
     input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # real tokens count from 0
+    group_sizes = torch.tensor([len(group) for group in completions])  # a prompt input repeated for its completions
+    more = {k: v.repeat_interleave(group_sizes.to(v.device), dim=0) for k, v in (prompt_inputs or {}).items()}
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
         logits_to_keep=s_max + 1,
-        **{
-            k: v.repeat_interleave(torch.tensor([len(g) for g in completions], device=v.device), dim=0)
-            for k, v in (prompt_inputs or {}).items()
-        },
+        **more,
     ).logits[:, :-1]  # (N, S_max, V): position P_max - 1 + t predicts completion token t
     valid = attention_mask[:, p_max:].bool()  # (N, S_max)
     logps, entropy = logprobs_from_logits(logits[valid], input_ids[:, p_max:][valid], temperature)
     sizes = [len(c) for _, c in rows]
     return unflatten(logps, sizes, completions, entropy if return_entropy else None)
+
+
+def unflatten(values, sizes, completions, entropy=None):
+    """Split a flat (tokens,) tensor into [[per completion] per prompt]."""
+    pieces = list(values.split(sizes))
+    nested = [[pieces.pop(0) for _ in group] for group in completions]
+    return nested if entropy is None else (nested, unflatten(entropy, sizes, completions))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Extensions: sliding windows, tries (Tree-GRPO), the shared prefill for generation
+
+
+def in_window(query_positions, key_positions, window):
+    """(N, Q, K) bool: a sliding-window layer's query at position q sees keys at positions k > q - window, as
+    transformers' sliding_window_overlay, counted in each token's own positions (a completion restarts after its
+    prompt, as in its naive row). query_positions (N, Q), key_positions (N, K)."""
+    return key_positions[:, None, :] > query_positions[:, :, None] - window
+
+
+@dataclass
+class TrieLayout:
+    """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, at the
+    position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points: a
+    segment's queries see its ancestors' keys and its own, causally (the two calls of a GroupLayout are the case of
+    one prompt segment and its completions). Every distinct token passes the MLP and projections once.
+
+    B rows (runs of sequences in sorted order, one trie each), T = most nodes in a row; N segments, of at most
+    S_max nodes with at most K_max - S_max ancestors. "flat" indices count positions of the (B, T) batch: b * T + t.
+    """
+
+    input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
+    position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
+    query_index: torch.Tensor  # (N, S_max) flat index of each node of a segment, right-padded
+    query_valid: torch.Tensor  # (N, S_max) bool
+    key_index: torch.Tensor  # (N, K_max) flat index of the segment's ancestors, then its own nodes, right-padded
+    key_valid: torch.Tensor  # (N, K_max) bool
+    paths: list  # for each sequence: (row, the node of each of its tokens)
+    kernel: str = "sdpa"
+    calls: int = 0
+    _masks: dict = field(default_factory=dict)
+
+    def masks(self, dtype, repeats=1, window=None):
+        """The additive mask (N, 1, S_max*repeats, K_max): a node sees the keys not deeper than itself (its
+        ancestors and itself; a sliding-window layer only those less than `window` positions back)."""
+        key = (dtype, repeats, window)
+        if key not in self._masks:
+            depth = self.position_ids.flatten()
+            query_depth, key_depth = depth[self.query_index], depth[self.key_index]  # (N, S_max), (N, K_max)
+            allowed = self.key_valid[:, None, :] & (key_depth[:, None, :] <= query_depth[:, :, None])
+            if window is not None:
+                allowed &= in_window(query_depth, key_depth, window)
+            allowed[:, :, 0] |= ~self.query_valid  # a padding query sees one key: its softmax stays finite
+            self._masks[key] = additive(allowed, dtype, repeats)
+        return self._masks[key]
+
+    def attention(self, query, key, value, attend, repeats=1, window=None):
+        """One call over the segments: O_seg = softmax(Q_seg [K_anc; K_seg]^T scale + mask) [V_anc; V_seg]. As
+        GroupLayout.attention: returns the real nodes' outputs (nodes, H, D) and their flat positions (nodes,)."""
+        gather = lambda x, index: flat_tokens(x)[index].transpose(1, 2)  # noqa: E731  (N, h, S_max or K_max, D)
+        out = attend(gather(query, self.query_index), gather(key, self.key_index), gather(value, self.key_index),
+                     self.masks(query.dtype, repeats, window))  # (N, S_max, H, D)  # fmt: skip
+        return out[self.query_valid], self.query_index[self.query_valid]
+
+
+def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segment_tokens=128) -> TrieLayout:
+    """Pack 1-D token tensors as tries. Sequences are taken in sorted order, so that those sharing a prefix are
+    neighbours, and a new row starts once a row holds `max_row_tokens` nodes (a prefix two rows share is then
+    encoded in both)."""
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
+    rows, paths = [], [None] * len(sequences)
+    for i in order:
+        if not rows or len(rows[-1]["tokens"]) >= max_row_tokens:
+            rows.append({"tokens": [], "parents": [], "depths": [], "node_of": {}})
+        row, parent, path = rows[-1], -1, []
+        for depth, token in enumerate(sequences[i].tolist()):
+            if (parent, token) not in row["node_of"]:
+                row["node_of"][parent, token] = len(row["tokens"])
+                row["tokens"].append(token)
+                row["parents"].append(parent)
+                row["depths"].append(depth)
+            parent = row["node_of"][parent, token]
+            path.append(parent)
+        paths[i] = (len(rows) - 1, path)
+    width = max(len(row["tokens"]) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    position_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    segments = []  # (flat indices of the ancestors, flat indices of the segment's nodes)
+    for b, row in enumerate(rows):
+        n = len(row["tokens"])
+        input_ids[b, :n], position_ids[b, :n] = torch.tensor(row["tokens"]), torch.tensor(row["depths"])
+        children = [[] for _ in range(n)]
+        for node, parent in enumerate(row["parents"]):
+            if parent >= 0:
+                children[parent].append(node)
+        starts = [node for node, parent in enumerate(row["parents"]) if parent < 0 or len(children[parent]) > 1]
+        for node in starts:  # a segment runs from a root or branch to the next branch point or leaf
+            ancestors, up = [], row["parents"][node]
+            while up >= 0:
+                ancestors.append(b * width + up)
+                up = row["parents"][up]
+            own = [node]
+            while len(children[own[-1]]) == 1:
+                own.append(children[own[-1]][0])
+            ancestors, own = ancestors[::-1], [b * width + x for x in own]
+            for i in range(0, len(own), segment_tokens):  # a long run in pieces: less padding to the longest
+                segments.append((ancestors + own[:i], own[i : i + segment_tokens]))
+    s_max = max(len(own) for _, own in segments)
+    k_max = max(len(ancestors) + len(own) for ancestors, own in segments)
+    query_index = torch.zeros(len(segments), s_max, dtype=torch.long)
+    query_valid = torch.zeros(len(segments), s_max, dtype=torch.bool)
+    key_index = torch.zeros(len(segments), k_max, dtype=torch.long)
+    key_valid = torch.zeros(len(segments), k_max, dtype=torch.bool)
+    for j, (ancestors, own) in enumerate(segments):
+        query_index[j, : len(own)], query_valid[j, : len(own)] = torch.tensor(own), True
+        keys = ancestors + own
+        key_index[j, : len(keys)], key_valid[j, : len(keys)] = torch.tensor(keys), True
+    device = device or sequences[0].device
+    tensors = (input_ids, position_ids, query_index, query_valid, key_index, key_valid)
+    return TrieLayout(*(t.to(device) for t in tensors), paths, kernel=kernel)
 
 
 def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return_entropy=False):
@@ -632,204 +637,14 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
     return (list(logps.split(sizes)), list(entropy.split(sizes))) if return_entropy else list(logps.split(sizes))
 
 
-def unflatten(values, sizes, completions, entropy=None):
-    """Split a flat (tokens,) tensor into [[per completion] per prompt]."""
-    pieces = list(values.split(sizes))
-    nested = [[pieces.pop(0) for _ in group] for group in completions]
-    if entropy is None:
-        return nested
-    return nested, unflatten(entropy, sizes, completions)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Equivalence check and benchmark (python prefix_grouper.py)
-
-
-@dataclass
-class Args:
-    model: str = field(
-        default="tiny",
-        metadata={
-            "help": "tiny (random 0.8M Qwen2) | small (random, width 512, 32k vocabulary) | "
-            "qwen2.5-0.5b (random, that shape)"
-        },
-    )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
-    kernel: str = field(default="sdpa", metadata={"help": "attention kernel of both sides: sdpa | eager"})
-    prompt_lengths: str = field(default="256,1024", metadata={"help": "P values, comma-separated"})
-    completion_lengths: str = field(default="64,256", metadata={"help": "S values, comma-separated"})
-    group_sizes: str = field(default="4,8", metadata={"help": "G values, comma-separated"})
-    repeats: int = field(default=3, metadata={"help": "timed forward+backward passes per cell (median)"})
-    trees: bool = field(default=True, metadata={"help": "also the tree table: trie_logprobs vs each leaf alone"})
-
-
-def random_model(name, kernel, dtype, device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    shapes = {  # random weights: speed and memory depend on the shape only
-        "tiny": dict(vocab_size=107, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2),
-        "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                      num_attention_heads=8, num_key_value_heads=2),
-        "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                             num_attention_heads=14, num_key_value_heads=2),
-    }  # fmt: skip
-    config = Qwen2Config(**shapes[name], tie_word_embeddings=True, max_position_embeddings=32768)
-    config._attn_implementation = kernel
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
-
-
-def random_batch(vocab_size, prompt_lengths, completion_lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, vocab_size, (p,), generator=g) for p in prompt_lengths]
-    completions = [[torch.randint(3, vocab_size, (s,), generator=g) for s in group] for group in completion_lengths]
-    return prompts, completions
-
-
-def check_equivalence(model):
-    """Log-probs and gradients of both paths on a batch with uneven lengths, on the model's device; returns the
-    largest differences."""
-    prompts, completions = random_batch(model.config.vocab_size, [7, 3, 12], [[5, 2, 9], [4], [1, 6]])
-    prompts = [p.to(model.device) for p in prompts]
-    completions = [[c.to(model.device) for c in group] for group in completions]
-    results = []
-    for fn in (shared_prefix_logprobs, repeated_prefix_logprobs):
-        model.zero_grad()
-        logps = fn(model, prompts, completions)
-        sum(lp.sum() for group in logps for lp in group).backward()
-        results.append((torch.cat([lp for g in logps for lp in g]), [p.grad.clone() for p in model.parameters()]))
-    (lp_grouped, g_grouped), (lp_naive, g_naive) = results
-    logp_diff = (lp_grouped - lp_naive).abs().max().item()
-    grad_diff = max(((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(g_grouped, g_naive))
-    return logp_diff, grad_diff
-
-
-def forward_backward(fn, model, prompts, completions):
-    """Seconds and peak memory of one forward+backward of the summed log-probs.
-
-    Memory on CUDA is torch.cuda.max_memory_allocated above what was allocated before; on CPU (no allocator
-    statistics) it is the bytes of the tensors autograd saves for backward, the activations that dominate it.
-    """
-    cuda = model.device.type == "cuda"
-    saved = {}
-
-    def pack_hook(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-        logps = fn(model, prompts, completions)
-    sum(lp.sum() for group in logps for lp in group).backward()
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    memory = torch.cuda.max_memory_allocated() - base if cuda else sum(saved.values())
-    model.zero_grad(set_to_none=True)
-    return seconds, memory
-
-
-def benchmark(args: Args):
-    from common import pick_device
-
-    device = pick_device(args.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = random_model(args.model, args.kernel, dtype, device).train()
-    memory_kind = "peak CUDA memory" if device.type == "cuda" else "saved activations"
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nforward+backward, {args.model} (random weights), {args.dtype}, {args.kernel}, {name}; "
-          f"median of {args.repeats}; memory = {memory_kind}\n")  # fmt: skip
-    print("| P | S | G | naive s | grouped s | speed-up | naive MB | grouped MB | memory ratio | ideal G(P+S)/(P+GS) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
-    for p in map(int, args.prompt_lengths.split(",")):
-        for s in map(int, args.completion_lengths.split(",")):
-            for g in map(int, args.group_sizes.split(",")):
-                prompts, completions = random_batch(model.config.vocab_size, [p], [[s] * g])
-                prompts = [x.to(device) for x in prompts]
-                completions = [[x.to(device) for x in group] for group in completions]
-                cell = {}
-                for label, fn in (("naive", repeated_prefix_logprobs), ("grouped", shared_prefix_logprobs)):
-                    forward_backward(fn, model, prompts, completions)  # warm-up
-                    runs = [forward_backward(fn, model, prompts, completions) for _ in range(args.repeats)]
-                    cell[label] = (sorted(r[0] for r in runs)[len(runs) // 2], max(r[1] for r in runs))
-                (tn, mn), (tg, mg) = cell["naive"], cell["grouped"]
-                ideal = g * (p + s) / (p + g * s)
-                row = dict(P=p, S=s, G=g, naive_s=tn, grouped_s=tg, naive_mb=mn / 2**20, grouped_mb=mg / 2**20)
-                rows.append(row)
-                print(f"| {p} | {s} | {g} | {tn:.3f} | {tg:.3f} | {tn / tg:.2f}x | {mn / 2**20:.0f} | "
-                      f"{mg / 2**20:.0f} | {mn / mg:.2f}x | {ideal:.2f} |", flush=True)  # fmt: skip
-    return rows
-
-
-def random_tree(vocab_size, prompt_length, trees, expansions, turns, step_tokens, seed=0):
-    """A Tree-GRPO-shaped rollout of one question: `trees` chains of `turns` steps of `step_tokens` tokens (a step
-    and its observation), and per tree `expansions` more leaves, each branching off an existing leaf at a random
-    step and finishing with new steps. Returns the prompt and the leaves' responses."""
-    g = torch.Generator().manual_seed(seed)
-    new_steps = lambda n: [torch.randint(3, vocab_size, (step_tokens,), generator=g) for _ in range(n)]  # noqa: E731
-    prompt, responses = torch.randint(3, vocab_size, (prompt_length,), generator=g), []
-    for _ in range(trees):
-        leaves = [new_steps(turns)]
-        for _ in range(expansions):
-            parent = leaves[int(torch.randint(len(leaves), (1,), generator=g))]
-            keep = int(torch.randint(turns, (1,), generator=g))  # branch after this many steps (0: at the root)
-            leaves.append(parent[:keep] + new_steps(turns - keep))
-        responses += [torch.cat(steps) for steps in leaves]
-    return prompt, responses
-
-
-def trie_of_groups(model, prompts, completions):
-    """trie_logprobs with shared_prefix_logprobs's inputs and output (for the benchmark)."""
-    sequences = [torch.cat([prompt, c]) for prompt, group in zip(prompts, completions) for c in group]
-    starts = [len(prompt) for prompt, group in zip(prompts, completions) for _ in group]
-    return unflatten(torch.cat(trie_logprobs(model, sequences, starts)), [len(c) for g in completions for c in g],
-                     completions)  # fmt: skip
-
-
-def tree_benchmark(args: Args, model):
-    """Forward+backward of a tree's leaf log-probs: each leaf as its own row vs trie_logprobs."""
-    print("\ntrees: trie_logprobs vs each leaf alone (repeated_prefix_logprobs), one question, forward+backward\n")
-    print("| shape | leaves | leaf tokens | trie tokens | ideal | naive s | trie s | speed-up | naive MB | trie MB | "
-          "memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    shapes = {  # (prompt, M trees, expansions per tree = N*L, turns, tokens per step and observation)
-        "default (M=2, N=2, L=1, 4 turns)": (256, 2, 2, 4, 96),
-        "deeper (M=2, N=4, L=3, 8 turns)": (256, 2, 12, 8, 64),
-    }
-    for name, (p, m, e, turns, step) in shapes.items():
-        prompt, responses = random_tree(model.config.vocab_size, p, m, e, turns, step)
-        prompt, responses = prompt.to(model.device), [r.to(model.device) for r in responses]
-        sequences = [torch.cat([prompt, r]) for r in responses]
-        trie_tokens = pack_trie(sequences).input_ids.numel()
-        leaf_tokens = sum(map(len, sequences))
-        cell = {}
-        for label, fn in (("naive", repeated_prefix_logprobs), ("trie", trie_of_groups)):
-            forward_backward(fn, model, [prompt], [responses])  # warm-up
-            runs = [forward_backward(fn, model, [prompt], [responses]) for _ in range(args.repeats)]
-            cell[label] = (sorted(r[0] for r in runs)[len(runs) // 2], max(r[1] for r in runs))
-        (tn, mn), (tt, mt) = cell["naive"], cell["trie"]
-        print(f"| {name} | {len(sequences)} | {leaf_tokens} | {trie_tokens} | {leaf_tokens / trie_tokens:.2f} | "
-              f"{tn:.3f} | {tt:.3f} | {tn / tt:.2f}x | {mn / 2**20:.0f} | {mt / 2**20:.0f} | {mn / mt:.2f}x |",
-              flush=True)  # fmt: skip
-
-
-if __name__ == "__main__":
-    from common import parse_args, pick_device
-
-    args = parse_args(Args)
-    tiny = random_model("tiny", args.kernel, torch.float32, pick_device(args.device)).train()  # where we benchmark
-    logp_diff, grad_diff = check_equivalence(tiny)
-    print(f"equivalence on the tiny model (float32, {args.kernel}, {tiny.device}): max |log-prob difference| "
-          f"{logp_diff:.1e}, max relative gradient difference {grad_diff:.1e}")  # fmt: skip
-    if logp_diff > 1e-5 or grad_diff > 1e-4:
-        sys.exit("prefix_grouper does not match the naive computation")
-    benchmark(args)
-    if args.trees:
-        tree_benchmark(args, random_model(args.model, args.kernel, {"float32": torch.float32, "bfloat16":
-                                          torch.bfloat16}[args.dtype], pick_device(args.device)).train())  # fmt: skip
+def shared_prompt_cache(model, inputs, copies):
+    """For generation: the KV cache of every prompt but its last token, computed once per run of `copies` equal rows
+    (a GRPO group) and repeated for the others, so `generate` prefills only each row's last prompt token: the same
+    samples as G prefills. None where there is nothing to share (one copy, or a one-token prompt)."""
+    if copies < 2 or inputs["input_ids"].size(1) < 2:
+        return None
+    ids, mask = inputs["input_ids"][::copies, :-1], inputs["attention_mask"][::copies, :-1]  # (B, P-1)
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate counts them: real tokens from 0
+    cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(copies)  # (B*copies, ...) in the rows' order
+    return cache

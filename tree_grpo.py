@@ -2,9 +2,8 @@
 
 Paper: Tree Search for LLM Agent Reinforcement Learning (Ji et al., 2025), https://arxiv.org/abs/2509.21240.
 Official code: https://github.com/AMAP-ML/Tree-GRPO (a Search-R1 / veRL fork). Read grpo.py first: this file is
-grpo.py with the rollout replaced by tree search and the advantage by a two-level group baseline. Both are in the
-section "The algorithm" (`tree_rollout` and the functions it calls, `tree_advantages`); log-probs and loss are
-grpo.py's, line for line, and the training loop has its numbered steps; the search task comes last.
+grpo.py with the rollout replaced by tree search and the advantage by a two-level group baseline (the section "The
+algorithm"); log-probs and loss are grpo.py's, line for line. The search task is tasks/namesakes.py.
 
 The idea. An agent answers a question in steps: <think>..</think><search>query</search>, the tool appends
 <information>..</information>, and so on until <answer>..</answer>. Chain GRPO samples G whole trajectories per
@@ -22,108 +21,43 @@ Advantages (the official `adv_estimator=tree`), for leaf l of tree T of question
     A_inter(l) = (R_l - mean(R over the M*K leaves of q)) / (std + eps)
     A_intra(l) = (R_l - mean(R over the K leaves of T))   / (std + eps)      std unbiased; a group of one gives 0
     A(l)       = A_inter(l) + A_intra(l)
-Each kept leaf is one sequence, prompt + every step on its path; A(l) goes to each token the policy generated,
-and observation tokens are masked out of the loss. A step shared by several leaves is trained once per leaf, so
-it gets the summed advantage of the leaves under it: a step-level credit without a value network. The loss is
-grpo.py's clipped surrogate (token mean), unchanged. Chain GRPO (--rollout chain) is the same code with M = G
-trees of one leaf each: A_intra is then 0 and A is GRPO's group z-score.
+Each kept leaf is one sequence, prompt + every step on its path; A(l) goes to each token the policy generated
+(observations are masked out of the loss). A step shared by several leaves is trained once per leaf, so it gets
+the summed advantage of the leaves under it: a step-level credit without a value network. Chain GRPO (--rollout
+chain) is the same code with M = G trees of one leaf each: A_intra is then 0 and A is GRPO's group z-score.
 
-Reward (the official `qa_em_format.py`): exact match after normalisation (lower case, no punctuation/articles),
-with a format check (think -> (search -> information -> think)* -> answer):
-    EM and valid format 1.0 | EM, invalid format 0.8 | wrong, valid format 0.2 | wrong, invalid, answered 0.1 |
-    no answer 0
-
-What we kept, simplified or chose:
-- Nodes are whole agent steps, expansion picks nodes uniformly with replacement (root included), K leaves are
-  sampled at random, as in the official code. A branch still open after max_turns steps becomes a leaf with no
-  answer (reward 0); the official code forces one more step with search disabled.
-- eps = 1e-6 as the official code; a group of one leaf contributes 0 (the official code passes the raw reward).
-- Off-policy updates as the official code: --num_minibatches optimiser steps per rollout batch, each on a share of
-  its questions (official: 512 prompts in minibatches of 64, so 8), and --num_iterations passes (official: 1).
-  The sampling policy's log-probs are computed once, before the first step; after it the ratio moves away from 1,
-  PPO's clip acts, and the dual clip (c = 3, official) caps the loss of a token with A < 0 at -c A. Our default
-  is one step per batch (on-policy, where both clips are idle), the cheaper of the two; RESULTS.md compares them
-  (arm tree_off_policy: 4 steps per batch). The official KL (0.001) and entropy bonus (0.001) are off by default
-  (--beta sets the KL).
-- The environment is offline and generated (nothing can be answered from memory): a knowledge base of fictional
-  people, cities, countries and companies, one short document each, a plain-Python BM25 search, and questions
-  of 1 to 4 hops about people whose questions never appear in training (below). `--dataset hotpotqa` uses
-  HotpotQA (hub or local folder) with each question's paragraphs as the searchable corpus.
-- Budget: we count generated tokens and tool calls as they happen. Prefill is recomputed (no prefix cache), and
-  in the update each leaf is its own sequence, as in the official code.
-- Samples are what the loss scores: every agent step (and greedy evaluation) calls `generate` with our settings only
-  (common.generate), never with what a checkpoint's generation_config.json sets (a repetition penalty there
-  would make training silently off-policy). --top_p < 1 samples from a truncated distribution while the loss
-  scores the full one: keep it at 1 for on-policy training.
-
-The task for the tiny model: people who share a first name. A knowledge base of fictional people, cities,
-countries and companies; three people share each first name, and the first name's document lists them:
-    <think>who</think><search>Kavo</search><information>Kavo may refer to: Kavo the pilot, Kavo the baker, Kavo the
-    singer.</information><think>check</think><search>Kavo the pilot</search><information>Kavo the pilot was born
-    in Bota and works for Mesa.</information><think>check</think><search>Kavo the baker</search><information>Kavo
-    the baker was born in Lido and works for Zemo.</information><think>born in</think><search>Lido</search>
-    <information>Lido is a city in Tasa.</information><think>city in</think><answer>Tasa</answer>
-for "In which country was the Kavo who works for Zemo born?". Six kinds of question, from one search ("Where was
-Kavo the baker born?") to six (which company does "the Kavo born in Lido" work for, where is it based, in which
-country is that city): 3.3 searches on average for a policy that checks the namesakes in the listed order. The
-tiny model is warm-started (1500 SFT steps of 16 trajectories, loss on the steps only, cached) on scripted
-trajectories about the training questions and about four other generated knowledge bases (so that it learns to
-read and copy names rather than remember people), with two habits to unlearn: at a namesake the question does
-not fit it goes on with them anyway (--demo_trust, a wrong turn that checking the next namesake recovers from),
-and at each further hop it answers too early with the entity in hand (--demo_stop). 21 held-out people (one
-namesake of each of 21 first names) are asked about only in evaluation.
+The paper's (and the official code's): nodes are whole agent steps; expansion picks nodes uniformly with
+replacement, root included; K leaves sampled at random; eps = 1e-6; off-policy updates (--num_minibatches
+optimiser steps per batch, official 8; --num_iterations passes, official 1; old log-probs computed once; the dual
+clip c = 3); a KL and an entropy bonus of 0.001 (off here by default; --beta sets the KL).
+Ours: one optimiser step per batch by default (on-policy, the cheaper: RESULTS.md compares them); a group of one
+leaf contributes 0 (official: the raw reward); a branch open after max_turns steps is a leaf with no answer
+(official: one more step without search); an all-equal group's advantage is 0 up to float32 rounding of its mean,
+as in the official code. Tokens and tool calls are counted as generated; each leaf is its own sequence in the
+update unless --prefix_grouper encodes what leaves share once.
 
 Run:
     python tree_grpo.py                           # Tree-GRPO, tiny model, CPU
     python tree_grpo.py --rollout chain           # chain GRPO with G = 4, the baseline
-    python tree_grpo.py --compare --prefix_grouper   # chain, tree, the advantage ablation: seeds 0-4, same budget
-    python tree_grpo.py --model smollm2-135m --dataset hotpotqa --dataset_path hotpot_qa   # a real model
+    python experiments/tree_vs_chain.py --prefix_grouper   # chain, tree, the advantage ablation at one budget
     python tree_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset hotpotqa ...   # one GPU: RESULTS.md's recipe
-
-Results (chain vs tree over seeds, EM at a matched budget, trajectories per token) are in RESULTS.md.
+Results are in RESULTS.md.
 """
 
 import copy
-import json
-import math
 import random
 import re
-import string
 import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from common import (
-    MetricsLogger,
-    UsageError,
-    autocast,
-    check_args_shared,
-    estimate_memory,
-    format_prompt,
-    frozen_copy,
-    generate,
-    int_list,
-    load_data,
-    load_model,
-    make_run_dir,
-    run_cli,
-    seed_everything,
-    seed_sweep,
-)
+from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
+from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, run_cli, save_run
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, trie_logprobs
-
-# --compare's arms: what each sets (chain GRPO, Tree-GRPO, and Tree-GRPO with one advantage term: the ablation)
-ARMS = {
-    "chain": {"rollout": "chain", "advantage": "both"},
-    "tree": {"rollout": "tree", "advantage": "both"},
-    "tree_inter": {"rollout": "tree", "advantage": "inter"},
-    "tree_intra": {"rollout": "tree", "advantage": "intra"},
-    "tree_off_policy": {"rollout": "tree", "advantage": "both", "num_minibatches": 4},  # 4 optimiser steps a batch
-}
+from tasks import namesakes
 
 
 @dataclass
@@ -189,14 +123,6 @@ class Args:
     )
     # evaluation
     eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out questions every N steps"})
-    compare: bool = field(default=False, metadata={"help": "run every arm for every seed in --seeds, then plot"})
-    arms: str = field(
-        default="chain,tree,tree_inter,tree_intra", metadata={"help": "--compare: some of " + ", ".join(ARMS)}
-    )
-    seeds: str = field(default="0,1,2,3,4", metadata={"help": "--compare: comma-separated seeds"})
-    compare_tokens: int = field(
-        default=70000, metadata={"help": "--compare: each run stops after generating this many tokens (the budget)"}
-    )
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -205,9 +131,6 @@ class Args:
 def check_args(args: Args):
     """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
     check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
-    int_list(args.seeds, "--seeds")
-    if unknown := [arm for arm in args.arms.split(",") if arm not in ARMS]:
-        raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
     num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
     if args.rollout == "tree" and (num_trees < 1 or num_nodes < 0 or num_rounds < 0 or keep < 1):
         raise UsageError("--num_trees and --keep_leaves must be at least 1, --expand_nodes/--expand_rounds >= 0")
@@ -218,23 +141,13 @@ def check_args(args: Args):
         )
     if num_trees * keep < 2:
         raise UsageError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
-    if args.max_turns < 1 or args.max_step_tokens < 1:
-        raise UsageError("--max_turns and --max_step_tokens must be at least 1")
     if not 1 <= args.num_minibatches <= args.prompts_per_step:
         raise UsageError(
             f"--num_minibatches must be between 1 and --prompts_per_step ({args.prompts_per_step}): each optimiser "
             f"step takes whole questions, got {args.num_minibatches}"
         )
-    if args.dual_clip <= 1:
-        raise UsageError(
-            f"--dual_clip must be > 1 (it caps the loss of a token whose ratio is above c), got {args.dual_clip}"
-        )
     if args.rollout == "chain" and args.advantage == "intra":
-        raise UsageError(
-            "--advantage intra with --rollout chain gives every advantage 0 (a chain is a tree of one leaf)"
-        )
-    if args.token_budget < 0:
-        raise UsageError(f"--token_budget must be at least 0 (0: run --num_steps steps), got {args.token_budget}")
+        raise UsageError("--advantage intra with --rollout chain gives every advantage 0 (a chain has one leaf)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,7 +167,6 @@ class Node:
     is_leaf: bool = False
     children: list["Node"] = field(default_factory=list)
     prompt_ids: list[int] = field(default_factory=list)  # root only
-    item: dict | None = None  # root only
 
     def path(self) -> list["Node"]:
         """The steps from the root (excluded) to this node, in order."""
@@ -284,10 +196,8 @@ class Budget:
 def generate_steps(model, tokenizer, contexts, max_step_tokens, temperature, top_p, greedy=False):
     """One agent step for each context (a list of token ids): sample until </search>, </answer>, EOS or
     max_step_tokens. Returns [(step token ids, step text)]; the ids end right after the closing tag."""
-    width = max(map(len, contexts))
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(c)) + c for c in contexts], device=model.device)  # (B, W)
-    attention_mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts], device=model.device)
+    input_ids, attention_mask = pad_batch(contexts, tokenizer.pad_token_id, left=True, device=model.device)  # (B, W)
+    width = input_ids.size(1)
     # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate);
     # stopping at a closing tag ends the step without changing which tokens are sampled
     output = generate(
@@ -316,8 +226,8 @@ def continue_to_leaf(model, tokenizer, starts, search, args, budget, greedy=Fals
         )  # fmt: skip
         still_active = []
         for node, (step_ids, step_text) in zip(active, steps):
-            action, argument = parse_step(step_text)
-            observation = run_tool(action, argument, search, args.top_k_docs, args.max_doc_chars)
+            action, argument = namesakes.parse_step(step_text)
+            observation = namesakes.run_tool(action, argument, search, args.top_k_docs, args.max_doc_chars)
             obs_ids = tokenizer(observation, add_special_tokens=False)["input_ids"] if observation else []
             child = Node(node, step_ids, obs_ids, step_text + observation, action, node.depth + 1)
             node.children.append(child)
@@ -333,11 +243,11 @@ def continue_to_leaf(model, tokenizer, starts, search, args, budget, greedy=Fals
     return leaves
 
 
-def tree_rollout(model, tokenizer, items, prompts, search, args, rng, budget, greedy=False):
+def tree_rollout(model, tokenizer, prompts, search, args, rng, budget, greedy=False):
     """M trees per question: init M chains, then L rounds of expanding N sampled nodes per tree, then keep K
     leaves per tree. Returns the kept leaves as [(question index, tree index, leaf)], and the roots."""
     num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
-    roots = [Node(prompt_ids=p, item=x) for x, p in zip(items, prompts) for _ in range(num_trees)]
+    roots = [Node(prompt_ids=p) for p in prompts for _ in range(num_trees)]
     continue_to_leaf(model, tokenizer, roots, search, args, budget, greedy=greedy)  # init: one chain per tree
     for _ in range(num_rounds):
         # sample N nodes per tree, uniformly with replacement, among the root and the non-leaf nodes
@@ -383,10 +293,8 @@ def leaf_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     prompt, and every step and observation before they branch) is encoded once instead of once per leaf."""
     if not prefix_grouper:
         return completion_logprobs(model, batch, temperature)
-    prompt_mask, response_mask = (
-        batch["prompt_mask"].bool(),
-        batch["completion_mask"].bool(),
-    )  # (leaves, P), (leaves, T)
+    prompt_mask = batch["prompt_mask"].bool()  # (leaves, P)
+    response_mask = batch["completion_mask"].bool()  # (leaves, T)
     sequences = [torch.cat([prompt[p_mask], response[r_mask]]) for prompt, p_mask, response, r_mask in
                  zip(batch["prompt_ids"], prompt_mask, batch["completion_ids"], response_mask)]  # fmt: skip
     logps, entropy = trie_logprobs(model, sequences, prompt_mask.sum(1).tolist(), temperature, return_entropy=True)
@@ -402,7 +310,8 @@ def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6, terms: str
     the leaves of its own tree. rewards, prompt_ids, tree_ids: one entry per kept leaf, in any order.
     terms = "inter" or "intra" keeps that term alone (the ablation; "inter" is GRPO over all of a question's leaves).
 
-    std is unbiased (n - 1, torch.std); a group of one leaf contributes 0 (as does a group of equal rewards).
+    std is unbiased (n - 1, torch.std); a group of one leaf contributes 0, and so does a group of equal rewards up
+    to the float32 rounding of its mean (a small uniform value, as in the official code).
     A tree is identified by (prompt id, tree id), so tree ids may restart at 0 for every question.
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float32)
@@ -549,22 +458,38 @@ def masked_mean(values, mask):
 # Training loop
 
 
+@torch.no_grad()
+def greedy_chains(model, tokenizer, items, encode, search, args):
+    """One greedy chain per question (tree_rollout with one tree and no expansion): each item's steps as (text
+    with its observation, action), what namesakes.evaluate scores."""
+    chain = copy.copy(args)  # an evaluation setting, not checked as a training one
+    chain.rollout, chain.num_trees, chain.expand_rounds, chain.keep_leaves = "tree", 1, 0, 1
+    prompts = [encode(x) for x in items]
+    kept, _ = tree_rollout(model, tokenizer, prompts, search, chain, random.Random(0), Budget(), greedy=True)
+    return [[(node.text, node.action) for node in leaf.path()] for _, _, leaf in kept]
+
+
 def train(args: Args):
     check_args(args)
     seed_everything(args.seed)
-    train_items, eval_items, demos, corpus = load_task(args)
+    train_items, eval_items, demos, corpus = namesakes.load_task(
+        args.dataset, args.dataset_path, args.num_train, args.num_eval, args.data_seed, args.demo_stop, args.demo_trust
+    )
     model, tokenizer = load_model(
         args.model, demos=demos, device=args.device, sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size,
-        extra_tags=TAGS,
+        extra_tags=namesakes.TAGS,
     )  # fmt: skip
     ref_model = frozen_copy(model, args.dtype) if args.beta > 0 else None
     if args.gradient_checkpointing:  # recompute each layer in the backward instead of keeping its activations
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     run_dir = make_run_dir(f"tree_grpo-{args.rollout}", args, root=args.output_dir)
-    print(f"[tree_grpo] run folder: {run_dir}")
-    search = BM25(corpus)
-    encode = lambda item: encode_question(tokenizer, item)  # noqa: E731
+    search = namesakes.BM25(corpus)
+    encode = lambda item: namesakes.encode_question(tokenizer, item)  # noqa: E731
+    # held-out: one greedy chain per question (as the paper evaluates), scored by the task
+    evaluate = lambda: namesakes.evaluate(  # noqa: E731
+        eval_items, lambda items: greedy_chains(model, tokenizer, items, encode, search, args), args.dataset == "kb"
+    )
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
         memory = estimate_memory(
@@ -581,7 +506,7 @@ def train(args: Args):
 
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, tokenizer)) as logger:
         with autocast(model.device, args.dtype):
-            before = evaluate(model, tokenizer, eval_items, encode, search, args)
+            before = evaluate()
         logger.log(0, {f"eval/{k}": v for k, v in before.items()} | {"budget/generated_tokens": 0})
         print(f"[tree_grpo] held-out before training: EM {before['em']:.3f}, multi-hop EM {before['em_multihop']:.3f}")
         bar = tqdm(range(1, args.num_steps + 1), desc=f"tree_grpo ({args.rollout})")
@@ -592,15 +517,13 @@ def train(args: Args):
             model.eval()
             spent = Budget(**vars(budget))
             with autocast(model.device, args.dtype):
-                kept, _ = tree_rollout(
-                    model, tokenizer, batch_items, [encode(x) for x in batch_items], search, args, rng, budget
-                )
+                kept, _ = tree_rollout(model, tokenizer, [encode(x) for x in batch_items], search, args, rng, budget)
             prompt_index, tree_index, leaves = zip(*kept)
             # 2. rewards and tree advantages (inter-tree + intra-tree)
             responses = [leaf_sequence(leaf) for leaf in leaves]
             texts = ["".join(n.text for n in leaf.path()) for leaf in leaves]
             answers = [batch_items[i]["answer"] for i in prompt_index]
-            rewards = torch.tensor([em_format_reward(t, a) for t, a in zip(texts, answers)])  # (num_leaves,)
+            rewards = torch.tensor([namesakes.em_format_reward(t, a) for t, a in zip(texts, answers)])  # (num_leaves,)
             advantages = tree_advantages(rewards, prompt_index, tree_index, terms=args.advantage)  # (num_leaves,)
             advantages = advantages.to(model.device)
             pad = tokenizer.pad_token_id
@@ -664,8 +587,7 @@ def train(args: Args):
                     optimizer.zero_grad(set_to_none=True)
 
             # 5. log
-            correct = torch.tensor([normalize_answer(extract_answer(t) or "") == normalize_answer(a)
-                                    for t, a in zip(texts, answers)]).float()  # fmt: skip
+            correct = torch.tensor([namesakes.exact_match(t, a) for t, a in zip(texts, answers)]).float()
             tool_calls = sum(node.action == "search" for leaf in leaves for node in leaf.path())
             record = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in step_metrics[0]}
             record |= {
@@ -687,7 +609,7 @@ def train(args: Args):
             last = step == args.num_steps or 0 < args.token_budget <= budget.generated_tokens
             if step % args.eval_every == 0 or last:
                 with autocast(model.device, args.dtype):
-                    held_out = evaluate(model, tokenizer, eval_items, encode, search, args)
+                    held_out = evaluate()
                 record |= {f"eval/{k}": v for k, v in held_out.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", em=f"{record['em']:.2f}")
@@ -714,9 +636,7 @@ def train(args: Args):
         f"{budget.generated_tokens} tokens generated, {budget.trajectories} trajectories, "
         f"{results['wall_time_s']:.0f}s"
     )
-    model.save_pretrained(run_dir / "model")
-    tokenizer.save_pretrained(run_dir / "model")
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    save_run(run_dir, results, model, tokenizer)
     return results
 
 
@@ -724,386 +644,5 @@ PLOT_KEYS = ["reward", "eval/em_multihop", "eval/em_1hop", "tool_calls_per_episo
              "entropy"]  # fmt: skip
 
 
-def em_at_budget(curve, tokens):
-    """Held-out multi-hop EM at a given number of generated tokens, linearly interpolated between evaluations."""
-    points = [(p["budget/generated_tokens"], p["eval/em_multihop"]) for p in curve]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= tokens <= x1:
-            return y0 + (y1 - y0) * (tokens - x0) / max(x1 - x0, 1)
-    raise ValueError(f"the run generated {points[-1][0]} tokens, fewer than {tokens}")
-
-
-def compare(args: Args):
-    """Train every arm for every seed (same warm start), each until it has generated --compare_tokens tokens; then
-    a table (held-out EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens
-    curves."""
-    seeds = int_list(args.seeds, "--seeds")
-    budget = args.compare_tokens
-    runs = {arm: [replace(args, **ARMS[arm], seed=seed, token_budget=budget, compare=False) for seed in seeds]
-            for arm in args.arms.split(",")}  # fmt: skip
-
-    def summarize(run):
-        tokens = run["budget"]["generated_tokens"]
-        if tokens < budget:
-            raise UsageError(
-                f"a run stopped after --num_steps {args.num_steps} steps with {tokens} of the {budget} tokens of "
-                f"--compare_tokens generated: raise --num_steps (or lower --compare_tokens)"
-            )
-        at = {f"em_multihop_at_{budget * f // 4000}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
-        return at | {
-            "em_multihop": run["after"]["em_multihop"],
-            "em_1hop": run["after"]["em_1hop"],
-            "tool_calls": run["after"]["tool_calls"],
-            "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
-            "steps": run["curve"][-1]["step"],
-            "train_reward_last_quarter": run["train_reward_last_quarter"],
-        }
-
-    def curve(run):  # held-out multi-hop EM against the generated tokens (thousands)
-        return [p["budget/generated_tokens"] / 1000 for p in run["curve"]], [
-            p["eval/em_multihop"] for p in run["curve"]
-        ]
-
-    name = "tree_grpo_compare" if args.arms == Args.arms else "tree_grpo_" + args.arms.replace(",", "_vs_")
-    out = f"{args.output_dir}/tree_grpo_compare/{name}"
-    title = (
-        f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
-        f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget // 1000}k generated tokens, tiny model"
-    )
-    labels = ("generated tokens (thousands)", "held-out multi-hop EM")
-    return seed_sweep(train, runs, summarize, out, args, curve=curve, curve_labels=labels, title=title)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The task: data, reward, evaluation (not the algorithm: the part to replace with your own task)
-
-
-TAGS = ("<search>", "</search>", "<information>", "</information>")  # the tiny tokenizer gives each one token
-
-
-SYSTEM_PROMPT = (
-    "Answer the given question. Reason inside <think> and </think>. To look something up, write "
-    "<search> query </search>; the results come back between <information> and </information>. Search as often as "
-    "you need, then give only the answer inside <answer> and </answer>, for example <answer> Beijing </answer>."
-)
-
-
-SYLLABLES = ["ka", "ro", "mi", "ta", "ve", "lo", "zu", "ne", "sa", "di", "po", "ri", "ga", "lu", "te", "bo"]
-JOBS = ["painter", "pilot", "singer", "farmer", "doctor", "baker", "sailor", "writer"]  # "Kavo the pilot"
-
-
-# question kind: (template, the relation that singles out the person among their namesakes or None for a full
-# name, the relations followed from the person to the answer)
-QUESTIONS = {
-    "born": ("Where was {} born?", None, ["born in"]),
-    "born_by_employer": ("Where was the {} who works for {} born?", "works for", ["born in"]),
-    "employer_by_birthplace": ("Who employs the {} born in {}?", "born in", ["works for"]),
-    "country_by_employer": ("In which country was the {} who works for {} born?", "works for", ["born in", "city in"]),
-    "founder_by_birthplace": (
-        "Who founded the company the {} born in {} works for?", "born in", ["works for", "founded by"]
-    ),
-    "hq_country_by_birthplace": (
-        "In which country is the company the {} born in {} works for based?", "born in",
-        ["works for", "based in", "city in"],
-    ),
-}  # fmt: skip
-
-
-def make_knowledge_base(seed: int, num_names=33, namesakes=3, num_held_out=21, num_cities=20, num_countries=6,
-                        num_companies=12):  # fmt: skip
-    """Fictional people, cities, countries and companies with made-up names, and one short document each.
-
-    People share first names: each of `num_names` first names belongs to `namesakes` people ("Kavo the pilot",
-    "Kavo the baker", ...) who were born in different cities and work for different companies, and the first
-    name's own document lists them ("Kavo may refer to: Kavo the pilot, Kavo the baker, Kavo the singer."). One
-    person of each of the first `num_held_out` first names is held out: asked about only in evaluation, and
-    founder of no company.
-    Returns {"docs": {title: text}, "facts": {(entity, relation): entity}, "people": [full names], "namesakes":
-    {first name: [full names, in the order its document lists them]}, "held_out": {full names}}.
-    """
-    rng = random.Random(seed)
-    names = [a + b for a in SYLLABLES for b in SYLLABLES if a != b]
-    rng.shuffle(names)
-    names = iter(n.capitalize() for n in names)
-    take = lambda n: [next(names) for _ in range(n)]  # noqa: E731
-    first_names, cities, countries, companies = take(num_names), take(num_cities), take(num_countries), take(
-        num_companies
-    )  # fmt: skip
-    facts, docs, namesakes_of, people = {}, {}, {}, []
-    for first in first_names:
-        group = [f"{first} the {job}" for job in rng.sample(JOBS, namesakes)]
-        for person, city, company in zip(group, rng.sample(cities, namesakes), rng.sample(companies, namesakes)):
-            facts[person, "born in"], facts[person, "works for"] = city, company
-            docs[person] = f"{person} was born in {city} and works for {company}."
-        people += group
-        rng.shuffle(group)
-        namesakes_of[first] = group
-        docs[first] = f"{first} may refer to: {', '.join(group)}."
-    held_out = set(people[namesakes - 1 : namesakes * num_held_out : namesakes])  # the last of each of the first groups
-    for city in cities:
-        facts[city, "city in"] = rng.choice(countries)
-        docs[city] = f"{city} is a city in {facts[city, 'city in']}."
-    for company in companies:
-        founder = rng.choice([p for p in people if p not in held_out])
-        facts[company, "founded by"], facts[company, "based in"] = founder, rng.choice(cities)
-        docs[company] = f"{company} was founded by {founder} and is based in {facts[company, 'based in']}."
-    for country in countries:
-        docs[country] = f"{country} is a country."
-    return {"docs": docs, "facts": facts, "people": people, "namesakes": namesakes_of, "held_out": held_out}
-
-
-def kb_question(kb, person: str, kind: str) -> dict:
-    """One question with its gold answer and the entities on the way: path[0] = the person, path[-1] = the answer.
-
-    hops = the documents on the shortest path to the answer: the first name's list (when the question gives only
-    the first name), the person's document, then one per further relation. A question that gives only the first
-    name also needs the namesakes checked in turn, one search each, until the one the qualifier fits.
-    """
-    template, qualifier, relations = QUESTIONS[kind]
-    first = person.split()[0]
-    path = [person]
-    for relation in relations:
-        path.append(kb["facts"][path[-1], relation])
-    question = template.format(person) if qualifier is None else template.format(first, kb["facts"][person, qualifier])
-    return {"question": question, "answer": path[-1], "hops": len(relations) + (qualifier is not None), "kind": kind,
-            "path": path, "relations": relations, "first_name": None if qualifier is None else first,
-            "qualifier": qualifier}  # fmt: skip
-
-
-def kb_trajectory(item, kb, rng, demo_stop: float, demo_trust: float) -> list[tuple[str, str]]:
-    """A scripted trajectory as (step, observation) pairs. It searches the first name, checks the namesakes in the
-    listed order until the qualifier fits, then follows the relations: each step's thought names the relation it
-    reads off the last document ("<think>born in</think><search>Lido</search>"). Two habits for RL to unlearn: at a
-    namesake who does not fit it goes on with them anyway with probability demo_trust (a wrong turn; checking the
-    next one would recover), and at each further hop it answers too early, with the entity in hand, with
-    probability demo_stop."""
-    docs, person, relations = kb["docs"], item["path"][0], item["relations"]
-    if item["first_name"] is None:  # a full name: its own document
-        steps = [(f"<think>who</think><search>{person}</search>", information([docs[person]]))]
-    else:
-        first = item["first_name"]
-        steps = [(f"<think>who</think><search>{first}</search>", information([docs[first]]))]
-        for candidate in kb["namesakes"][first]:
-            steps.append((f"<think>check</think><search>{candidate}</search>", information([docs[candidate]])))
-            if candidate == person:
-                break
-            if rng.random() < demo_trust:  # the wrong turn: go on with a namesake the qualifier does not fit
-                person = candidate
-                break
-    entity = person
-    for hop, relation in enumerate(relations):
-        entity = kb["facts"][entity, relation]  # read off the last document
-        if hop == len(relations) - 1 or rng.random() < demo_stop:
-            return steps + [(f"<think>{relation}</think><answer>{entity}</answer>", "")]
-        steps.append((f"<think>{relation}</think><search>{entity}</search>", information([docs[entity]])))
-
-
-def make_kb_task(seed: int, demo_stop: float, demo_trust: float, num_eval: int, num_demos: int = 3000, num_demo_kbs=4):
-    """Questions about 78 people for training and about 21 held-out people (one namesake each of 21 first names)
-    for evaluation. The warm start's demos are about the training questions and about every person of
-    `num_demo_kbs` other generated knowledge bases (the same names in other roles): the tiny model learns to read
-    and copy names, not to remember 78 people.
-
-    Returns (train, eval, demos, corpus); a demo is a whole scripted trajectory, its steps and observations.
-    """
-    kb = make_knowledge_base(seed)
-    items = [kb_question(kb, person, kind) for person in kb["people"] for kind in QUESTIONS]
-    train_items = [x for x in items if x["path"][0] not in kb["held_out"]]
-    eval_items = [x for x in items if x["path"][0] in kb["held_out"]][:num_eval]
-    others = [make_knowledge_base(seed + 1000 * (i + 1)) for i in range(num_demo_kbs)]
-    pool = [(x, kb) for x in train_items] + [
-        (kb_question(other, person, kind), other)
-        for other in others for person in other["people"] if person not in kb["held_out"] for kind in QUESTIONS
-    ]  # fmt: skip
-    rng = random.Random(seed)
-    demos = []  # (question, [(step, trained), (observation, not trained), ...]): the loss is on the steps only
-    for item, item_kb in rng.choices(pool, k=num_demos):
-        steps = kb_trajectory(item, item_kb, rng, demo_stop, demo_trust)
-        demos.append((item["question"], [(text, trained) for s in steps for text, trained in zip(s, (1, 0)) if text]))
-    return train_items, eval_items, demos, kb["docs"]
-
-
-def load_hotpotqa(path: str, num_train: int, num_eval: int):
-    """HotpotQA (distractor setting) from the hub ('hotpot_qa') or a local folder in its format: 'question',
-    'answer', 'context' {'title': [...], 'sentences': [[...]]}, 'supporting_facts' {'title': [...]}. Every
-    question's paragraphs (gold and distractors) form the searchable corpus. Questions without an answer are
-    skipped. Returns (train, eval, demos, corpus)."""
-    columns = ("question", "answer", "context", "supporting_facts")
-    splits = {"train": ("train",), "eval": ("validation", "test")}
-    data = load_data(path, "HotpotQA", splits, columns, "--dataset kb", config_name="distractor")
-    corpus, skipped = {}, 0
-
-    def to_items(split, limit):
-        nonlocal skipped
-        items = []
-        for row in split.select(range(min(limit, len(split)))):
-            for title, sentences in zip(row["context"]["title"], row["context"]["sentences"]):
-                corpus[title] = "".join(sentences).strip()
-            if not row["answer"].strip():
-                skipped += 1
-                continue
-            path = list(dict.fromkeys(row["supporting_facts"]["title"]))  # gold paragraphs, in order
-            items.append({"question": row["question"], "answer": row["answer"].strip(), "hops": len(path),
-                          "kind": row.get("type", "hotpotqa"), "path": path})  # fmt: skip
-        return items
-
-    train_items = to_items(data["train"], num_train)
-    eval_items = to_items(data["eval"], num_eval)
-    if skipped:
-        print(f"[tree_grpo] skipped {skipped} HotpotQA questions with an empty answer")
-    demos = []  # search each gold paragraph's title in turn, then answer
-    for item in train_items:
-        segments = []
-        for title in item["path"]:
-            segments += [(f"<think>search</think><search>{title}</search>", 1), (information([corpus[title]]), 0)]
-        demos.append((item["question"], segments + [(f"<think>found</think><answer>{item['answer']}</answer>", 1)]))
-    return train_items, eval_items, demos, corpus
-
-
-def encode_question(tokenizer, item) -> list[int]:
-    """The prompt's token ids: the question in the model's chat template (the tiny model: the question alone)."""
-    return tokenizer(format_prompt(tokenizer, item["question"], SYSTEM_PROMPT), add_special_tokens=False)["input_ids"]
-
-
-def load_task(args: Args):
-    if args.dataset == "kb":
-        train_items, eval_items, demos, corpus = make_kb_task(
-            args.data_seed, args.demo_stop, args.demo_trust, args.num_eval
-        )
-    else:
-        train_items, eval_items, demos, corpus = load_hotpotqa(args.dataset_path, args.num_train, args.num_eval)
-    if not train_items or not eval_items:
-        raise UsageError(
-            f"The {args.dataset} task has {len(train_items)} training and {len(eval_items)} held-out questions; "
-            f"both must be non-empty (check --num_train, --num_eval and the data files)."
-        )
-    return train_items, eval_items, demos, corpus
-
-
-class BM25:
-    """Okapi BM25 over {title: text} in plain Python; deterministic (ties go to the earlier document).
-
-    Title words count twice, a simple field boost, and a query that is a document's whole title (up to case and
-    punctuation) finds that document first, as an encyclopedia's search box does: "Kavo the pilot" finds Kavo the
-    pilot's page before the page that lists every Kavo.
-    """
-
-    def __init__(self, corpus: dict[str, str], k1: float = 1.2, b: float = 0.75):
-        self.titles = list(corpus)
-        self.texts = [corpus[t] for t in self.titles]
-        self.docs = [Counter(words(t) * 2 + words(corpus[t])) for t in self.titles]
-        self.lengths = [sum(d.values()) for d in self.docs]
-        self.avg_length = sum(self.lengths) / max(len(self.docs), 1)
-        df = Counter(w for d in self.docs for w in d)
-        n = len(self.docs)
-        self.idf = {w: math.log((n - f + 0.5) / (f + 0.5) + 1) for w, f in df.items()}
-        self.k1, self.b = k1, b
-        self.by_title = {" ".join(words(t)): i for i, t in enumerate(self.titles)}
-
-    def search(self, query: str, k: int = 1) -> list[str]:
-        """The texts of the k best documents (fewer if fewer share a word with the query)."""
-        terms = words(query)
-        scores = []
-        for i, (doc, length) in enumerate(zip(self.docs, self.lengths)):
-            norm = self.k1 * (1 - self.b + self.b * length / self.avg_length)
-            score = sum(self.idf[t] * doc[t] * (self.k1 + 1) / (doc[t] + norm) for t in terms if t in doc)
-            if score > 0:
-                scores.append((-score, i))
-        exact = self.by_title.get(" ".join(terms))
-        ranked = [i for _, i in sorted(scores) if i != exact]
-        return [self.texts[i] for i in ([exact] if exact is not None else []) + ranked][:k]
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
-
-
-def information(docs: list[str]) -> str:
-    return "<information>" + " ".join(docs) + "</information>"
-
-
-def parse_step(text: str) -> tuple[str, str]:
-    """(action, argument) of one generated step: ('search', query), ('answer', answer) or ('invalid', '')."""
-    match = re.search(r"<(search|answer)>([^<]*)</\1>\s*$", text)
-    return (match.group(1), match.group(2).strip()) if match else ("invalid", "")
-
-
-def run_tool(action: str, argument: str, search: BM25, top_k: int, max_doc_chars: int) -> str:
-    """The observation appended after a step: search results, a hint for an empty query or invalid step, or ''."""
-    if action == "search":
-        if not argument:
-            return information(["empty query: write a name inside <search> </search>"])
-        return information([doc[:max_doc_chars] for doc in search.search(argument, top_k)] or ["no results"])
-    if action == "invalid":
-        return information(["invalid step: end it with </search> or </answer>"])
-    return ""
-
-
-VALID_FORMAT = re.compile(
-    r"\s*<think>[^<]*</think>\s*(?:<search>[^<]*</search>\s*<information>[^<]*</information>\s*"
-    r"<think>[^<]*</think>\s*)*<answer>[^<]*</answer>\s*"
-)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD-style: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-def extract_answer(response: str) -> str | None:
-    answers = re.findall(r"<answer>(.*?)</answer>", response, re.DOTALL)
-    return answers[-1].strip() if answers else None  # the last one counts
-
-
-def em_format_reward(response: str, answer: str) -> float:
-    """The official exact-match + format table: 1.0 / 0.8 / 0.2 / 0.1 / 0 (see the module docstring)."""
-    predicted = extract_answer(response)
-    if predicted is None:
-        return 0.0
-    valid = VALID_FORMAT.fullmatch(response) is not None
-    if normalize_answer(predicted) == normalize_answer(answer):
-        return 1.0 if valid else 0.8
-    return 0.2 if valid else 0.1
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, items, encode, search, args, batch_size=128):
-    """Greedy, one chain per question (as the paper): EM overall, on 1-hop and on multi-hop questions, the share
-    in a valid format, and tool calls per episode. On the kb task also the two habits: of the questions that give
-    only a first name, the share where the last namesake searched is the one meant (found_person), and of the
-    multi-hop questions, the share answered with an entity from the middle of the path (answered_early)."""
-    model.eval()
-    chain = copy.copy(args)  # one greedy chain per question: an evaluation setting, not checked as a training one
-    chain.rollout, chain.num_trees, chain.expand_rounds, chain.keep_leaves = "tree", 1, 0, 1
-    em, valid, calls, hops, found, early = [], [], [], [], [], []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        kept, _ = tree_rollout(
-            model, tokenizer, chunk, [encode(x) for x in chunk], search, chain, random.Random(0), Budget(), greedy=True
-        )
-        for i, _, leaf in kept:
-            text = "".join(n.text for n in leaf.path())
-            em.append(normalize_answer(extract_answer(text) or "") == normalize_answer(chunk[i]["answer"]))
-            valid.append(VALID_FORMAT.fullmatch(text) is not None)
-            calls.append(sum(n.action == "search" for n in leaf.path()))
-            hops.append(chunk[i]["hops"])
-            if chunk[i].get("first_name"):  # the kb task's habits
-                queries = [parse_step(n.text.partition("<information>")[0])[1] for n in leaf.path()]
-                namesakes = [q for q in queries if q.startswith(f"{chunk[i]['first_name']} the ")]
-                found.append(bool(namesakes) and namesakes[-1] == chunk[i]["path"][0])
-            if chunk[i].get("relations") and len(chunk[i]["relations"]) > 1:
-                early.append(extract_answer(text) in chunk[i]["path"][1:-1])
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {
-        "em": mean(em),
-        "em_1hop": mean([e for e, h in zip(em, hops) if h == 1]),
-        "em_multihop": mean([e for e, h in zip(em, hops) if h > 1]),
-        "format": mean(valid),
-        "tool_calls": mean(calls),
-        **({"found_person": mean(found), "answered_early": mean(early)} if args.dataset == "kb" else {}),
-    }
-
-
 if __name__ == "__main__":
-    run_cli(Args, lambda args: compare(args) if args.compare else train(args))
+    run_cli(Args, train)

@@ -21,7 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["GRPO_FAMILY_CACHE"] = tempfile.mkdtemp(prefix="grpo-family-test-cache-")
 
 
-# A test that needs a CUDA GPU: `pytest -m cuda` selects these (tests/gpu_check.py runs them); skipped without one.
+# A test that needs a CUDA GPU: `pytest -m cuda` selects these (experiments/gpu_check.py runs them); skipped
+# without one.
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 

@@ -16,8 +16,10 @@ import common
 import crpo
 import grpo
 import grpo_pp
+import plumbing
 import prefix_grouper as pg
 import tree_grpo
+from tasks import arithmetic, clinic, lesions, namesakes
 
 SCRIPTS = {"grpo.py": grpo, "crpo.py": crpo, "tree_grpo.py": tree_grpo, "grpo_pp.py": grpo_pp}
 
@@ -49,20 +51,17 @@ OWN = {
     ],
     "crpo.py": [
         (["--weights", "accuracy"], "is not objective=number"),
-        (["--seeds", "0,x"], "--seeds must be comma-separated whole numbers"),
         (["--num_iterations", "0"], "--num_iterations must be at least 1"),
     ],
     "tree_grpo.py": [
         (["--top_p", "0"], "--top_p must be in (0, 1]"),
         (["--keep_leaves", "4"], "more than the 1 + N*L = 3 leaves"),
-        (["--arms", "chain,forest"], "--arms: unknown arm 'forest'"),
         (["--num_minibatches", "9"], "--num_minibatches must be between 1 and --prompts_per_step (8)"),
         (["--dual_clip", "1"], "--dual_clip must be > 1"),
         (["--rollout", "chain", "--advantage", "intra"], "gives every advantage 0"),
     ],
     "grpo_pp.py": [
         (["--stage", "3"], "--stage 3 alone needs --init"),
-        (["--sizes", "8;16"], "--sizes must be comma-separated whole numbers"),
         (["--images_per_class", "0"], "--images_per_class must be at least 1"),
         (["--num_iterations", "0"], "--num_iterations must be at least 1"),
     ],
@@ -73,7 +72,7 @@ CASES = [(script, argv, message) for script in SCRIPTS for argv, message in SHAR
 @pytest.mark.parametrize("script, argv, message", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
 def test_bad_arguments_are_argparse_errors(script, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
-        common.parse_args(SCRIPTS[script].Args, argv)
+        plumbing.parse_args(SCRIPTS[script].Args, argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.startswith("usage:"), err
     assert message in err.splitlines()[-1] and "Traceback" not in err, err
@@ -121,36 +120,36 @@ def write_jsonl(folder, split, rows):
 def test_gsm8k_with_a_missing_field_split_or_marker(tmp_path):
     good = {"question": "1+1?", "answer": "1+1=2\n#### 2"}
     write_jsonl(tmp_path / "no_split", "train", [good])
-    with pytest.raises(common.UsageError, match="has the splits \\['train'\\], but needs 'test'"):
-        grpo.load_gsm8k(str(tmp_path / "no_split"), 10, 10)
+    with pytest.raises(plumbing.UsageError, match="has the splits \\['train'\\], but needs 'test'"):
+        arithmetic.load_gsm8k(str(tmp_path / "no_split"), 10, 10)
     for split in ("train", "test"):
         write_jsonl(tmp_path / "no_field", split, [{"question": "1+1?", "solution": "2"}])
-    with pytest.raises(common.UsageError, match="the 'train' split has no field 'answer'"):
-        grpo.load_gsm8k(str(tmp_path / "no_field"), 10, 10)
+    with pytest.raises(plumbing.UsageError, match="the 'train' split has no field 'answer'"):
+        arithmetic.load_gsm8k(str(tmp_path / "no_field"), 10, 10)
     write_jsonl(tmp_path / "no_marker", "train", [good, {"question": "2+2?", "answer": "2+2 is 4"}])
     write_jsonl(tmp_path / "no_marker", "test", [good])
-    with pytest.raises(common.UsageError, match="answer 1 does not end in '#### <number>'"):
-        grpo.load_gsm8k(str(tmp_path / "no_marker"), 10, 10)
+    with pytest.raises(plumbing.UsageError, match="answer 1 does not end in '#### <number>'"):
+        arithmetic.load_gsm8k(str(tmp_path / "no_marker"), 10, 10)
 
 
 def test_medqa_and_hotpotqa_with_a_missing_field_or_split(tmp_path):
     row = {"question": "q", "options": {"A": "a", "B": "b"}}  # no answer_idx
     write_jsonl(tmp_path / "medqa", "train", [row])
     write_jsonl(tmp_path / "medqa", "test", [row])
-    with pytest.raises(common.UsageError, match="MedQA at .* has no field 'answer_idx'"):
-        crpo.load_medqa(str(tmp_path / "medqa"), 10, 10)
+    with pytest.raises(plumbing.UsageError, match="MedQA at .* has no field 'answer_idx'"):
+        clinic.load_medqa(str(tmp_path / "medqa"), 10, 10)
     hotpot = json.loads((ROOT / "tests/fixtures/hotpotqa/train.jsonl").read_text().splitlines()[0])
     write_jsonl(tmp_path / "hotpotqa", "train", [hotpot])  # no validation or test split
-    with pytest.raises(common.UsageError, match="needs 'validation' or 'test'"):
-        tree_grpo.load_hotpotqa(str(tmp_path / "hotpotqa"), 10, 10)
+    with pytest.raises(plumbing.UsageError, match="needs 'validation' or 'test'"):
+        namesakes.load_hotpotqa(str(tmp_path / "hotpotqa"), 10, 10)
 
 
 def test_image_folder_without_a_test_split(tmp_path):
     import shutil
 
     shutil.copytree(ROOT / "tests/fixtures/lesions/train", tmp_path / "train")
-    with pytest.raises(common.UsageError, match="needs 'test' or 'validation'"):
-        grpo_pp.load_image_dataset(str(tmp_path), 2, 2, seed=0)
+    with pytest.raises(plumbing.UsageError, match="needs 'test' or 'validation'"):
+        lesions.load_image_dataset(str(tmp_path), 2, 2, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def test_image_folder_without_a_test_split(tmp_path):
 
 
 def test_grpo_pp_keeps_the_stabilisers_the_user_sets(tmp_path):
-    args = common.parse_args(grpo_pp.Args, ["--beta", "0", "--eps_high", "0.2", "--output_dir", str(tmp_path)])
+    args = plumbing.parse_args(grpo_pp.Args, ["--beta", "0", "--eps_high", "0.2", "--output_dir", str(tmp_path)])
     assert (args.grpo_pp, args.beta, args.eps_high, args.advantage, args.loss_type) == (
         True,
         0.0,
@@ -166,12 +165,12 @@ def test_grpo_pp_keeps_the_stabilisers_the_user_sets(tmp_path):
         "binary",
         "dapo",
     )
-    minus_one = common.parse_args(grpo_pp.Args, ["--skip_zero_variance", "false"])  # GRPO++ minus one stabiliser
+    minus_one = plumbing.parse_args(grpo_pp.Args, ["--skip_zero_variance", "false"])  # GRPO++ minus one stabiliser
     assert not minus_one.skip_zero_variance and minus_one.beta == 0.04
-    plain = grpo_pp.with_method(args, grpo_pp=False)  # compare()'s switch keeps them too
+    plain = grpo_pp.with_method(args, grpo_pp=False)  # the stability comparison's switch keeps them too
     assert (plain.beta, plain.eps_high, plain.advantage, plain.loss_type) == (0.0, 0.2, "group", "grpo")
     assert grpo_pp.with_method(plain, grpo_pp=True) == args
-    run_dir = common.make_run_dir("grpo_pp", args, root=tmp_path)  # args.json records what runs
+    run_dir = plumbing.make_run_dir("grpo_pp", args, root=tmp_path)  # args.json records what runs
     recorded = json.loads((run_dir / "args.json").read_text())
     assert (recorded["beta"], recorded["eps_high"], recorded["advantage"]) == (0.0, 0.2, "binary")
     assert recorded["set_by_user"] == ["eps_high", "beta"]
@@ -214,5 +213,5 @@ def test_a_damaged_cache_entry_says_how_to_rebuild_it(tmp_path, monkeypatch):
     entry = tmp_path / "tiny-vlm-0123"
     entry.mkdir()
     (entry / "config.json").write_text("{}")  # the rest of the model gone
-    with pytest.raises(common.UsageError, match="It is a cache entry: delete that folder and run again"):
+    with pytest.raises(plumbing.UsageError, match="It is a cache entry: delete that folder and run again"):
         common.load_vlm(str(entry))

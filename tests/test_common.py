@@ -7,6 +7,10 @@ import pytest
 import torch
 
 import common
+import plumbing
+import tasks
+from experiments import sweep
+from tasks import arithmetic
 
 
 def test_tiny_tokenizer_round_trips_and_keeps_tags_whole():
@@ -77,13 +81,13 @@ class ToyArgs:
 
 
 def test_parse_args_takes_underscores_and_dashes():
-    assert common.parse_args(ToyArgs, ["--num-steps", "5", "--prefix-grouper"]) == ToyArgs(5, True)
-    assert common.parse_args(ToyArgs, ["--num_steps", "7"]) == ToyArgs(7, False)
+    assert plumbing.parse_args(ToyArgs, ["--num-steps", "5", "--prefix-grouper"]) == ToyArgs(5, True)
+    assert plumbing.parse_args(ToyArgs, ["--num_steps", "7"]) == ToyArgs(7, False)
 
 
 def test_metrics_logger_keeps_curves_when_interrupted(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        with common.MetricsLogger(tmp_path) as logger:
+        with plumbing.MetricsLogger(tmp_path) as logger:
             logger.log(1, {"reward": 0.5})
             logger.log(2, {"reward": 0.7, "eval/accuracy": 0.9})
             raise KeyboardInterrupt
@@ -96,7 +100,7 @@ def test_metrics_logger_keeps_curves_when_interrupted(tmp_path):
 def test_run_dir_saves_args(tmp_path):
     import grpo
 
-    run_dir = common.make_run_dir("grpo", grpo.Args(), root=tmp_path)
+    run_dir = plumbing.make_run_dir("grpo", grpo.Args(), root=tmp_path)
     assert run_dir.name.startswith("grpo__tiny__seed0__")
     assert json.loads((run_dir / "args.json").read_text())["group_size"] == 8
 
@@ -120,7 +124,7 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
     before = matplotlib.get_backend()
     matplotlib.use("svg")  # stands for a notebook's inline backend: a plot after training must still show
     try:
-        common.plot_metrics([{"step": 0, "reward": 1.0}, {"step": 1, "reward": 2.0}], tmp_path / "metrics.png")
+        plumbing.plot_metrics([{"step": 0, "reward": 1.0}, {"step": 1, "reward": 2.0}], tmp_path / "metrics.png")
         assert (tmp_path / "metrics.png").exists() and matplotlib.get_backend() == "svg"
     finally:
         matplotlib.use(before)
@@ -128,14 +132,14 @@ def test_plots_leave_the_callers_matplotlib_backend_alone(tmp_path):
 
 def test_format_prompt_puts_worked_examples_before_the_question():
     tokenizer = common.build_tiny_tokenizer()
-    assert common.format_prompt(tokenizer, "1+2=", "Be brief.") == "1+2="  # no chat template: the raw question
+    assert tasks.format_prompt(tokenizer, "1+2=", "Be brief.") == "1+2="  # no chat template: the raw question
     with pytest.raises(ValueError, match="need a chat model"):
-        common.format_prompt(tokenizer, "1+2=", "Be brief.", examples=[("3+4=", "7")])
+        tasks.format_prompt(tokenizer, "1+2=", "Be brief.", examples=[("3+4=", "7")])
     tokenizer.chat_template = (
         "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"
     )
-    prompt = common.format_prompt(tokenizer, "1+2=", "Be brief.", examples=[("3+4=", "7"), ("5+1=", "6")])
+    prompt = tasks.format_prompt(tokenizer, "1+2=", "Be brief.", examples=[("3+4=", "7"), ("5+1=", "6")])
     assert prompt == "[system]Be brief.[user]3+4=[assistant]7[user]5+1=[assistant]6[user]1+2=[assistant]"
 
 
@@ -255,7 +259,7 @@ def test_cache_entry_damaged_in_place_names_itself(tmp_path):
     (entry,) = [path for path in tmp_path.iterdir() if path.is_dir()]
     weights = entry / "model.safetensors"
     weights.write_bytes(b"\xff" * weights.stat().st_size)  # same size, garbage
-    with pytest.raises(common.UsageError, match=f"cached tiny model {entry} could not be loaded.*Delete that folder"):
+    with pytest.raises(plumbing.UsageError, match=f"cached tiny model {entry} could not be loaded.*Delete that folder"):
         common.load_tiny(demos, sft_steps=5, cache_dir=tmp_path)
 
 
@@ -267,7 +271,7 @@ def test_run_dirs_of_one_second_differ_for_a_dotted_model_name(tmp_path):
     import grpo
 
     args = grpo.Args(model="Qwen/Qwen2.5-0.5B-Instruct")
-    first, second = (common.make_run_dir("grpo", args, root=tmp_path) for _ in range(2))
+    first, second = (plumbing.make_run_dir("grpo", args, root=tmp_path) for _ in range(2))
     assert first != second and second.name.startswith(first.name.split("__2")[0])
     assert "Qwen2.5-0.5B-Instruct" in second.name and (second / "args.json").exists()
 
@@ -276,7 +280,7 @@ def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
     import grpo
 
     calls = []
-    real_reward = grpo.reward_function
+    real_reward = arithmetic.reward_function
 
     def reward_then_ctrl_c(*args):
         calls.append(1)
@@ -284,7 +288,7 @@ def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_reward(*args)
 
-    monkeypatch.setattr(grpo, "reward_function", reward_then_ctrl_c)
+    monkeypatch.setattr(arithmetic, "reward_function", reward_then_ctrl_c)  # the loop and the evaluation call it
     args = grpo.Args(sft_steps=20, num_steps=5, num_eval=8, prompts_per_step=2, group_size=2, max_new_tokens=8,
                      output_dir=str(tmp_path))  # fmt: skip
     with pytest.raises(KeyboardInterrupt):
@@ -297,9 +301,9 @@ def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
 
 def test_a_model_folder_without_a_model_is_one_clear_error(tmp_path):
     (tmp_path / "notes.txt").write_text("no model here")
-    with pytest.raises(common.UsageError, match="the folder holds no complete model"):
+    with pytest.raises(plumbing.UsageError, match="the folder holds no complete model"):
         common.load_model(str(tmp_path))
-    with pytest.raises(common.UsageError, match="the folder holds no complete model"):
+    with pytest.raises(plumbing.UsageError, match="the folder holds no complete model"):
         common.load_vlm(str(tmp_path))
 
 
@@ -318,8 +322,8 @@ def test_an_unreachable_hub_is_found_in_seconds(monkeypatch):
 
 
 def test_seed_sweep_tables_plots_and_saves_every_run(tmp_path, capsys):
-    """The shared --compare harness: each method's runs, a table of mean ± std (unbiased) by hand, the curves and
-    the arguments in the JSON, and the plot."""
+    """The comparisons' harness (experiments/sweep.py): each method's runs, a table of mean ± std (unbiased) by
+    hand, the curves and the settings in the JSON, and the plot."""
 
     @dataclass
     class FakeArgs:
@@ -331,10 +335,12 @@ def test_seed_sweep_tables_plots_and_saves_every_run(tmp_path, capsys):
 
     runs = {m: [FakeArgs(m, seed) for seed in (0, 1, 2)] for m in ("a", "b")}
     summarize, curve = lambda run: {"score": run["score"]}, lambda run: ([0, 1], run["curve"])
-    results = common.seed_sweep(train, runs, summarize, tmp_path / "sweep" / "out", FakeArgs(), curve=curve, title="x")
+    results = sweep.seed_sweep(
+        train, runs, summarize, tmp_path / "sweep" / "out", {"seeds": "0,1,2"}, curve=curve, title="x"
+    )
     assert results == {"a": [{"score": 1.0}, {"score": 2.0}, {"score": 3.0}], "b": [{"score": 3.0}, {"score": 4.0},
                        {"score": 5.0}]}  # fmt: skip
     saved = json.loads((tmp_path / "sweep" / "out.json").read_text())
     assert "| score | 2.000 ± 1.000 | 4.000 ± 1.000 |" in saved["table"] and saved["table"] in capsys.readouterr().out
-    assert saved["args"] == {"method": "a", "seed": 0} and saved["curves"]["b"][2] == [[0, 1], [0.0, 2]]
+    assert saved["args"] == {"seeds": "0,1,2"} and saved["curves"]["b"][2] == [[0, 1], [0.0, 2]]
     assert (tmp_path / "sweep" / "out.png").stat().st_size > 0

@@ -8,16 +8,17 @@ import torch
 from conftest import ROOT, main_runner, script_runner
 
 import crpo
+from tasks import clinic
 
 # "fever, cough, anosmia? A covid B strep C flu D pna", gold A
-ITEM = crpo.check_item(
+ITEM = clinic.check_item(
     {
         "question": "fever, cough, anosmia? A covid B strep C flu D pna",
         "options": {"A": "covid", "B": "strep", "C": "flu", "D": "pna"},
         "answer": "A",
         "findings": ["fever", "cough", "anosmia"],
-        "vocabulary": crpo.FINDINGS,
-        "option_findings": {L: crpo.KNOWLEDGE_GRAPH[d] for L, d in zip("ABCD", ["covid", "strep", "flu", "pna"])},
+        "vocabulary": clinic.FINDINGS,
+        "option_findings": {L: clinic.KNOWLEDGE_GRAPH[d] for L, d in zip("ABCD", ["covid", "strep", "flu", "pna"])},
     }
 )
 FULL = "<dx>fever, cough, anosmia; A fits; B no cough; C no anosmia; D no anosmia</dx><conclusion>A</conclusion>"
@@ -52,21 +53,21 @@ def test_rewards_on_hand_written_responses():
 
 
 def test_a_rejection_earns_credit_only_when_the_graph_confirms_it():
-    full = crpo.strict_metrics(FULL, ITEM)
+    full = clinic.strict_metrics(FULL, ITEM)
     assert full == {"accuracy": 1, "faithfulness": 1, "hallucination": 0, "citations": 3, "rejections": 1,
                     "valid_rejections": 1}  # fmt: skip
     # valid: strep lacks cough, flu and pna lack anosmia. Contradicted: pna HAS cough, so "D no cough" names a
     # finding of the case that the rejected disease has; it earns no comprehensiveness and is not valid
-    assert crpo.valid_rejection("B", "cough", ITEM) and crpo.valid_rejection("D", "anosmia", ITEM)
-    assert not crpo.valid_rejection("D", "cough", ITEM)
-    assert not crpo.valid_rejection("B", "myalgia", ITEM)  # strep lacks myalgia, but the case does not have it
+    assert clinic.valid_rejection("B", "cough", ITEM) and clinic.valid_rejection("D", "anosmia", ITEM)
+    assert not clinic.valid_rejection("D", "cough", ITEM)
+    assert not clinic.valid_rejection("B", "myalgia", ITEM)  # strep lacks myalgia, but the case does not have it
     text = "<dx>fever, cough, anosmia; A fits; B no cough; C no anosmia; D no cough</dx><conclusion>A</conclusion>"
     assert rewards_of(text)["comprehensiveness"] == pytest.approx(0.5 + 0.5 * 2 / 3)
-    assert crpo.strict_metrics(text, ITEM)["rejections"] == 1.0  # a stem finding as the reason, right or wrong
-    assert crpo.strict_metrics(text, ITEM)["valid_rejections"] == pytest.approx(2 / 3)
-    hallucinated = crpo.strict_metrics(HALLUCINATED, ITEM)
+    assert clinic.strict_metrics(text, ITEM)["rejections"] == 1.0  # a stem finding as the reason, right or wrong
+    assert clinic.strict_metrics(text, ITEM)["valid_rejections"] == pytest.approx(2 / 3)
+    hallucinated = clinic.strict_metrics(HALLUCINATED, ITEM)
     assert hallucinated["hallucination"] == 1 and hallucinated["faithfulness"] == 0 and hallucinated["citations"] == 2
-    assert crpo.strict_metrics(LAZY, ITEM)["faithfulness"] == 0  # cites nothing
+    assert clinic.strict_metrics(LAZY, ITEM)["faithfulness"] == 0  # cites nothing
 
 
 def test_objective_advantages_by_hand():
@@ -103,23 +104,23 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="at least 2"):
         crpo.objective_advantages({"accuracy": torch.ones(4)}, {"accuracy": 1.0}, 1)
     with pytest.raises(ValueError, match="answer 'E' is not one of its options"):
-        crpo.check_item({**ITEM, "answer": "E"})
+        clinic.check_item({**ITEM, "answer": "E"})
     with pytest.raises(ValueError, match="missing 'findings'"):
-        crpo.check_item({k: v for k, v in ITEM.items() if k != "findings"})
+        clinic.check_item({k: v for k, v in ITEM.items() if k != "findings"})
     with pytest.raises(ValueError, match="at least 2 options"):
-        crpo.check_item({**ITEM, "options": {"A": "covid"}})
+        clinic.check_item({**ITEM, "options": {"A": "covid"}})
 
 
 def test_clinic_task():
-    train, held_out, demos = crpo.make_clinic_task(300, 50, seed=0)
-    assert (train, held_out, demos) == crpo.make_clinic_task(300, 50, seed=0)
+    train, held_out, demos = clinic.make_clinic_task(300, 50, seed=0)
+    assert (train, held_out, demos) == clinic.make_clinic_task(300, 50, seed=0)
     assert not {x["question"] for x in train} & {x["question"] for x in held_out}
     for item in train + held_out:
         gold = item["options"][item["answer"]]
-        assert set(item["findings"]) <= set(crpo.KNOWLEDGE_GRAPH[gold])  # the gold disease has every finding
+        assert set(item["findings"]) <= set(clinic.KNOWLEDGE_GRAPH[gold])  # the gold disease has every finding
         for letter, disease in item["options"].items():
             if letter != item["answer"]:  # every distractor can be rejected for a stem finding it lacks
-                assert set(item["findings"]) - set(crpo.KNOWLEDGE_GRAPH[disease])
+                assert set(item["findings"]) - set(clinic.KNOWLEDGE_GRAPH[disease])
     # the demos are scored as their style says: full ones get the maximum CRPO reward
     scored = [rewards_of_item(c, x) for (_, c), x in zip(demos, train)]
     assert max(r["comprehensiveness"] for r in scored) == 1.0 and min(r["comprehensiveness"] for r in scored) == 0.0
@@ -131,7 +132,7 @@ def rewards_of_item(text, item):
 
 
 def test_medqa_fixture_loads():
-    train, held_out, demos = crpo.load_medqa(str(ROOT / "tests/fixtures/medqa"), 10, 10)
+    train, held_out, demos = clinic.load_medqa(str(ROOT / "tests/fixtures/medqa"), 10, 10)
     assert [x["answer"] for x in train] == ["B", "C", "D"] and len(held_out) == 2
     assert "fever" in train[0]["findings"]
     text = "<dx>fever, sore throat, enlarged spleen; B fits; A no enlarged spleen</dx><conclusion>B</conclusion>"
@@ -152,7 +153,7 @@ def test_medqa_stand_ins_for_the_graph(tmp_path):
     ]  # fmt: skip
     for split in ("train", "test"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    train, _, _ = crpo.load_medqa(str(tmp_path), 10, 10)
+    train, _, _ = clinic.load_medqa(str(tmp_path), 10, 10)
     appendicitis = train[1]
     assert appendicitis["option_findings"]["A"] == ["fever", "positive murphy sign"]  # cholecystitis's cases
     assert "positive murphy sign" in appendicitis["vocabulary"]
@@ -161,11 +162,11 @@ def test_medqa_stand_ins_for_the_graph(tmp_path):
     valid = contradicted.replace("A no fever", "A no right lower quadrant pain")
     assert rewards_of_item(contradicted, appendicitis)["comprehensiveness"] == 0.5
     assert rewards_of_item(valid, appendicitis)["comprehensiveness"] == 1.0
-    assert crpo.strict_metrics(contradicted, appendicitis)["valid_rejections"] == 0
+    assert clinic.strict_metrics(contradicted, appendicitis)["valid_rejections"] == 0
     # citing another case's finding is invented: precision 2/3, a hallucination, not faithful
     invented = "<dx>fever, right lower quadrant pain, positive murphy sign; B fits</dx><conclusion>B</conclusion>"
     assert rewards_of_item(invented, appendicitis)["faithfulness"] == pytest.approx(0.5 * 2 / 3 + 0.5)
-    metrics = crpo.strict_metrics(invented, appendicitis)
+    metrics = clinic.strict_metrics(invented, appendicitis)
     assert metrics["hallucination"] == 1 and metrics["faithfulness"] == 0
 
 

@@ -9,6 +9,7 @@ from conftest import ROOT, main_runner, script_runner
 
 import grpo
 from common import load_model
+from tasks import arithmetic
 
 # ---------------------------------------------------------------------------------------------------------------
 # group_advantages
@@ -172,11 +173,11 @@ def test_policy_loss_rejects_unknown_loss_type():
 
 
 def test_addition_trace_and_rewards():
-    assert grpo.addition_trace(47, 38) == "<think>7+8=15 4+3+1=8</think><answer>85</answer>"
-    assert grpo.addition_trace(47, 38, drop_carry=True) == "<think>7+8=15 4+3=7</think><answer>75</answer>"
-    assert grpo.addition_trace(75, 48) == "<think>5+8=13 7+4+1=12</think><answer>123</answer>"
-    assert grpo.addition_trace(12, 34, drop_carry=True) == "<think>2+4=6 1+3=4</think><answer>46</answer>"
-    rewards = grpo.reward_function(
+    assert arithmetic.addition_trace(47, 38) == "<think>7+8=15 4+3+1=8</think><answer>85</answer>"
+    assert arithmetic.addition_trace(47, 38, drop_carry=True) == "<think>7+8=15 4+3=7</think><answer>75</answer>"
+    assert arithmetic.addition_trace(75, 48) == "<think>5+8=13 7+4+1=12</think><answer>123</answer>"
+    assert arithmetic.addition_trace(12, 34, drop_carry=True) == "<think>2+4=6 1+3=4</think><answer>46</answer>"
+    rewards = arithmetic.reward_function(
         [
             "<think>7+8=15 4+3+1=8</think><answer>85</answer>",  # right, well formed
             "<think>7+8=15 4+3=7</think><answer>75</answer>",  # wrong, well formed
@@ -190,45 +191,45 @@ def test_addition_trace_and_rewards():
     assert rewards["format"].tolist() == [1, 1, 0, 0, 1]
     torch.testing.assert_close(rewards["total"], torch.tensor([1.1, 0.1, 1.0, 0.0, 1.1]))
     with pytest.raises(ValueError, match="one answer per completion"):
-        grpo.reward_function(["a", "b"], ["1"])
+        arithmetic.reward_function(["a", "b"], ["1"])
 
 
 def test_arithmetic_task_is_seeded_and_split():
-    train, held_out, demos = grpo.make_arithmetic_task(500, 100, seed=0, demo_noise=0.7)
-    assert (train, held_out, demos) == grpo.make_arithmetic_task(500, 100, seed=0, demo_noise=0.7)
+    train, held_out, demos = arithmetic.make_arithmetic_task(500, 100, seed=0, demo_noise=0.7)
+    assert (train, held_out, demos) == arithmetic.make_arithmetic_task(500, 100, seed=0, demo_noise=0.7)
     assert not {x["question"] for x in train} & {x["question"] for x in held_out}
     assert len(train) == len(demos) == 500 and len(held_out) == 100
     a, b = map(int, train[0]["question"].rstrip("=").split("+"))
     assert train[0]["answer"] == str(a + b)
     # about demo_noise of the demos with a carry are wrong
     carries = [(p, c) for p, c in demos if int(p[0:2]) % 10 + int(p[3:5]) % 10 >= 10]
-    wrong = sum(grpo.correctness_reward(c, str(eval(p.rstrip("=")))) == 0 for p, c in carries)
+    wrong = sum(arithmetic.correctness_reward(c, str(eval(p.rstrip("=")))) == 0 for p, c in carries)
     assert 0.6 < wrong / len(carries) < 0.8
 
 
 def test_small_addend_task():
-    assert grpo.addition_trace(47, 8) == "<think>47+8=55</think><answer>55</answer>"  # one step for a 1-digit b
-    assert grpo.addition_trace(47, 8, drop_carry=True) == "<think>47+8=45</think><answer>45</answer>"
-    assert grpo.addition_trace(41, 3, drop_carry=True) == "<think>41+3=44</think><answer>44</answer>"  # no carry
-    train, held_out, demos = grpo.make_arithmetic_task(600, 200, seed=0, demo_noise=0.0, small_addend=True)
+    assert arithmetic.addition_trace(47, 8) == "<think>47+8=55</think><answer>55</answer>"  # one step for a 1-digit b
+    assert arithmetic.addition_trace(47, 8, drop_carry=True) == "<think>47+8=45</think><answer>45</answer>"
+    assert arithmetic.addition_trace(41, 3, drop_carry=True) == "<think>41+3=44</think><answer>44</answer>"  # no carry
+    train, held_out, demos = arithmetic.make_arithmetic_task(600, 200, seed=0, demo_noise=0.0, small_addend=True)
     questions = [x["question"] for x in train + held_out]
     assert len(set(questions)) == 800 and all(1 <= int(q.rstrip("=").split("+")[1]) <= 9 for q in questions)
     assert [c for _, c in demos] == [x["solution"] for x in train]  # demo_noise=0: the demos are the solutions
     with pytest.raises(ValueError, match="at most 810"):
-        grpo.make_arithmetic_task(700, 200, seed=0, demo_noise=0.0, small_addend=True)
+        arithmetic.make_arithmetic_task(700, 200, seed=0, demo_noise=0.0, small_addend=True)
 
 
 def test_solutions_earn_the_full_reward():
     """The solutions --num_shots shows a chat model are right and well formed, on both tasks and on GSM8K."""
-    items = grpo.make_arithmetic_task(50, 50, seed=1, demo_noise=0.7)[0]
-    items += grpo.make_arithmetic_task(50, 50, seed=1, demo_noise=0.7, small_addend=True)[0]
-    items += grpo.load_gsm8k(str(ROOT / "tests/fixtures/gsm8k"), num_train=10, num_eval=10)[0]
-    rewards = grpo.reward_function([x["solution"] for x in items], [x["answer"] for x in items])
+    items = arithmetic.make_arithmetic_task(50, 50, seed=1, demo_noise=0.7)[0]
+    items += arithmetic.make_arithmetic_task(50, 50, seed=1, demo_noise=0.7, small_addend=True)[0]
+    items += arithmetic.load_gsm8k(str(ROOT / "tests/fixtures/gsm8k"), num_train=10, num_eval=10)[0]
+    rewards = arithmetic.reward_function([x["solution"] for x in items], [x["answer"] for x in items])
     assert rewards["total"].tolist() == pytest.approx([1.1] * len(items))
 
 
 def test_gsm8k_fixture_loads():
-    train, held_out, demos = grpo.load_gsm8k(str(ROOT / "tests/fixtures/gsm8k"), num_train=10, num_eval=10)
+    train, held_out, demos = arithmetic.load_gsm8k(str(ROOT / "tests/fixtures/gsm8k"), num_train=10, num_eval=10)
     assert [x["answer"] for x in train] == ["72", "10", "10", "2700"]
     assert [x["answer"] for x in held_out] == ["12", "5"]
     assert "<<" not in demos[0][1] and demos[0][1].endswith("<answer>72</answer>")
@@ -238,9 +239,9 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
     (tmp_path / "train.jsonl").write_text("")
     (tmp_path / "test.jsonl").write_text("")
     with pytest.raises(ValueError, match="GSM8K|non-empty"):
-        grpo.load_task(grpo.Args(dataset="gsm8k", dataset_path=str(tmp_path)))
+        arithmetic.load_task("gsm8k", str(tmp_path), num_train=10, num_eval=10, seed=0, demo_noise=0.7)
     with pytest.raises(ValueError, match="--num_train must be at least 1"):  # the argument, not --num_shots
-        grpo.load_task(grpo.Args(num_train=0))
+        grpo.Args(num_train=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    _, _, demos = grpo.make_arithmetic_task(2000, 200, seed=0, demo_noise=0.7)
+    _, _, demos = arithmetic.make_arithmetic_task(2000, 200, seed=0, demo_noise=0.7)
     return load_model("tiny", demos=demos, sft_steps=150)
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 import grpo_pp as G
 from common import load_vlm
+from tasks import lesions
 
 
 def test_binary_advantages_by_hand():
@@ -56,14 +57,14 @@ def test_dpo_loss_by_hand():
 
 
 def test_images_are_deterministic_per_seed():
-    a = G.draw_lesion("melanoma", np.random.default_rng(0))
+    a = lesions.draw_lesion("melanoma", np.random.default_rng(0))
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8
-    assert np.array_equal(a, G.draw_lesion("melanoma", np.random.default_rng(0)))
-    assert not np.array_equal(a, G.draw_lesion("melanoma", np.random.default_rng(1)))
-    train8, eval_a = G.make_lesion_task(8, 5, seed=3)
-    train16, eval_b = G.make_lesion_task(16, 5, seed=3)
-    assert len(train8) == 8 * len(G.CLASSES) and len(eval_a) == 5 * len(G.CLASSES)
-    assert {x["label"] for x in eval_a} == set(G.CLASSES)
+    assert np.array_equal(a, lesions.draw_lesion("melanoma", np.random.default_rng(0)))
+    assert not np.array_equal(a, lesions.draw_lesion("melanoma", np.random.default_rng(1)))
+    train8, eval_a = lesions.make_lesion_task(8, 5, seed=3)
+    train16, eval_b = lesions.make_lesion_task(16, 5, seed=3)
+    assert len(train8) == 8 * len(lesions.CLASSES) and len(eval_a) == 5 * len(lesions.CLASSES)
+    assert {x["label"] for x in eval_a} == set(lesions.CLASSES)
     # the held-out split does not depend on the training size, and never repeats a training image
     assert [np.asarray(x["image"]).tobytes() for x in eval_a] == [np.asarray(x["image"]).tobytes() for x in eval_b]
     assert {np.asarray(x["image"]).tobytes() for x in train16}.isdisjoint(
@@ -74,7 +75,8 @@ def test_images_are_deterministic_per_seed():
 def test_attributes_show_in_the_pixels():
     rng = np.random.default_rng(0)
     mean_colour = {
-        c: np.mean([G.draw_lesion(c, rng)[12:20, 12:20].mean((0, 1)) for _ in range(10)], 0) for c in G.CLASSES
+        c: np.mean([lesions.draw_lesion(c, rng)[12:20, 12:20].mean((0, 1)) for _ in range(10)], 0)
+        for c in lesions.CLASSES
     }
     assert (
         mean_colour["melanoma"].sum() < mean_colour["nevus"].sum() < mean_colour["rosacea"].sum()
@@ -87,13 +89,13 @@ def test_recognition_reward():
     good = "<think>red oval sharp scaly</think><answer>psoriasis</answer>"
     half = "<think>red oval sharp dotted</think><answer>psoriasis</answer>"  # dotted is not psoriasis
     wrong = "<think>brown round</think><answer>nevus</answer>"
-    rewards = G.recognition_reward([good, half, wrong, "psoriasis"], ["psoriasis"] * 4, kg_weight=0.5)
+    rewards = lesions.recognition_reward([good, half, wrong, "psoriasis"], ["psoriasis"] * 4, kg_weight=0.5)
     assert rewards["correct"].tolist() == [1, 1, 0, 0]
     assert rewards["format"].tolist() == [1, 1, 1, 0]
     assert rewards["kg"].tolist() == [1.0, 0.75, 1.0, 0.0]  # agreement with the graph of the *predicted* class
     assert rewards["total"].tolist() == [2.0, 1.875, 1.0, 0.0]
     with pytest.raises(ValueError, match="one label per completion"):
-        G.recognition_reward([good], [])
+        lesions.recognition_reward([good], [])
 
 
 def test_kg_fact_score():
@@ -105,33 +107,33 @@ def test_kg_fact_score():
     # itching and dry skin right, topical steroid (psoriasis' care) wrong -> 3 + 2 - 2
     text = "<think>red irregular sharp scaly</think><answer>eczema</answer> Symptoms: itching, dry skin. "
     text += "Care: topical steroid."
-    assert G.kg_fact_score(text, "psoriasis") == 3 and G.has_factual_error(text)
+    assert G.kg_fact_score(text, "psoriasis") == 3 and lesions.has_factual_error(text)
     assert G.kg_fact_score(text.replace("topical steroid", "moisturiser"), "psoriasis") == 5
 
 
 def test_bad_images_and_classes_are_one_clear_error():
-    image = Image.fromarray(G.draw_lesion("nevus", np.random.default_rng(0)))
-    assert G.check_image(image) is image
+    image = Image.fromarray(lesions.draw_lesion("nevus", np.random.default_rng(0)))
+    assert lesions.check_image(image) is image
     with pytest.raises(ValueError, match="convert it with image.convert"):
-        G.check_image(image.convert("L"))
+        lesions.check_image(image.convert("L"))
     with pytest.raises(ValueError, match="needs 32x32"):
-        G.check_image(image.resize((64, 64)))
+        lesions.check_image(image.resize((64, 64)))
     with pytest.raises(ValueError, match="knowledge graph knows"):
-        G.draw_lesion("acne", np.random.default_rng(0))
+        lesions.draw_lesion("acne", np.random.default_rng(0))
 
 
 def test_image_dataset_fixture_loads():
-    train, held_out = G.load_image_dataset(str(ROOT / "tests/fixtures/lesions"), 2, 5, seed=0)
+    train, held_out = lesions.load_image_dataset(str(ROOT / "tests/fixtures/lesions"), 2, 5, seed=0)
     assert sorted(x["label"] for x in train) == ["nevus", "nevus", "psoriasis", "psoriasis"]
     assert len(held_out) == 4 and all(x["image"].size == (32, 32) for x in held_out)
     with pytest.raises(ValueError, match="Could not load an image classification data set"):
-        G.load_image_dataset("/no/such/folder", 2, 2, seed=0)
+        lesions.load_image_dataset("/no/such/folder", 2, 2, seed=0)
 
 
 def test_tiny_vlm_sees_the_image_and_round_trips(tmp_path):
     model, processor = load_vlm("tiny-vlm", device="cpu")
-    images = [Image.fromarray(G.draw_lesion(c, np.random.default_rng(0))) for c in ("nevus", "melanoma")]
-    enc = processor(images=images, text=["<image>" + G.QUESTION] * 2, return_tensors="pt", padding=True)
+    images = [Image.fromarray(lesions.draw_lesion(c, np.random.default_rng(0))) for c in ("nevus", "melanoma")]
+    enc = processor(images=images, text=["<image>" + lesions.QUESTION] * 2, return_tensors="pt", padding=True)
     assert (enc["input_ids"] == model.config.image_token_index).sum(1).tolist() == [16, 16]  # 4x4 patches
     logits = model(**enc).logits
     assert not torch.allclose(logits[0, -1], logits[1, -1])  # different images, different predictions
@@ -139,7 +141,7 @@ def test_tiny_vlm_sees_the_image_and_round_trips(tmp_path):
     processor.save_pretrained(tmp_path)
     again, processor_again = load_vlm(str(tmp_path), device="cpu")
     torch.testing.assert_close(again(**enc).logits, logits)
-    assert processor_again.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True).endswith(G.QUESTION)
+    assert processor_again.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True).endswith(lesions.QUESTION)
     with pytest.raises(ValueError, match="Run offline with --model tiny-vlm"):
         load_vlm("no-such-org/no-such-vlm")
 
@@ -152,7 +154,7 @@ def test_prefix_grouper_encodes_each_image_once_with_the_same_logprobs_and_gradi
     """--prefix_grouper: a group's image and prompt go through the model once; the vision tower sees each image
     once, and the log-probs (with <image> at probability 0) and every gradient equal the per-row forward."""
     model, processor = load_vlm("tiny-vlm", device="cpu")
-    items = G.make_lesion_task(2, 1, seed=0)[0][:2]
+    items = lesions.make_lesion_task(2, 1, seed=0)[0][:2]
     torch.manual_seed(0)
     batch = G.generate_completions(model, processor, [x["image"] for x in items], group_size=3, max_new_tokens=8)
     batch = {k: v for k, v in batch.items() if torch.is_tensor(v)}
@@ -179,18 +181,18 @@ def test_grpo_pp_flag_turns_every_stabiliser_on():
         "group", False, 0.2, "grpo", 0.0)  # fmt: skip
     assert (plus.advantage, plus.skip_zero_variance, plus.eps_high, plus.loss_type, plus.beta) == (
         "binary", True, 0.28, "dapo", 0.04)  # fmt: skip
-    # compare() turns GRPO++'s args into GRPO's the same way
+    # experiments/grpo_pp_stability.py turns GRPO++'s args into GRPO's the same way
     assert G.with_method(plus, grpo_pp=False) == plain and G.with_method(plain, grpo_pp=True) == plus
 
 
 def test_warm_start_has_the_systematic_mix_up():
-    demos = G.warm_start_demos(seed=0, noise=0.6, per_class=50)
-    named = [(G.parse_answer(c)["answer"], c) for _, c in demos]
-    mixed = sum(answer != G.CLASSES[i // 50] for i, (answer, _) in enumerate(named)) / len(named)
+    demos = lesions.warm_start_demos(seed=0, noise=0.6, per_class=50)
+    named = [(lesions.parse_answer(c)["answer"], c) for _, c in demos]
+    mixed = sum(answer != lesions.CLASSES[i // 50] for i, (answer, _) in enumerate(named)) / len(named)
     assert 0.5 < mixed < 0.7
     # the description is always the image's true attributes
-    truth = lambda i: {G.KNOWLEDGE_GRAPH[G.CLASSES[i // 50]][k] for k in G.ATTRIBUTES}  # noqa: E731
-    assert all(G.parse_answer(c)["attributes"] == truth(i) for i, (_, c) in enumerate(named))
+    truth = lambda i: {lesions.KNOWLEDGE_GRAPH[lesions.CLASSES[i // 50]][k] for k in lesions.ATTRIBUTES}  # noqa: E731
+    assert all(lesions.parse_answer(c)["attributes"] == truth(i) for i, (_, c) in enumerate(named))
 
 
 run_script = script_runner("grpo_pp.py")
@@ -223,12 +225,12 @@ def test_stage1_runs_on_the_image_folder_fixture(tmp_path):
 
 def test_macro_f1_by_hand():
     # class a: TP 1, FP 1, FN 1 -> 2/4; class b: TP 1, FP 0, FN 1 -> 2/3; an unparsed answer (None) is a miss
-    assert G.macro_f1(["a", "a", "b", None], ["a", "b", "b", "a"]) == pytest.approx((0.5 + 2 / 3) / 2)
+    assert lesions.macro_f1(["a", "a", "b", None], ["a", "b", "b", "a"]) == pytest.approx((0.5 + 2 / 3) / 2)
 
 
 def test_majority_vote_by_hand():
     # runs of 3 answers: "a" wins 2-1; an unparsable answer is a vote too; a tie goes to the answer named first
-    assert G.majority_vote(["a", "b", "a", None, None, "c", "b", "c", "d"], 3) == ["a", None, "b"]
+    assert lesions.majority_vote(["a", "b", "a", None, None, "c", "b", "c", "d"], 3) == ["a", None, "b"]
 
 
 def test_stage1_reports_the_majority_vote(tmp_path):
@@ -244,7 +246,6 @@ def test_stage1_reports_the_majority_vote(tmp_path):
         (["--group_size", "1"], "group_size must be at least 2"),
         (["--dataset_path", "/no/such/folder"], "Could not load an image classification data set"),
         (["--model", "no-such-org/no-such-vlm"], "Run offline with --model tiny-vlm"),
-        (["--compare", "--arms", "grpo,no_kl"], "--arms: unknown arm 'no_kl'; known: grpo, grpo_pp, no_advantage"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
@@ -255,11 +256,13 @@ def test_bad_arguments_are_one_clear_error(tmp_path, argv, message, capsys):
 
 def test_conversations_and_factual_errors():
     rng = random.Random(0)
-    texts = [G.conversation("psoriasis", rng, error_rate=0.5) for _ in range(200)]
+    texts = [lesions.conversation("psoriasis", rng, error_rate=0.5) for _ in range(200)]
     assert 0.4 < sum(error for _, error in texts) / 200 < 0.6
-    assert all(G.has_factual_error(text) == error for text, error in texts)  # the check finds every injected error
-    clean = G.conversation("nevus", rng)[0]
-    assert clean.endswith("Symptoms: no symptoms. Care: watch for change.") and not G.has_factual_error(clean)
+    assert all(
+        lesions.has_factual_error(text) == error for text, error in texts
+    )  # the check finds every injected error
+    clean = lesions.conversation("nevus", rng)[0]
+    assert clean.endswith("Symptoms: no symptoms. Care: watch for change.") and not lesions.has_factual_error(clean)
     assert G.kg_fact_score(clean, "nevus") == 6  # 4 attributes, 1 symptom, 1 care
 
 

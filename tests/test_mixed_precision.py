@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import common
 import grpo
+import plumbing
 from prefix_grouper import logprobs_from_logits
 
 
@@ -70,7 +71,7 @@ def test_pick_dtype_auto_is_float32_off_gpu_and_float16_is_refused():
     cpu = torch.device("cpu")
     assert common.pick_dtype("auto", cpu) == torch.float32 and not common.has_native_bf16(cpu)
     assert not common.autocast(cpu, "auto")._enabled and common.autocast(cpu, "bfloat16")._enabled
-    with pytest.raises(common.UsageError, match="GradScaler"):
+    with pytest.raises(plumbing.UsageError, match="GradScaler"):
         common.pick_dtype("float16", cpu)
 
 
@@ -100,6 +101,25 @@ def test_chunked_logprobs_and_gradients_equal_the_plain_computation(dtype):
         torch.testing.assert_close(entropy, plain_entropy, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(grad, plain_grad, atol=1e-6, rtol=1e-3)
         torch.testing.assert_close(entropy_grad, plain_entropy_grad, atol=1e-6, rtol=1e-3)
+
+
+def test_entropy_gradient_is_finite_with_a_suppressed_token():
+    """A -inf logit (a token generation never samples, e.g. <image>) adds nothing to the entropy, and its backward
+    stays finite with an upstream gradient above 1 (an entropy bonus weighted 1.5); the other entries' gradients
+    equal those of the same logits without the suppressed column."""
+    g = torch.Generator().manual_seed(1)
+    kept = torch.randn(4, 9, generator=g)
+    logits = torch.cat([kept, torch.full((4, 1), float("-inf"))], dim=1).requires_grad_()  # (4, 10), last suppressed
+    targets = torch.randint(9, (4,), generator=g)
+    _, entropy = logprobs_from_logits(logits, targets)
+    (grad,) = torch.autograd.grad((1.5 * entropy).sum(), logits)
+    assert torch.isfinite(entropy).all() and torch.isfinite(grad).all()
+    reference = kept.clone().requires_grad_()
+    _, reference_entropy = logprobs_from_logits(reference, targets)
+    (reference_grad,) = torch.autograd.grad((1.5 * reference_entropy).sum(), reference)
+    torch.testing.assert_close(entropy, reference_entropy)
+    torch.testing.assert_close(grad[:, :9], reference_grad)
+    assert (grad[:, 9] == 0).all()
 
 
 def saved_bytes(fn, exclude=()):

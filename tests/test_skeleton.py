@@ -12,7 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHMS = ["grpo.py", "crpo.py", "grpo_pp.py", "tree_grpo.py"]
-SECTIONS = ["The algorithm", "GRPO's shared machinery", "Training loop", "The task"]
+SECTIONS = ["The algorithm", "GRPO's shared machinery", "Training loop"]
+TASKS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tasks").glob("*.py"))
+EXPERIMENTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").glob("*.py"))
+# the most lines (wc -l, docstring included) each file may have: past it, what a student came for gets buried
+BUDGETS = {"grpo.py": 450, "crpo.py": 550, "grpo_pp.py": 650, "tree_grpo.py": 650, "prefix_grouper.py": 650,
+           "common.py": 500, "plumbing.py": 500}  # fmt: skip
 # grpo.py's functions that another file keeps word for word wherever it defines them
 SHARED = ["generate_completions", "completion_logprobs", "group_advantages", "policy_loss", "masked_mean"]
 # where a file's version differs from grpo.py's, and why (anything else must be the same text)
@@ -45,7 +50,7 @@ def section_titles(path: str) -> list[str]:
 def test_sections_are_the_same_in_the_same_order(path):
     titles = section_titles(path)
     assert [t.split(":")[0] for t in titles] == SECTIONS, titles
-    # the shared-machinery, loop and task headers are word for word grpo.py's; "The algorithm" names the change
+    # the shared-machinery and loop headers are word for word grpo.py's; "The algorithm" names the change
     assert titles[1:] == section_titles("grpo.py")[1:]
 
 
@@ -72,8 +77,9 @@ def test_shared_machinery_is_grpo_text(path):
             assert mine[name] != grpo[name], f"{path}: {name} is grpo.py's again ({why} no longer holds)"
 
 
-@pytest.mark.parametrize("path", ALGORITHMS + ["prefix_grouper.py", "common.py"])
+@pytest.mark.parametrize("path", ALGORITHMS + ["prefix_grouper.py", "common.py", "plumbing.py", *TASKS])
 def test_no_file_imports_an_algorithm_file(path):
+    """An algorithm file reads alone (common, plumbing, its task, prefix_grouper), and a task never needs one."""
     imported = set()
     for node in ast.walk(ast.parse((ROOT / path).read_text())):
         if isinstance(node, ast.Import):
@@ -83,7 +89,31 @@ def test_no_file_imports_an_algorithm_file(path):
     assert not imported & {Path(a).stem for a in ALGORITHMS}, f"{path} imports {imported}"
 
 
-DOCUMENTS = ["README.md", "RESULTS.md", "tests/README.md", *ALGORITHMS, "prefix_grouper.py", "common.py"]
+@pytest.mark.parametrize("path", list(BUDGETS))
+def test_line_budget_and_docstring(path):
+    source = (ROOT / path).read_text()
+    assert len(source.splitlines()) <= BUDGETS[path], f"{path}: over its budget of {BUDGETS[path]} lines"
+    docstring = ast.parse(source).body[0]  # the module docstring, its quotes included
+    assert isinstance(docstring, ast.Expr) and docstring.end_lineno <= 45, f"{path}: a docstring of at most 45 lines"
+
+
+@pytest.mark.parametrize("path", ALGORITHMS)
+def test_one_training_run_per_file(path):
+    """A script trains once; comparisons over seeds and arms live in experiments/."""
+    args = next(
+        n for n in ast.parse((ROOT / path).read_text()).body if isinstance(n, ast.ClassDef) and n.name == "Args"
+    )
+    fields = {n.target.id for n in args.body if isinstance(n, ast.AnnAssign)}
+    assert not fields & {"compare", "seeds", "arms", "sizes", "compare_tokens"}, f"{path}: {fields}"
+
+
+def test_tests_folder_holds_tests_only():
+    scripts = {p.name for p in (ROOT / "tests").glob("*.py")} - {"conftest.py"}
+    assert all(name.startswith("test_") for name in scripts), sorted(scripts)
+
+
+DOCUMENTS = ["README.md", "RESULTS.md", "tests/README.md", *ALGORITHMS, "prefix_grouper.py", "common.py",
+             "plumbing.py", *TASKS, *EXPERIMENTS]  # fmt: skip
 
 
 @pytest.mark.parametrize("document", DOCUMENTS)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import grpo
-from common import format_prompt, load_model
+from common import load_model
+from tasks import arithmetic, format_prompt
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,8 +35,8 @@ def test_preset_loads_and_generates(smollm2):
 
 def test_one_grpo_step_changes_the_model(smollm2):
     model, tokenizer = smollm2
-    train_items, _, _ = grpo.make_arithmetic_task(8, 2, seed=0, demo_noise=0.0)
-    prompts = [format_prompt(tokenizer, x["question"], grpo.SYSTEM_PROMPT) for x in train_items[:2]]
+    train_items, _, _ = arithmetic.make_arithmetic_task(8, 2, seed=0, demo_noise=0.0)
+    prompts = [format_prompt(tokenizer, x["question"], arithmetic.SYSTEM_PROMPT) for x in train_items[:2]]
     torch.manual_seed(0)
     rollout = grpo.generate_completions(model, tokenizer, prompts, group_size=2, max_new_tokens=24)
     # synthetic rewards so the step has a signal whatever the model wrote

@@ -15,11 +15,12 @@ import grpo
 import prefix_grouper as pg
 import tree_grpo as T
 from common import build_tiny_tokenizer
+from tasks import namesakes
 
-TOKENIZER = build_tiny_tokenizer(T.TAGS)
-KB = T.make_knowledge_base(0)
-TRAIN, EVAL, DEMOS, CORPUS = T.make_kb_task(seed=0, demo_stop=0.5, demo_trust=0.5, num_eval=200)
-SEARCH = T.BM25(CORPUS)
+TOKENIZER = build_tiny_tokenizer(namesakes.TAGS)
+KB = namesakes.make_knowledge_base(0)
+TRAIN, EVAL, DEMOS, CORPUS = namesakes.make_kb_task(seed=0, demo_stop=0.5, demo_trust=0.5, num_eval=200)
+SEARCH = namesakes.BM25(CORPUS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,23 +112,25 @@ def test_off_policy_updates_use_old_logprobs_computed_once(tmp_path, monkeypatch
 def test_reward_table():
     think, answer = "<think>found</think>", "<answer>Tasa</answer>"
     hop = "<think>born in</think><search>Kavo</search><information>Kavo was born in Rilu.</information>"
-    assert T.em_format_reward(hop + think + answer, "tasa") == 1.0  # EM (case ignored), valid format
-    assert T.em_format_reward("<answer>the Tasa.</answer>", "Tasa") == 0.8  # EM after normalisation, no think
-    assert T.em_format_reward(hop + think + "<answer>Rilu</answer>", "Tasa") == 0.2  # wrong, valid
-    assert T.em_format_reward("<search>Kavo</search><answer>Rilu</answer>", "Tasa") == 0.1  # wrong, invalid
-    assert T.em_format_reward(hop + think, "Tasa") == 0.0  # no answer
-    assert T.em_format_reward("<answer>Rilu</answer><answer>Tasa</answer>", "Tasa") == 0.8  # the last one counts
+    assert namesakes.em_format_reward(hop + think + answer, "tasa") == 1.0  # EM (case ignored), valid format
+    assert namesakes.em_format_reward("<answer>the Tasa.</answer>", "Tasa") == 0.8  # EM after normalisation, no think
+    assert namesakes.em_format_reward(hop + think + "<answer>Rilu</answer>", "Tasa") == 0.2  # wrong, valid
+    assert namesakes.em_format_reward("<search>Kavo</search><answer>Rilu</answer>", "Tasa") == 0.1  # wrong, invalid
+    assert namesakes.em_format_reward(hop + think, "Tasa") == 0.0  # no answer
+    assert (
+        namesakes.em_format_reward("<answer>Rilu</answer><answer>Tasa</answer>", "Tasa") == 0.8
+    )  # the last one counts
 
 
 def test_bad_steps_get_a_clear_observation_not_a_crash():
-    assert T.parse_step("<think>x</think><search>Kavo") == ("invalid", "")  # no closing tag
-    assert T.parse_step("<think>x</think><search>  </search>") == ("search", "")
-    assert T.parse_step("<think>x</think><answer> Tasa </answer>") == ("answer", "Tasa")
-    hint = T.run_tool("invalid", "", SEARCH, 1, 200)
+    assert namesakes.parse_step("<think>x</think><search>Kavo") == ("invalid", "")  # no closing tag
+    assert namesakes.parse_step("<think>x</think><search>  </search>") == ("search", "")
+    assert namesakes.parse_step("<think>x</think><answer> Tasa </answer>") == ("answer", "Tasa")
+    hint = namesakes.run_tool("invalid", "", SEARCH, 1, 200)
     assert hint.startswith("<information>invalid step")
-    assert T.run_tool("search", "", SEARCH, 1, 200).startswith("<information>empty query")
-    assert T.run_tool("search", "Qqqq", SEARCH, 1, 200) == "<information>no results</information>"
-    assert T.run_tool("answer", "Tasa", SEARCH, 1, 200) == ""
+    assert namesakes.run_tool("search", "", SEARCH, 1, 200).startswith("<information>empty query")
+    assert namesakes.run_tool("search", "Qqqq", SEARCH, 1, 200) == "<information>no results</information>"
+    assert namesakes.run_tool("answer", "Tasa", SEARCH, 1, 200) == ""
 
 
 def test_search_finds_every_entity_by_name():
@@ -139,9 +142,9 @@ def test_search_finds_every_entity_by_name():
 
 
 def test_kb_task_is_deterministic_and_every_question_answerable():
-    again = T.make_kb_task(seed=0, demo_stop=0.5, demo_trust=0.5, num_eval=200)
+    again = namesakes.make_kb_task(seed=0, demo_stop=0.5, demo_trust=0.5, num_eval=200)
     assert again[0] == TRAIN and again[2] == DEMOS
-    assert {x["hops"] for x in EVAL} == {1, 2, 3, 4} and {x["kind"] for x in EVAL} == set(T.QUESTIONS)
+    assert {x["hops"] for x in EVAL} == {1, 2, 3, 4} and {x["kind"] for x in EVAL} == set(namesakes.QUESTIONS)
     tool_calls = []
     for item in TRAIN + EVAL:
         person = item["path"][0]
@@ -154,7 +157,7 @@ def test_kb_task_is_deterministic_and_every_question_answerable():
         for entity, relation, nxt in zip(item["path"], item["relations"], item["path"][1:]):
             assert f"{relation} {nxt}" in CORPUS[entity]
         # a policy without the two habits (never trusts a namesake who does not fit, never answers early) is right
-        steps = T.kb_trajectory(item, KB, random.Random(0), demo_stop=0.0, demo_trust=0.0)
+        steps = namesakes.kb_trajectory(item, KB, random.Random(0), demo_stop=0.0, demo_trust=0.0)
         assert steps[-1][0].endswith(f"<answer>{item['answer']}</answer>")
         tool_calls.append(sum("<search>" in step for step, _ in steps))
     # that policy needs 1 search for a full name, up to 6 for the longest question: 3-5 on average
@@ -176,11 +179,15 @@ def test_demos_have_the_two_habits_to_unlearn():
                      and country(listed_first(x)) != x["answer"])  # fmt: skip
     first = listed_first(ambiguous)  # listed first, not the one the question means, and born in another country
     # trust: goes on with the first namesake it checks, so it answers about the wrong person
-    steps = [step for step, _ in T.kb_trajectory(ambiguous, KB, random.Random(0), demo_stop=0.0, demo_trust=1.0)]
+    steps = [
+        step for step, _ in namesakes.kb_trajectory(ambiguous, KB, random.Random(0), demo_stop=0.0, demo_trust=1.0)
+    ]
     assert sum("<search>" in s for s in steps) == 3 and f"<search>{first}</search>" in steps[1]
     assert steps[-1].endswith(f"<answer>{country(first)}</answer>")
     # stop: answers with the entity in hand after the person's document (the city, not its country)
-    steps = [step for step, _ in T.kb_trajectory(ambiguous, KB, random.Random(0), demo_stop=1.0, demo_trust=0.0)]
+    steps = [
+        step for step, _ in namesakes.kb_trajectory(ambiguous, KB, random.Random(0), demo_stop=1.0, demo_trust=0.0)
+    ]
     assert steps[-1].endswith(f"<answer>{ambiguous['path'][1]}</answer>")
     # in the demos about the training questions both happen about as often as asked (half the time each; a policy
     # with both habits is right on 1-hop questions and about half the others); the rest are about other generated
@@ -195,12 +202,12 @@ ANSWERS = {x["question"]: x["answer"] for x in TRAIN}
 
 
 def test_hotpotqa_fixture_loads_and_skips_questions_without_answer(capsys):
-    train, eval_items, demos, corpus = T.load_hotpotqa(str(ROOT / "tests/fixtures/hotpotqa"), 10, 10)
+    train, eval_items, demos, corpus = namesakes.load_hotpotqa(str(ROOT / "tests/fixtures/hotpotqa"), 10, 10)
     assert [x["answer"] for x in train] == ["Norvania", "Vey"]  # the empty-answer question is skipped
     assert "skipped 1" in capsys.readouterr().out
     assert len(eval_items) == 2 and train[0]["path"] == ["Quillworks", "Ada Venn"]
     assert corpus["Quillworks"] == "Quillworks is a paper company. It was founded by Ada Venn."
-    assert T.BM25(corpus).search("Quillworks", 1) == [corpus["Quillworks"]]
+    assert namesakes.BM25(corpus).search("Quillworks", 1) == [corpus["Quillworks"]]
     question, segments = demos[0]
     assert question == train[0]["question"] and [trained for _, trained in segments] == [1, 0, 1, 0, 1]
     assert segments[2][0] == "<think>search</think><search>Ada Venn</search>" and "Norvania" in segments[4][0]
@@ -231,7 +238,7 @@ def test_tree_rollout_shape_sequences_masks_and_budget(monkeypatch, rollout, sha
     items = TRAIN[:3]
     prompts = [TOKENIZER(x["question"])["input_ids"] for x in items]
     budget = T.Budget()
-    kept, roots = T.tree_rollout(None, TOKENIZER, items, prompts, SEARCH, args, random.Random(0), budget)
+    kept, roots = T.tree_rollout(None, TOKENIZER, prompts, SEARCH, args, random.Random(0), budget)
 
     assert len(roots) == 3 * m and len(kept) == 3 * m * k
     nodes = [d for r in roots for d in r.descendants()]
@@ -266,8 +273,7 @@ def test_trees_get_more_trajectories_per_token_than_chains(monkeypatch):
     for rollout in ("chain", "tree"):
         budget = T.Budget()
         args = replace(T.Args(), rollout=rollout)
-        items = TRAIN[:32]
-        T.tree_rollout(None, TOKENIZER, items, [[1]] * 32, SEARCH, args, random.Random(0), budget)
+        T.tree_rollout(None, TOKENIZER, [[1]] * 32, SEARCH, args, random.Random(0), budget)
         costs[rollout] = budget.trajectories / budget.generated_tokens
     assert costs["tree"] > 1.2 * costs["chain"]
 
@@ -324,7 +330,7 @@ def test_leaf_logprobs_through_the_trie_equal_each_leaf_alone(monkeypatch):
     args = replace(T.Args(), num_trees=2, expand_nodes=2, expand_rounds=1, keep_leaves=3, max_turns=4)
     items = TRAIN[:2]
     prompts = [TOKENIZER(x["question"])["input_ids"] for x in items]
-    kept, _ = T.tree_rollout(None, TOKENIZER, items, prompts, SEARCH, args, random.Random(0), T.Budget())
+    kept, _ = T.tree_rollout(None, TOKENIZER, prompts, SEARCH, args, random.Random(0), T.Budget())
     leaves = [leaf for _, _, leaf in kept]
     prompt_ids, prompt_mask = T.pad_batch([leaf.root().prompt_ids for leaf in leaves], 0, True, "cpu")
     response_ids, response_mask = T.pad_batch([T.leaf_sequence(leaf)[0] for leaf in leaves], 0, False, "cpu")

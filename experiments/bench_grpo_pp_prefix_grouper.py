@@ -1,6 +1,6 @@
 """Benchmark: grpo_pp.py's log-prob pass (forward and backward) with and without --prefix_grouper, on the tiny VLM.
 
-    python tests/bench_grpo_pp_prefix_grouper.py      # prints a table
+    python experiments/bench_grpo_pp_prefix_grouper.py      # prints a table
 
 G completions of one image share the image's tokens and the prompt; with --prefix_grouper they are encoded once
 (and the vision tower sees each image once). A stage-1 batch: 12 images x G completions of 48 random tokens, the
@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo_pp as G  # noqa: E402
 from common import load_vlm  # noqa: E402
-from prefix_grouper import forward_backward  # noqa: E402
+from experiments.bench_prefix_grouper import forward_backward  # noqa: E402
+from tasks import lesions  # noqa: E402
 
 
 def batch_for(processor, images, group_size, completion_tokens, vocab_size, seed=0):
@@ -34,14 +35,14 @@ def batch_for(processor, images, group_size, completion_tokens, vocab_size, seed
 
 
 def masked_logprobs(model, batch, prefix_grouper):
-    """completion_logprobs in the nested form prefix_grouper.forward_backward sums."""
+    """completion_logprobs in the nested form bench_prefix_grouper.forward_backward sums."""
     return [[G.completion_logprobs(model, batch, prefix_grouper=prefix_grouper) * batch["completion_mask"]]]
 
 
 if __name__ == "__main__":
     model, processor = load_vlm("tiny-vlm", "cpu")
     model.train()
-    images = [x["image"] for x in G.make_lesion_task(2, 1, seed=0)[0][:12]]
+    images = [x["image"] for x in lesions.make_lesion_task(2, 1, seed=0)[0][:12]]
     vocab_size = model.get_output_embeddings().out_features
     print(f"\ntiny VLM (random weights), float32, CPU, {torch.get_num_threads()} threads; 12 images; median of 3\n")
     print("| G | completion tokens | prompt tokens | naive s | grouped s | speed-up | naive MB | grouped MB | "

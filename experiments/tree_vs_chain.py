@@ -1,0 +1,97 @@
+"""Tree-GRPO against chain GRPO at one budget of generated tokens (RESULTS.md, "Tree-GRPO vs chain GRPO").
+
+    python experiments/tree_vs_chain.py --prefix_grouper                          # 4 arms, seeds 0-4, 70k tokens
+    python experiments/tree_vs_chain.py --arms tree,tree_off_policy --prefix_grouper   # off-policy updates
+Every arm of every seed trains from one warm start until it has generated --tokens tokens; then a table (held-out
+multi-hop EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens curves. Every
+option of tree_grpo.py applies to every arm.
+"""
+
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
+
+import tree_grpo  # noqa: E402
+from experiments.sweep import Sweep, int_list, seed_sweep  # noqa: E402
+from plumbing import UsageError, run_cli  # noqa: E402
+
+# what each arm sets: chain GRPO, Tree-GRPO, Tree-GRPO with one advantage term (the ablation), off-policy updates
+ARMS = {
+    "chain": {"rollout": "chain", "advantage": "both"},
+    "tree": {"rollout": "tree", "advantage": "both"},
+    "tree_inter": {"rollout": "tree", "advantage": "inter"},
+    "tree_intra": {"rollout": "tree", "advantage": "intra"},
+    "tree_off_policy": {"rollout": "tree", "advantage": "both", "num_minibatches": 4},  # 4 optimiser steps a batch
+}
+DEFAULT_ARMS = "chain,tree,tree_inter,tree_intra"
+
+
+@dataclass
+class Comparison(Sweep):
+    arms: str = field(default=DEFAULT_ARMS, metadata={"help": "some of " + ", ".join(ARMS)})
+    tokens: int = field(default=70000, metadata={"help": "each run stops after generating this many tokens"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if unknown := [arm for arm in self.arms.split(",") if arm not in ARMS]:
+            raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
+        if self.tokens < 1:
+            raise UsageError(f"--tokens must be at least 1 (the budget of generated tokens), got {self.tokens}")
+
+
+def em_at_budget(curve, tokens):
+    """Held-out multi-hop EM at a given number of generated tokens, linearly interpolated between evaluations."""
+    points = [(p["budget/generated_tokens"], p["eval/em_multihop"]) for p in curve]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= tokens <= x1:
+            return y0 + (y1 - y0) * (tokens - x0) / max(x1 - x0, 1)
+    raise ValueError(f"the run generated {points[-1][0]} tokens, fewer than {tokens}")
+
+
+def main(args: tree_grpo.Args, comparison: Comparison):
+    seeds, budget = int_list(comparison.seeds, "--seeds"), comparison.tokens
+    runs = {
+        arm: [replace(args, **ARMS[arm], seed=seed, token_budget=budget) for seed in seeds]
+        for arm in comparison.arms.split(",")
+    }
+
+    def summarize(run):
+        tokens = run["budget"]["generated_tokens"]
+        if tokens < budget:
+            raise UsageError(
+                f"a run stopped after --num_steps {args.num_steps} steps with {tokens} of the {budget} tokens of "
+                f"--tokens generated: raise --num_steps (or lower --tokens)"
+            )
+        at = {f"em_multihop_at_{budget * f // 4000}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
+        return at | {
+            "em_multihop": run["after"]["em_multihop"],
+            "em_1hop": run["after"]["em_1hop"],
+            "tool_calls": run["after"]["tool_calls"],
+            "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
+            "steps": run["curve"][-1]["step"],
+            "train_reward_last_quarter": run["train_reward_last_quarter"],
+        }
+
+    def curve(run):  # held-out multi-hop EM against the generated tokens (thousands)
+        return [p["budget/generated_tokens"] / 1000 for p in run["curve"]], [
+            p["eval/em_multihop"] for p in run["curve"]
+        ]
+
+    arms = comparison.arms
+    name = "tree_grpo_compare" if arms == DEFAULT_ARMS else "tree_grpo_" + arms.replace(",", "_vs_")
+    out = f"{args.output_dir}/tree_grpo_compare/{name}"
+    title = (
+        f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
+        f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget // 1000}k generated tokens, tiny model"
+    )
+    labels = ("generated tokens (thousands)", "held-out multi-hop EM")
+    settings = asdict(args) | asdict(comparison)
+    return seed_sweep(tree_grpo.train, runs, summarize, out, settings, curve=curve, curve_labels=labels, title=title)
+
+
+ARGS = (tree_grpo.Args, Comparison)  # the script's options and the comparison's
+
+if __name__ == "__main__":
+    run_cli(ARGS, main)

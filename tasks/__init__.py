@@ -1,0 +1,61 @@
+"""The environments the algorithm files train on, one module per task, and the loader and chat prompt they share.
+
+arithmetic (grpo.py: addition, GSM8K), clinic (crpo.py: vignettes from a knowledge graph, MedQA), lesions
+(grpo_pp.py: lesion images drawn from a graph, an image folder), namesakes (tree_grpo.py: a knowledge base with a
+BM25 search tool, HotpotQA). A task module takes plain values, never a script's Args, and never imports an
+algorithm file: its offline generator, its `datasets` path, the warm-start demonstrations, the prompt, the
+task's own reward and the held-out evaluation.
+"""
+
+import os
+
+from plumbing import UsageError
+
+
+def load_data(path: str, what: str, splits: dict, columns, offline_default: str, config_name=None):
+    """`datasets.load_dataset` of a hub id or a local folder, checked before any training.
+
+    splits: {our name: (accepted names, ...)}, e.g. {"train": ("train",), "eval": ("test", "validation")};
+    columns: the fields every split must have. Returns {our name: Dataset}. A data set that cannot be loaded,
+    lacks a split or a field is one UsageError that says what is wrong and how to run offline instead.
+    """
+    from datasets import load_dataset
+
+    hint = f"Pass a hub id or a local folder in {what}'s format, or run the offline default {offline_default}."
+    try:
+        data = load_dataset(path) if os.path.isdir(path) or config_name is None else load_dataset(path, config_name)
+    except Exception as error:  # datasets raises many types: offline, missing files, bad format
+        raise UsageError(f"Could not load {what} from {path!r} ({type(error).__name__}: {error}). {hint}") from None
+    chosen = {}
+    for ours, names in splits.items():
+        found = [name for name in names if name in data]
+        if not found:
+            raise UsageError(
+                f"{what} at {path!r} has the splits {sorted(data)}, but needs {' or '.join(map(repr, names))} "
+                f"(a local folder: a file named {names[0]}.jsonl or similar). {hint}"
+            )
+        chosen[ours] = data[found[0]]
+        missing = [column for column in columns if column not in chosen[ours].column_names]
+        if missing:
+            raise UsageError(
+                f"{what} at {path!r}: the {found[0]!r} split has no field {', '.join(map(repr, missing))} "
+                f"(its fields: {', '.join(chosen[ours].column_names)}). {hint}"
+            )
+    return chosen
+
+
+def format_prompt(tokenizer, question: str, system_prompt: str | None = None, examples=()) -> str:
+    """A chat model gets its chat template, with an optional system prompt and worked `examples` ((question,
+    answer) pairs) as earlier turns; the tiny model gets the raw text (its warm start taught it the format)."""
+    if tokenizer.chat_template is None:
+        if examples:
+            raise UsageError(
+                "Worked examples (--num_shots) need a chat model with a chat template, e.g. --model smollm2-135m; "
+                "the tiny model has none and learns the format from its warm start: use --num_shots 0."
+            )
+        return question
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for example_question, example_answer in examples:
+        messages += [{"role": "user", "content": example_question}, {"role": "assistant", "content": example_answer}]
+    messages.append({"role": "user", "content": question})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
