@@ -43,16 +43,17 @@ Run:
 Results are in RESULTS.md.
 """
 
+import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
-from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
+from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, shared_prompt_cache
 from tasks import clinic, format_prompt
 
@@ -60,55 +61,49 @@ from tasks import clinic, format_prompt
 @dataclass
 class Args:
     # experiment
-    seed: int = field(default=0, metadata={"help": "random seed of training (python, numpy, torch)"})
-    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16"] = field(
-        default="auto", metadata={"help": "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."}
+    seed: int = arg(0, "random seed of training (python, numpy, torch)", ">= 0")
+    model: str = arg("tiny", "tiny | smollm2-135m | a local folder | a hub id")
+    device: str = arg("auto", "auto picks cuda, then mps, then cpu", "device")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg(
+        "auto", "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."
     )
-    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    output_dir: str = arg("runs", "run folders go under this folder")
     # task
-    dataset: Literal["clinic", "medqa"] = field(default="clinic", metadata={"help": "the task"})
-    dataset_path: str = field(default="GBaker/MedQA-USMLE-4-options", metadata={"help": "medqa: hub id or folder"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the generated items (seeds share one warm start)"})
-    num_train: int = field(default=2000, metadata={"help": "training items (medqa: at most)"})
-    num_eval: int = field(default=120, metadata={"help": "held-out items for evaluation"})
-    sft_steps: int = field(
-        default=800, metadata={"help": "tiny warm start: SFT steps of 32 (cached after the first run)"}
-    )
+    dataset: Literal["clinic", "medqa"] = arg("clinic", "the task")
+    dataset_path: str = arg("GBaker/MedQA-USMLE-4-options", "medqa: hub id or folder")
+    data_seed: int = arg(0, "seed of the generated items (seeds share one warm start)", ">= 0")
+    num_train: int = arg(2000, "training items (medqa: at most)", ">= 1")
+    num_eval: int = arg(120, "held-out items for evaluation", ">= 1")
+    sft_steps: int = arg(800, "tiny warm start: SFT steps of 32 (cached after the first run)", ">= 1")
     # CRPO
-    method: Literal["crpo", "grpo"] = field(default="crpo", metadata={"help": "crpo objectives, or the grpo baseline"})
-    weights: str = field(default="", metadata={"help": "override the objective weights, e.g. 'accuracy=10,format=1'"})
-    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = field(
-        default="sum_then_normalize", metadata={"help": "combine objectives before or after normalising"}
+    method: Literal["crpo", "grpo"] = arg("crpo", "crpo objectives, or the grpo baseline")
+    weights: str = arg("", "override the objective weights, e.g. 'accuracy=10,format=1'")
+    advantage_mode: Literal["sum_then_normalize", "normalize_then_sum"] = arg(
+        "sum_then_normalize", "combine objectives before or after normalising"
     )
     # rollout
-    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
-    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step; the batch is this x group_size"})
-    group_size: int = field(default=5, metadata={"help": "G, completions per prompt (at least 2; paper: 5)"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest completion, in tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
+    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
+    prompts_per_step: int = arg(8, "prompts per step; the batch is this x group_size", ">= 1")
+    group_size: int = arg(5, "G, completions per prompt (at least 2; paper: 5)", ">= 2")
+    max_new_tokens: int = arg(128, "longest completion, in tokens", ">= 1")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use it too)", "> 0")
+    top_p: float = arg(1.0, "nucleus sampling; < 1 is off-policy (the loss scores all)", "(0, 1]")
     # advantages and loss
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (DAPO: 0.28)"})
-    beta: float = field(default=0.001, metadata={"help": "k3 KL coefficient (paper: 0.001); > 0 loads a reference"})
-    entropy_coef: float = field(default=0.001, metadata={"help": "entropy bonus c_H (paper: 0.001); 0 = off"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions with no EOS"})
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = arg("dapo", "aggregation")
+    eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low", "[0, 1)")
+    eps_high: float = arg(0.2, "clip ratio above at 1 + eps_high (DAPO: 0.28)", ">= 0")
+    beta: float = arg(0.001, "k3 KL coefficient (paper: 0.001); > 0 loads a reference", ">= 0")
+    entropy_coef: float = arg(0.001, "entropy bonus c_H (paper: 0.001); 0 = off", ">= 0")
+    mask_truncated_completions: bool = arg(False, "no loss on completions with no EOS")
     # optimisation
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
-    num_iterations: int = field(default=1, metadata={"help": "mu, optimisation passes over each batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward: less memory, more compute"}
-    )
-    prefix_grouper: bool = field(
-        default=False, metadata={"help": "each group's prompt once: one prefill, one encoding (prefix_grouper.py)"}
-    )
+    learning_rate: float = arg(1e-4, "AdamW learning rate (real models: ~1e-6)", "> 0")
+    num_iterations: int = arg(1, "mu, optimisation passes over each batch", ">= 1")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimiser step", ">= 1")
+    max_grad_norm: float = arg(1.0, "gradient clipping", "> 0")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, more compute")
+    prefix_grouper: bool = arg(False, "each group's prompt once: one prefill, one encoding (prefix_grouper.py)")
     # evaluation
-    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
+    eval_every: int = arg(10, "evaluate on the held-out split every N steps", ">= 1")
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -116,7 +111,7 @@ class Args:
 
 def check_args(args: Args):
     """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
+    check_args_shared(args)  # every field in its declared range, a writable output folder
     if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
         raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
     parse_weights(args.weights)  # fails early on an unknown objective name
@@ -171,7 +166,8 @@ METHOD_WEIGHTS = {
 
 
 def parse_weights(text: str) -> dict[str, float]:
-    """'accuracy=10,format=1' -> {'accuracy': 10.0, 'format': 1.0}; unknown objectives are an error."""
+    """'accuracy=10,format=1' -> {'accuracy': 10.0, 'format': 1.0}; an unknown objective or a value that is not a
+    finite number is an error."""
     weights = {}
     for part in filter(None, text.split(",")):
         name, _, value = part.partition("=")
@@ -180,7 +176,9 @@ def parse_weights(text: str) -> dict[str, float]:
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            raise UsageError(f"--weights: {part!r} is not objective=number, e.g. 'accuracy=10,format=1'") from None
+            weights[name.strip()] = math.nan
+        if not math.isfinite(weights[name.strip()]):
+            raise UsageError(f"--weights: {part!r} is not objective=<finite number>, e.g. 'accuracy=10,format=1'")
     return weights
 
 

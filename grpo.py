@@ -43,14 +43,14 @@ prints its estimated peak memory before training. Results are in RESULTS.md.
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
-from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
+from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, shared_prompt_cache
 from tasks import arithmetic, format_prompt
 
@@ -58,49 +58,45 @@ from tasks import arithmetic, format_prompt
 @dataclass
 class Args:
     # experiment
-    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
-    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16"] = field(
-        default="auto", metadata={"help": "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."}
+    seed: int = arg(0, "random seed (python, numpy, torch)", ">= 0")
+    model: str = arg("tiny", "tiny | smollm2-135m | a local folder | a hub id")
+    device: str = arg("auto", "auto picks cuda, then mps, then cpu", "device")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg(
+        "auto", "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."
     )
-    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    output_dir: str = arg("runs", "run folders go under this folder")
     # task
-    dataset: Literal["arithmetic", "gsm8k"] = field(default="arithmetic", metadata={"help": "the task"})
-    dataset_path: str = field(default="openai/gsm8k", metadata={"help": "gsm8k: a hub id or a local folder"})
-    num_train: int = field(default=2000, metadata={"help": "training problems (gsm8k: at most)"})
-    num_eval: int = field(default=200, metadata={"help": "held-out problems for evaluation"})
-    small_addend: bool = field(default=False, metadata={"help": "arithmetic: 47+8= instead of 47+38= (810 problems)"})
-    num_shots: int = field(default=0, metadata={"help": "chat models: solved training problems as earlier turns"})
-    demo_noise: float = field(default=0.7, metadata={"help": "tiny warm start: share of demos that drop the carry"})
-    sft_steps: int = field(default=600, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
+    dataset: Literal["arithmetic", "gsm8k"] = arg("arithmetic", "the task")
+    dataset_path: str = arg("openai/gsm8k", "gsm8k: a hub id or a local folder")
+    num_train: int = arg(2000, "training problems (gsm8k: at most)", ">= 1")
+    num_eval: int = arg(200, "held-out problems for evaluation", ">= 1")
+    small_addend: bool = arg(False, "arithmetic: 47+8= instead of 47+38= (810 problems)")
+    num_shots: int = arg(0, "chat models: solved training problems as earlier turns", ">= 0")
+    demo_noise: float = arg(0.7, "tiny warm start: share of demos that drop the carry", "[0, 1]")
+    sft_steps: int = arg(600, "tiny warm start: SFT steps (cached after the first run)", ">= 1")
     # rollout
-    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
-    prompts_per_step: int = field(default=16, metadata={"help": "prompts per step; the batch is this x group_size"})
-    group_size: int = field(default=8, metadata={"help": "G, completions sampled per prompt (at least 2)"})
-    max_new_tokens: int = field(default=32, metadata={"help": "longest completion, in tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
+    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
+    prompts_per_step: int = arg(16, "prompts per step; the batch is this x group_size", ">= 1")
+    group_size: int = arg(8, "G, completions sampled per prompt (at least 2)", ">= 2")
+    max_new_tokens: int = arg(32, "longest completion, in tokens", ">= 1")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use it too)", "> 0")
+    top_p: float = arg(1.0, "nucleus sampling; < 1 is off-policy (the loss scores all)", "(0, 1]")
     # advantages and loss
-    scale_rewards: Literal["group", "batch", "none"] = field(default="group", metadata={"help": "std for A"})
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high (DAPO: 0.28)"})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient; > 0 loads a frozen reference model"})
-    mask_truncated_completions: bool = field(default=False, metadata={"help": "no loss on completions with no EOS"})
+    scale_rewards: Literal["group", "batch", "none"] = arg("group", "std for A")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = arg("dapo", "aggregation")
+    eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low", "[0, 1)")
+    eps_high: float = arg(0.2, "clip ratio above at 1 + eps_high (DAPO: 0.28)", ">= 0")
+    beta: float = arg(0.0, "KL coefficient; > 0 loads a frozen reference model", ">= 0")
+    mask_truncated_completions: bool = arg(False, "no loss on completions with no EOS")
     # optimisation
-    learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
-    num_iterations: int = field(default=1, metadata={"help": "mu, optimisation passes over each batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward: less memory, more compute"}
-    )
-    prefix_grouper: bool = field(
-        default=False, metadata={"help": "each group's prompt once: one prefill, one encoding (prefix_grouper.py)"}
-    )
+    learning_rate: float = arg(3e-5, "AdamW learning rate (real models: ~1e-6)", "> 0")
+    num_iterations: int = arg(1, "mu, optimisation passes over each batch", ">= 1")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimiser step", ">= 1")
+    max_grad_norm: float = arg(1.0, "gradient clipping", "> 0")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, more compute")
+    prefix_grouper: bool = arg(False, "each group's prompt once: one prefill, one encoding (prefix_grouper.py)")
     # evaluation
-    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out split every N steps"})
+    eval_every: int = arg(10, "evaluate on the held-out split every N steps", ">= 1")
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -108,11 +104,11 @@ class Args:
 
 def check_args(args: Args):
     """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
+    check_args_shared(args)  # every field in its declared range, a writable output folder
     if (args.prompts_per_step * args.group_size) % args.gradient_accumulation_steps:
         raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
-    if not 0 <= args.num_shots < args.num_train:
-        raise UsageError(f"--num_shots must be at least 0 and below --num_train, got {args.num_shots}")
+    if args.num_shots >= args.num_train:
+        raise UsageError(f"--num_shots must be below --num_train ({args.num_train}), got {args.num_shots}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common import autocast, cache_entry, cached, estimate_memory, frozen_copy, generate, load_vlm, seed_everything
-from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, run_cli, save_run
+from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, run_cli, save_run
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
 from tasks import lesions
 
@@ -61,63 +61,57 @@ from tasks import lesions
 @dataclass
 class Args:
     # experiment
-    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
-    model: str = field(default="tiny-vlm", metadata={"help": "tiny-vlm | a local folder | a hub id (a VLM)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16"] = field(
-        default="auto", metadata={"help": "stage 1 forwards: auto (bf16 autocast on GPUs with bf16, else fp32) | ..."}
+    seed: int = arg(0, "random seed (python, numpy, torch)", ">= 0")
+    model: str = arg("tiny-vlm", "tiny-vlm | a local folder | a hub id (a VLM)")
+    device: str = arg("auto", "auto picks cuda, then mps, then cpu", "device")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg(
+        "auto", "stage 1 forwards: auto (bf16 autocast on GPUs with bf16, else fp32) | ..."
     )
-    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    output_dir: str = arg("runs", "run folders go under this folder")
     # task
-    dataset_path: str = field(default="", metadata={"help": "an image data set (hub id or folder); '' = generated"})
-    images_per_class: int = field(default=16, metadata={"help": "training images per class (low data: 8, 16, 32)"})
-    eval_per_class: int = field(default=20, metadata={"help": "held-out images per class (balanced)"})
-    data_seed: int = field(default=0, metadata={"help": "seed of the generated images (seeds share one split)"})
-    warm_start_steps: int = field(default=600, metadata={"help": "tiny-vlm: SFT steps on attribute captions"})
-    warm_start_noise: float = field(default=0.6, metadata={"help": "tiny-vlm: share of captions naming a look-alike"})
+    dataset_path: str = arg("", "an image data set (hub id or folder); '' = generated")
+    images_per_class: int = arg(16, "training images per class (low data: 8, 16, 32)", ">= 1")
+    eval_per_class: int = arg(20, "held-out images per class (balanced)", ">= 1")
+    data_seed: int = arg(0, "seed of the generated images (seeds share one split)", ">= 0")
+    warm_start_steps: int = arg(600, "tiny-vlm: SFT steps on attribute captions", ">= 1")
+    warm_start_noise: float = arg(0.6, "tiny-vlm: share of captions naming a look-alike", "[0, 1]")
     # stage 1: GRPO++ or GRPO (--no_grpo_pp); a stabiliser set on the command line keeps its value under either
-    grpo_pp: bool = field(default=True, metadata={"help": "GRPO++ (binary advantage, skip, clip-higher, dapo, KL)"})
-    advantage: Literal["group", "binary"] | None = field(
-        default=None, metadata={"help": "(r-mean)/std or sign(r-mean) [GRPO++: binary, GRPO: group]"}
+    grpo_pp: bool = arg(True, "GRPO++ (binary advantage, skip, clip-higher, dapo, KL)")
+    advantage: Literal["group", "binary"] | None = arg(
+        None, "(r-mean)/std or sign(r-mean) [GRPO++: binary, GRPO: group]"
     )
-    skip_zero_variance: bool | None = field(
-        default=None, metadata={"help": "true | false: no loss on equal-reward groups [GRPO++: true, GRPO: false]"}
+    skip_zero_variance: bool | None = arg(
+        None, "true | false: no loss on equal-reward groups [GRPO++: true, GRPO: false]"
     )
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
-    eps_high: float | None = field(
-        default=None, metadata={"help": "clip above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]"}
-    )
-    loss_type: Literal["grpo", "dapo"] | None = field(default=None, metadata={"help": "[GRPO++: dapo, GRPO: grpo]"})
-    beta: float | None = field(default=None, metadata={"help": "k3 KL to the warm start [GRPO++: 0.04, GRPO: 0]"})
-    kg_weight: float = field(default=0.0, metadata={"help": "reward weight of the attributes' graph agreement"})
-    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
-    prompts_per_step: int = field(default=12, metadata={"help": "images per step; the batch is this x group_size"})
-    group_size: int = field(default=8, metadata={"help": "G, completions sampled per image (at least 2)"})
-    max_new_tokens: int = field(default=48, metadata={"help": "longest completion, in tokens"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
-    num_iterations: int = field(default=2, metadata={"help": "mu, optimisation passes over each batch"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward: less memory, more compute"}
-    )
-    prefix_grouper: bool = field(
-        default=False, metadata={"help": "a group's image and prompt encoded once in the log-probs (prefix_grouper)"}
-    )
-    eval_every: int = field(default=5, metadata={"help": "evaluate on the held-out split every N steps"})
+    eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low", "[0, 1)")
+    eps_high: float | None = arg(None, "clip above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]", ">= 0")
+    loss_type: Literal["grpo", "dapo"] | None = arg(None, "[GRPO++: dapo, GRPO: grpo]")
+    beta: float | None = arg(None, "k3 KL to the warm start [GRPO++: 0.04, GRPO: 0]", ">= 0")
+    kg_weight: float = arg(0.0, "reward weight of the attributes' graph agreement", ">= 0")
+    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
+    prompts_per_step: int = arg(12, "images per step; the batch is this x group_size", ">= 1")
+    group_size: int = arg(8, "G, completions sampled per image (at least 2)", ">= 2")
+    max_new_tokens: int = arg(48, "longest completion, in tokens", ">= 1")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use it too)", "> 0")
+    learning_rate: float = arg(1e-4, "AdamW learning rate (real models: ~1e-6)", "> 0")
+    num_iterations: int = arg(2, "mu, optimisation passes over each batch", ">= 1")
+    max_grad_norm: float = arg(1.0, "gradient clipping", "> 0")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, more compute")
+    prefix_grouper: bool = arg(False, "a group's image and prompt encoded once in the log-probs (prefix_grouper)")
+    eval_every: int = arg(5, "evaluate on the held-out split every N steps", ">= 1")
     # stages 2 and 3
-    stage: Literal["all", "1", "2", "3"] = field(default="all", metadata={"help": "run one stage, or 1 -> 2 -> 3"})
-    init: str = field(default="", metadata={"help": "stage 2 or 3 alone: the model folder to start from"})
-    sft_steps: int = field(default=400, metadata={"help": "stage 2: SFT steps on graph conversations"})
-    sft_error_rate: float = field(default=0.3, metadata={"help": "stage 2: share of conversations with a wrong fact"})
-    sft_learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: AdamW learning rate"})
-    dpo_samples: int = field(default=4, metadata={"help": "stage 3: answers sampled per image to build a pair"})
-    dpo_margin: float = field(default=1.0, metadata={"help": "stage 3: keep a pair if its graph scores differ this"})
-    dpo_beta: float = field(default=0.1, metadata={"help": "stage 3: DPO beta"})
-    dpo_epochs: int = field(default=8, metadata={"help": "stage 3: passes over the preference pairs"})
-    dpo_learning_rate: float = field(default=1e-5, metadata={"help": "stage 3: AdamW learning rate"})
-    answer_tokens: int = field(default=112, metadata={"help": "stages 2-3: longest conversational answer, in tokens"})
-    answer_samples: int = field(default=8, metadata={"help": "answers sampled per held-out image (all stages)"})
+    stage: Literal["all", "1", "2", "3"] = arg("all", "run one stage, or 1 -> 2 -> 3")
+    init: str = arg("", "stage 2 or 3 alone: the model folder to start from")
+    sft_steps: int = arg(400, "stage 2: SFT steps on graph conversations", ">= 1")
+    sft_error_rate: float = arg(0.3, "stage 2: share of conversations with a wrong fact", "[0, 1]")
+    sft_learning_rate: float = arg(1e-3, "stage 2: AdamW learning rate", "> 0")
+    dpo_samples: int = arg(4, "stage 3: answers sampled per image to build a pair", ">= 2")
+    dpo_margin: float = arg(1.0, "stage 3: keep a pair if its graph scores differ this", ">= 0")
+    dpo_beta: float = arg(0.1, "stage 3: DPO beta", "> 0")
+    dpo_epochs: int = arg(8, "stage 3: passes over the preference pairs", ">= 1")
+    dpo_learning_rate: float = arg(1e-5, "stage 3: AdamW learning rate", "> 0")
+    answer_tokens: int = arg(112, "stages 2-3: longest conversational answer, in tokens", ">= 1")
+    answer_samples: int = arg(8, "answers sampled per held-out image (all stages)", ">= 1")
 
     # filled in by __post_init__: the stabilisers given explicitly, which a switch of method (with_method) keeps
     set_by_user: tuple = field(default=(), init=False)
@@ -132,7 +126,7 @@ class Args:
 
 def check_args(args: Args):
     """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, clipping, beta, output_dir
+    check_args_shared(args)  # every field in its declared range, a writable output folder
     if args.stage in ("2", "3") and not args.init:
         raise UsageError(f"--stage {args.stage} alone needs --init, the model folder of the previous stage")
 

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -59,28 +60,79 @@ def run_cli(args_class, main):
         sys.exit(130)
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers an option accepts: from `low` to `high`, either end open (excluded) or None (unbounded). NaN
+    and the infinities are in no range."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        return above and (self.high is None or (value < self.high if self.high_open else value <= self.high))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"> {self.low}" if self.low_open else f"at least {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+class Devices:
+    """What --device accepts: auto, cpu, or a cuda (cuda:N) or mps device this machine has."""
+
+    def __contains__(self, name) -> bool:
+        import torch
+
+        kind, _, index = str(name).partition(":")
+        if name in ("auto", "cpu"):
+            return True
+        if kind == "cuda" and torch.cuda.is_available():
+            return not index or (index.isdigit() and int(index) < torch.cuda.device_count())
+        return name == "mps" and torch.backends.mps.is_available()
+
+    def __str__(self) -> str:
+        return "auto, cpu, or a cuda or mps device this machine has"
+
+
+def accepted(text: str) -> Range | Devices:
+    """'>= 1', '> 0', '[0, 1]', '(0, 1]', '[0, 1)' or 'device' as what check_args_shared tests."""
+    if text == "device":
+        return Devices()
+    if text.startswith(">"):
+        low = text.lstrip(">=").strip()
+        return Range(float(low) if "." in low else int(low), low_open=not text.startswith(">="))
+    low, high = (float(x) if "." in x else int(x) for x in text[1:-1].split(","))
+    return Range(low, high, low_open=text[0] == "(", high_open=text[-1] == ")")
+
+
+ACCEPTS = {}  # each declared field -> what it accepts (not in its metadata: HfArgumentParser hands that to argparse)
+
+
+def arg(default, help: str, accepts: str | None = None):
+    """An Args field: its default, one line of help and what it accepts ('>= 1', '> 0', '[0, 1]', '(0, 1]', ...,
+    'device'), which --help shows after the help and check_args_shared checks."""
+    declared = dataclasses.field(
+        default=default, metadata={"help": f"{help} [{accepted(accepts)}]" if accepts else help}
+    )
+    if accepts:
+        ACCEPTS[declared] = accepts
+    return declared
+
+
 def check_args_shared(args):
-    """The checks every script's `Args.__post_init__` shares, each applied only where the script has that field:
-    counts at least 1, group size at least 2, the sampling and clipping settings in their ranges, a writable
-    output folder. Raises UsageError, so parse_args turns it into argparse's `error: ...` before any loading."""
-    counts = ("num_steps", "eval_every", "prompts_per_step", "num_iterations", "gradient_accumulation_steps",
-              "num_train", "num_eval", "max_new_tokens", "max_turns", "max_step_tokens", "images_per_class",
-              "eval_per_class", "answer_tokens", "answer_samples", "dpo_samples")  # fmt: skip
-    rules = [(name, lambda v: v >= 1, "must be at least 1") for name in counts] + [
-        ("token_budget", lambda v: v >= 0, "must be at least 0 (0: run --num_steps steps)"),
-        ("dual_clip", lambda v: v is None or v > 1, "must be > 1 (it caps the loss of a token whose ratio is above c)"),
-        ("group_size", lambda v: v >= 2, "must be at least 2 (GRPO compares completions of one prompt)"),
-        ("temperature", lambda v: v > 0, "must be > 0: GRPO needs different samples in a group (and scores with it)"),
-        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 samples from the whole distribution)"),
-        ("eps_low", lambda v: 0 <= v < 1, "must be in [0, 1): the ratio is clipped below at 1 - eps_low > 0"),
-        ("eps_high", lambda v: v is None or v >= 0, "must be at least 0"),
-        ("beta", lambda v: v is None or v >= 0, "must be at least 0 (0: no KL penalty and no reference model)"),
-        ("max_grad_norm", lambda v: v > 0, "must be > 0 (a gradient clipped to norm 0 never trains)"),
-        ("learning_rate", lambda v: v > 0, "must be > 0"),
-    ]
-    for name, valid, rule in rules:
-        if hasattr(args, name) and not valid(getattr(args, name)):
-            raise UsageError(f"--{name} {rule}, got {getattr(args, name)}")
+    """The checks every script's `Args.__post_init__` shares: every field's value against what its declaration
+    accepts (`arg`), and a writable output folder. Raises UsageError, so parse_args turns it into argparse's
+    `error: --flag must be ..., got ...` before any loading. What one range cannot say (a divisor of the batch, a
+    stage that needs --init) stays in the script's check_args."""
+    for field in dataclasses.fields(args):
+        accepts, value = ACCEPTS.get(field), getattr(args, field.name)
+        if accepts and value is not None and value not in accepted(accepts):
+            raise UsageError(f"--{field.name} must be {accepted(accepts)}, got {value}")
     if hasattr(args, "output_dir"):
         check_output_dir(args.output_dir)
 
@@ -135,7 +187,7 @@ def on_policy_note(tag: str):
 class MetricsLogger:
     """Appends one JSON line per `log()` to metrics.jsonl; on exit (also Ctrl-C or an error) writes metrics.csv and
     metrics.png, so an interrupted run keeps its curves. Given `model` (a (model, tokenizer or processor) pair), a
-    run stopped by Ctrl-C also saves the model as it is to run_dir/model.
+    run stopped by Ctrl-C also saves the model as it is to run_dir/model; it then says exactly what was saved.
 
         with MetricsLogger(run_dir, model=(model, tokenizer)) as logger:
             logger.log(step, {"reward": 0.5})
@@ -161,12 +213,14 @@ class MetricsLogger:
         if self.records:
             write_csv(self.records, self.run_dir / "metrics.csv")
             plot_metrics(self.records, self.run_dir / "metrics.png", keys=self.plot_keys)
-        if exc_type is KeyboardInterrupt:
+        if exc_type is KeyboardInterrupt:  # say exactly what the run folder holds now
+            kept = [f"metrics and plot up to step {self.records[-1]['step']}"] if self.records else []
             if self.model is not None:
                 for part in self.model:
                     part.save_pretrained(self.run_dir / "model")
-            kept = "metrics, plot and model" if self.model is not None else "metrics and plot"
-            print(f"\n[common] interrupted: {kept} saved in {self.run_dir}", file=sys.stderr)
+                kept.append("the model as it was")
+            saved = " and ".join(kept) + " saved" if kept else "nothing saved but args.json (no step had finished)"
+            print(f"\n[run] interrupted: {saved} in {self.run_dir}", file=sys.stderr)
         return False  # re-raise any exception
 
 

@@ -18,19 +18,16 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-Reading order: the group layout and its two calls (`GroupLayout`), the attention function registered with
-transformers' AttentionInterface as "prefix_grouper", `shared_prefix_logprobs` and the naive reference
-`repeated_prefix_logprobs`; then the extensions, each ours: tries (`trie_logprobs`: Tree-GRPO leaves share their
-prompt and every step before they branch, each distinct prefix encoded once, attention per unbranched segment),
-sliding-window layers (a key is seen only within the window, counted in each token's own positions), images (a
-VLM's pixel_values once per prompt) and the shared prefill for generation (`shared_prompt_cache`).
+Reading order: the group layout and its two calls (`GroupLayout`), the attention function ("prefix_grouper" in
+transformers' AttentionInterface), `shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then the
+extensions, ours: sliding windows, tries (`trie_logprobs`: Tree-GRPO leaves share their prompt and every step
+before they branch), images (a VLM's pixel_values once per prompt), the shared prefill (`shared_prompt_cache`).
 
 What we do differently from the official package:
 - Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on
-  flash-attention's bottom-right causal alignment (with sdpa the result is silently wrong, eager raises). We build
-  explicit 4-D additive masks, so sdpa, eager and flex_attention give the naive result on CPU and GPU; masked
-  positions get the dtype's most negative number, not -inf, so a fully padded row gives no NaN. Flash kernels take
-  no explicit mask and are refused with a clear error.
+  flash-attention's bottom-right causal alignment (sdpa is silently wrong, eager raises). Our explicit 4-D additive
+  masks give the naive result with sdpa, eager and flex_attention (masked: the dtype's most negative number, not
+  -inf, so a fully padded row gives no NaN); flash kernels take no explicit mask and are refused.
 - Wired in like verl: the layout travels as a keyword argument, `model(..., prefix_grouper=layout)`, down to every
   attention layer; without it the function is plain sdpa, so a model left on "prefix_grouper" still generates.
 - Logits only where a completion token is scored (the LM head sees exactly those hidden states), from float32
@@ -42,6 +39,7 @@ What we do differently from the official package:
 Run: python experiments/bench_prefix_grouper.py (equivalence, then the speed and memory tables in RESULTS.md).
 """
 
+import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 NAME = "prefix_grouper"
+INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # the dtypes token ids may have
 KERNELS = ("sdpa", "eager", "flex_attention")  # the kernels that take an explicit 4-D mask
 
 
@@ -63,11 +62,9 @@ KERNELS = ("sdpa", "eager", "flex_attention")  # the kernels that take an explic
 
 @dataclass
 class GroupLayout:
-    """Where every prompt and completion token of a packed batch sits, and the masks of the two attention calls.
-
-    B prompts, N completions in all; T = longest packed row; P_max, S_max = longest prompt, completion.
-    "flat" indices count positions of the (B, T) batch row-major: b * T + t.
-    """
+    """Where every prompt and completion token of a packed batch sits, the masks and the two attention calls. B
+    prompts, N completions in all; T = longest packed row; P_max, S_max = longest prompt, completion. "flat"
+    indices count positions of the (B, T) batch row-major: b * T + t."""
 
     input_ids: torch.Tensor  # (B, T) row b = [prompt_b][completion_b1]...[completion_bG][pad ...]
     position_ids: torch.Tensor  # (B, T) prompt 0..P_b-1; every completion restarts at P_b
@@ -167,37 +164,45 @@ def additive(allowed, dtype, repeats=1):
     return mask[:, None].repeat(1, 1, repeats, 1)
 
 
+def check_ids(ids, what: str, non_empty=False):
+    """One clear ValueError unless `ids` is a 1-D tensor of integer token ids (at least one if non_empty)."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in INTEGERS or (non_empty and not len(ids)):
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"{what} must be a {'non-empty ' * non_empty}1-D tensor of integer token ids, got {got}")
+
+
+def check_vocabulary(ids, vocab_size):
+    """One check over all the ids (one device sync); the culprits are looked up only on failure."""
+    ids = torch.cat(ids)
+    if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(
+            f"token ids {sorted({x for x in ids.tolist() if not 0 <= x < vocab_size})[:5]} are outside the "
+            f"model's vocabulary [0, {vocab_size}): were the prompts tokenized with this model's tokenizer?"
+        )
+
+
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0 (the sampling temperature), got {temperature!r}")
+
+
 def check_inputs(prompts, completions, vocab_size=None):
-    """One clear error for inputs of the wrong shape or type; token ids are checked against vocab_size if given."""
+    """One clear ValueError for inputs of the wrong shape or type, or ids outside the vocabulary (if vocab_size is
+    given): the public functions check their inputs here, check_ids and check_temperature."""
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of 1-D tensors of token ids, one per group")
     if len(prompts) != len(completions):
-        raise ValueError(
-            f"{len(prompts)} prompts but {len(completions)} completion lists: pass one list of completions per prompt"
-        )
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion lists: one list per prompt")
     for i, (prompt, group) in enumerate(zip(prompts, completions)):
-        if isinstance(group, torch.Tensor):
-            raise ValueError(
-                f"the group of prompt {i} is a tensor; pass a list of 1-D tensors, one per completion "
-                f"(e.g. list(group) for a (G, L) tensor without padding)"
-            )
-        if not isinstance(group, (list, tuple)) or len(group) == 0:
-            raise ValueError(f"prompt {i} has an empty group: every prompt needs a list of at least one completion")
-        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 1 or prompt.numel() == 0:
-            shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
-            raise ValueError(f"prompt {i} must be a non-empty 1-D tensor of token ids, got {shape}")
+        if not isinstance(group, (list, tuple)) or len(group) == 0:  # list(group) for a (G, L) tensor
+            raise ValueError(f"the group of prompt {i} must be a non-empty list of 1-D tensors, got {group!r:.40}")
+        check_ids(prompt, f"prompt {i}", non_empty=True)
         for j, completion in enumerate(group):
-            if not isinstance(completion, torch.Tensor) or completion.dim() != 1:
-                raise ValueError(f"completion {j} of prompt {i} must be a 1-D tensor of token ids")
+            check_ids(completion, f"completion {j} of prompt {i}")
     if all(completion.numel() == 0 for group in completions for completion in group):
         raise ValueError("every completion is empty: there is no token to score")
-    if vocab_size is not None:  # one check over all ids (one device sync), the culprit looked up only on failure
-        ids = torch.cat([*prompts, *(completion for group in completions for completion in group)])
-        if ids.min() < 0 or ids.max() >= vocab_size:
-            raise ValueError(
-                f"token ids {sorted({x for x in ids.tolist() if not 0 <= x < vocab_size})[:5]} are outside the "
-                f"model's vocabulary [0, {vocab_size}): were the prompts tokenized with this model's tokenizer?"
-            )
+    if vocab_size is not None:
+        check_vocabulary([*prompts, *(completion for group in completions for completion in group)], vocab_size)
 
 
 def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab_size=None) -> GroupLayout:
@@ -211,11 +216,9 @@ def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab
             f"attn_implementation='sdpa' (or pass kernel='sdpa')."
         )
     device = device or prompts[0].device
-    row_lengths = [len(p) + sum(len(c) for c in group) for p, group in zip(prompts, completions)]
-    num_rows, width = len(prompts), max(row_lengths)
-    p_max = max(len(p) for p in prompts)
-    s_max = max(len(c) for group in completions for c in group)
-    num_completions = sum(len(group) for group in completions)
+    num_rows, width = len(prompts), max(len(p) + sum(map(len, group)) for p, group in zip(prompts, completions))
+    p_max, s_max = max(map(len, prompts)), max(len(c) for group in completions for c in group)
+    num_completions = sum(map(len, completions))
 
     input_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(num_rows, width, dtype=torch.long)
@@ -313,10 +316,9 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # for plain forwards on a mode
 def use_prefix_grouper(model):
     """The model's attention is "prefix_grouper" inside, what it was before outside. In a vision-language model
     only the language model's: the vision tower keeps its own kernel."""
-    if not getattr(model, "_supports_attention_backend", False):
+    if not getattr(model, "_supports_attention_backend", False):  # its attention is not in AttentionInterface
         raise ValueError(
-            f"{type(model).__name__} does not route its attention through transformers' AttentionInterface, "
-            f"so prefix_grouper cannot replace it; use repeated_prefix_logprobs for this model."
+            f"prefix_grouper cannot replace {type(model).__name__}'s attention: use repeated_prefix_logprobs"
         )
     check_layer_types(model.config)
     previous, composite = text_config(model.config)._attn_implementation, text_config(model.config) is not model.config
@@ -351,19 +353,20 @@ def check_layer_types(config):
     if unsupported or getattr(config, "attention_chunk_size", None):
         kinds = ", ".join(sorted(unsupported)) or "chunked_attention"
         raise ValueError(
-            f"prefix_grouper supports full and sliding-window attention layers; this model also has {kinds}: "
-            f"use repeated_prefix_logprobs for it."
+            f"prefix_grouper handles full and sliding-window attention, not {kinds}: use repeated_prefix_logprobs"
         )
 
 
 def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):
-    """log softmax(logits / temperature) at `targets`, and the entropy of each distribution. logits (..., V).
-
-    Both are differentiable (an entropy bonus trains through the entropy). Exact and memory-lean: the float32
-    copy of the logits (bf16 logits are upcast, as TRL does) is made for `chunk_bytes` of them at a time, and the
-    backward recomputes it per chunk (activation checkpointing), so nothing (..., V)-sized is kept besides
-    `logits` itself. A plain log_softmax keeps about 16 bytes per logit.
-    """
+    """log softmax(logits / temperature) at `targets`, and the entropy of each distribution; logits (..., V). Both
+    differentiable (an entropy bonus trains through the entropy). Exact and memory-lean: the float32 copy of the
+    logits (bf16 upcast, as TRL does) is made `chunk_bytes` at a time and recomputed per chunk in the backward
+    (activation checkpointing), so nothing (..., V)-sized is kept besides `logits` (log_softmax: 16 bytes a logit)."""
+    check_temperature(temperature)
+    if targets.shape != logits.shape[:-1] or targets.dtype not in INTEGERS:
+        raise ValueError(
+            f"targets must be integer ids of shape {logits.shape[:-1]}, got {targets.dtype} {targets.shape}"
+        )
     flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)  # (N, V), (N,)
     rows = max(1, chunk_bytes // (4 * logits.size(-1)))
     logps, entropy = [], []
@@ -414,18 +417,15 @@ def shared_prefix_logprobs(
     model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False, prompt_inputs=None,
     suppress_tokens=(),
 ):  # fmt: skip
-    """Per-token log-probs of each completion given its prompt, each prompt encoded once.
-
-    prompts: list of B 1-D id tensors; completions: for each prompt a list of 1-D id tensors (no padding).
-    Returns for each prompt a list of 1-D log-prob tensors, one per completion (and the entropies, if asked).
-    Differentiable when the model is in train mode. kernel: sdpa | eager | flex_attention (default: the model's
-    current attention implementation if it is one of those, else sdpa). prompt_inputs: more model inputs, one row
-    per prompt (a VLM's pixel_values: each image then goes through the vision tower once, not once per completion).
-    suppress_tokens: token ids given probability 0, as generate's suppress_tokens does when sampling.
-    """
-    vocab_size = model.get_input_embeddings().num_embeddings
-    layout = pack(prompts, completions, pad_token_id=0, kernel=default_kernel(model, kernel), device=model.device,
-                  vocab_size=vocab_size)  # fmt: skip
+    """Per-token log-probs of each completion given its prompt, each prompt encoded once. prompts: list of B 1-D id
+    tensors; completions: for each prompt a list of 1-D id tensors (no padding). Returns for each prompt a list of
+    1-D log-prob tensors, one per completion (and the entropies, if asked); differentiable in train mode. kernel:
+    sdpa | eager | flex_attention (default: the model's if it is one of those, else sdpa). prompt_inputs: more
+    model inputs, one row per prompt (a VLM's pixel_values: each image through the vision tower once).
+    suppress_tokens: token ids given probability 0, as generate's suppress_tokens does when sampling."""
+    check_temperature(temperature)
+    layout = pack(prompts, completions, kernel=default_kernel(model, kernel), device=model.device,
+                  vocab_size=model.get_input_embeddings().num_embeddings)  # fmt: skip
     # position predicting each completion token: the last prompt token for the first, then the completion's own
     predictors, targets = [], []
     for row, (prompt, group) in enumerate(zip(prompts, completions)):
@@ -455,7 +455,8 @@ def shared_prefix_logprobs(
 def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, return_entropy=False, prompt_inputs=None):
     """The naive reference: one row per completion, [left-padded prompt][right-padded completion]; prompt_inputs'
     rows are repeated for each completion of their prompt."""
-    check_inputs(prompts, completions, vocab_size=model.get_input_embeddings().num_embeddings)
+    check_temperature(temperature)
+    check_inputs(prompts, completions, model.get_input_embeddings().num_embeddings)
     rows = [(prompt, completion) for prompt, group in zip(prompts, completions) for completion in group]
     p_max = max(len(p) for p, _ in rows)
     s_max = max(len(c) for _, c in rows)
@@ -494,9 +495,8 @@ def unflatten(values, sizes, completions, entropy=None):
 
 
 def in_window(query_positions, key_positions, window):
-    """(N, Q, K) bool: a sliding-window layer's query at position q sees keys at positions k > q - window, as
-    transformers' sliding_window_overlay, counted in each token's own positions (a completion restarts after its
-    prompt, as in its naive row). query_positions (N, Q), key_positions (N, K)."""
+    """(N, Q, K) bool: a sliding-window layer's query at position q sees keys at k > q - window (transformers'
+    sliding_window_overlay), in each token's own positions (a completion restarts after its prompt, as naive)."""
     return key_positions[:, None, :] > query_positions[:, :, None] - window
 
 
@@ -504,12 +504,9 @@ def in_window(query_positions, key_positions, window):
 class TrieLayout:
     """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, at the
     position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points: a
-    segment's queries see its ancestors' keys and its own, causally (the two calls of a GroupLayout are the case of
-    one prompt segment and its completions). Every distinct token passes the MLP and projections once.
-
-    B rows (runs of sequences in sorted order, one trie each), T = most nodes in a row; N segments, of at most
-    S_max nodes with at most K_max - S_max ancestors. "flat" indices count positions of the (B, T) batch: b * T + t.
-    """
+    segment's queries see its ancestors' keys and its own, causally (a GroupLayout is the case of one prompt
+    segment and its completions). B rows (one trie each), T = most nodes in a row; N segments of at most S_max
+    nodes and K_max - S_max ancestors. "flat" indices count positions of the (B, T) batch: b * T + t."""
 
     input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
     position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
@@ -608,15 +605,17 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
     every step before they branch. Sequences may repeat, be prefixes of one another, and start inside a shared part.
     Differentiable when the model is in train mode. Returns a list of 1-D tensors (and the entropies, if asked).
     """
+    check_temperature(temperature)
     if len(sequences) != len(starts) or not sequences:
-        raise ValueError(f"need one start per sequence and at least one sequence, got {len(sequences)} sequences "
-                         f"and {len(starts)} starts")  # fmt: skip
+        raise ValueError(f"need one start per sequence, and a sequence, got {len(sequences)} and {len(starts)} starts")
     for i, (sequence, start) in enumerate(zip(sequences, starts)):
-        if sequence.dim() != 1 or not 1 <= start <= len(sequence):
+        check_ids(sequence, f"sequence {i}")
+        if not 1 <= start <= len(sequence):
             raise ValueError(
-                f"sequence {i}: need a 1-D tensor and 1 <= start <= its length (the first token has nothing before "
-                f"it to predict it), got shape {tuple(sequence.shape)}, start {start}"
+                f"sequence {i}: need 1 <= start <= its length (the first token has nothing before it to predict it), "
+                f"got start {start} for {len(sequence)} tokens"
             )
+    check_vocabulary(list(sequences), model.get_input_embeddings().num_embeddings)
     layout = pack_trie(sequences, kernel=default_kernel(model, kernel), device=model.device)
     # the node of token t-1 predicts token t; nodes predicting a scored token, each once, go through the LM head
     predictors, targets = [], []

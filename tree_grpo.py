@@ -55,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
-from plumbing import MetricsLogger, UsageError, check_args_shared, make_run_dir, run_cli, save_run
+from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, run_cli, save_run
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, trie_logprobs
 from tasks import namesakes
 
@@ -63,66 +63,58 @@ from tasks import namesakes
 @dataclass
 class Args:
     # experiment
-    seed: int = field(default=0, metadata={"help": "random seed (python, numpy, torch)"})
-    model: str = field(default="tiny", metadata={"help": "tiny | smollm2-135m | a local folder | a hub id"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cpu | cuda | mps"})
-    dtype: Literal["auto", "float32", "bfloat16"] = field(
-        default="auto", metadata={"help": "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."}
+    seed: int = arg(0, "random seed (python, numpy, torch)", ">= 0")
+    model: str = arg("tiny", "tiny | smollm2-135m | a local folder | a hub id")
+    device: str = arg("auto", "auto picks cuda, then mps, then cpu", "device")
+    dtype: Literal["auto", "float32", "bfloat16"] = arg(
+        "auto", "forwards: auto (bf16 autocast on GPUs with bf16, fp32 elsewhere) | ..."
     )
-    output_dir: str = field(default="runs", metadata={"help": "run folders go under this folder"})
+    output_dir: str = arg("runs", "run folders go under this folder")
     # task
-    dataset: Literal["kb", "hotpotqa"] = field(default="kb", metadata={"help": "the task"})
-    dataset_path: str = field(default="hotpot_qa", metadata={"help": "hotpotqa: a hub id or a local folder"})
-    num_train: int = field(default=2000, metadata={"help": "hotpotqa: training questions (at most)"})
-    num_eval: int = field(default=100, metadata={"help": "held-out questions for evaluation (at most)"})
-    data_seed: int = field(default=0, metadata={"help": "kb: seed of the knowledge base (seeds share one warm start)"})
-    top_k_docs: int = field(default=1, metadata={"help": "documents the search tool returns"})
-    max_doc_chars: int = field(default=200, metadata={"help": "each returned document is cut to this many characters"})
-    demo_stop: float = field(default=0.6, metadata={"help": "tiny warm start: chance a demo answers too early per hop"})
-    demo_trust: float = field(
-        default=0.5, metadata={"help": "tiny warm start: chance a demo goes on with a namesake who does not fit"}
-    )
-    sft_steps: int = field(default=1500, metadata={"help": "tiny warm start: SFT steps (cached after the first run)"})
-    sft_batch_size: int = field(default=16, metadata={"help": "tiny warm start: trajectories per SFT step"})
+    dataset: Literal["kb", "hotpotqa"] = arg("kb", "the task")
+    dataset_path: str = arg("hotpot_qa", "hotpotqa: a hub id or a local folder")
+    num_train: int = arg(2000, "hotpotqa: training questions (at most)", ">= 1")
+    num_eval: int = arg(100, "held-out questions for evaluation (at most)", ">= 1")
+    data_seed: int = arg(0, "kb: seed of the knowledge base (seeds share one warm start)", ">= 0")
+    top_k_docs: int = arg(1, "documents the search tool returns", ">= 1")
+    max_doc_chars: int = arg(200, "each returned document is cut to this many characters", ">= 1")
+    demo_stop: float = arg(0.6, "tiny warm start: chance a demo answers too early per hop", "[0, 1]")
+    demo_trust: float = arg(0.5, "tiny warm start: chance a demo goes on with a namesake who does not fit", "[0, 1]")
+    sft_steps: int = arg(1500, "tiny warm start: SFT steps (cached after the first run)", ">= 1")
+    sft_batch_size: int = arg(16, "tiny warm start: trajectories per SFT step", ">= 1")
     # rollout
-    rollout: Literal["tree", "chain"] = field(default="tree", metadata={"help": "tree search, or chain GRPO"})
-    num_trees: int = field(default=2, metadata={"help": "tree: M, trees per question"})
-    expand_nodes: int = field(default=2, metadata={"help": "tree: N, nodes expanded per tree and round"})
-    expand_rounds: int = field(default=1, metadata={"help": "tree: L, expansion rounds"})
-    keep_leaves: int = field(default=3, metadata={"help": "tree: K, leaves kept per tree (at most 1 + N*L)"})
-    group_size: int = field(default=4, metadata={"help": "chain: G, trajectories per question"})
-    max_turns: int = field(default=7, metadata={"help": "most agent steps per trajectory"})
-    max_step_tokens: int = field(default=32, metadata={"help": "most tokens generated in one step"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (log-probs use it too)"})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling; < 1 is off-policy (the loss scores all)"})
-    num_steps: int = field(default=60, metadata={"help": "training steps (one batch of rollouts each)"})
-    token_budget: int = field(default=0, metadata={"help": "stop once this many tokens are generated (0: num_steps)"})
-    prompts_per_step: int = field(default=8, metadata={"help": "questions per step"})
+    rollout: Literal["tree", "chain"] = arg("tree", "tree search, or chain GRPO")
+    num_trees: int = arg(2, "tree: M, trees per question", ">= 1")
+    expand_nodes: int = arg(2, "tree: N, nodes expanded per tree and round", ">= 0")
+    expand_rounds: int = arg(1, "tree: L, expansion rounds", ">= 0")
+    keep_leaves: int = arg(3, "tree: K, leaves kept per tree (at most 1 + N*L)", ">= 1")
+    group_size: int = arg(4, "chain: G, trajectories per question", ">= 2")
+    max_turns: int = arg(7, "most agent steps per trajectory", ">= 1")
+    max_step_tokens: int = arg(32, "most tokens generated in one step", ">= 1")
+    temperature: float = arg(1.0, "sampling temperature (log-probs use it too)", "> 0")
+    top_p: float = arg(1.0, "nucleus sampling; < 1 is off-policy (the loss scores all)", "(0, 1]")
+    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
+    token_budget: int = arg(0, "stop once this many tokens are generated (0: num_steps)", ">= 0")
+    prompts_per_step: int = arg(8, "questions per step", ">= 1")
     # loss
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = field(default="dapo", metadata={"help": "aggregation"})
-    eps_low: float = field(default=0.2, metadata={"help": "clip ratio below at 1 - eps_low"})
-    eps_high: float = field(default=0.2, metadata={"help": "clip ratio above at 1 + eps_high"})
-    beta: float = field(default=0.0, metadata={"help": "KL coefficient (official: 0.001); > 0 loads a reference"})
-    dual_clip: float = field(default=3.0, metadata={"help": "A < 0: a token's loss is at most -c*A (official: 3)"})
-    advantage: Literal["both", "inter", "intra"] = field(
-        default="both", metadata={"help": "tree: A_inter + A_intra, or one of them alone (the ablation)"}
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = arg("dapo", "aggregation")
+    eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low", "[0, 1)")
+    eps_high: float = arg(0.2, "clip ratio above at 1 + eps_high", ">= 0")
+    beta: float = arg(0.0, "KL coefficient (official: 0.001); > 0 loads a reference", ">= 0")
+    dual_clip: float = arg(3.0, "A < 0: a token's loss is at most -c*A (official: 3)", "> 1")
+    advantage: Literal["both", "inter", "intra"] = arg(
+        "both", "tree: A_inter + A_intra, or one of them alone (the ablation)"
     )
     # optimisation
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (real models: ~1e-6)"})
-    num_minibatches: int = field(
-        default=1, metadata={"help": "optimiser steps per rollout batch, each on a share of its questions"}
-    )
-    num_iterations: int = field(default=1, metadata={"help": "passes over each rollout batch (veRL's ppo_epochs)"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute activations in the backward: less memory, more compute"}
-    )
-    prefix_grouper: bool = field(
-        default=False, metadata={"help": "encode what leaves share (prompt, steps before a branch) once: a trie"}
-    )
+    learning_rate: float = arg(1e-4, "AdamW learning rate (real models: ~1e-6)", "> 0")
+    num_minibatches: int = arg(1, "optimiser steps per rollout batch, each on a share of its questions", ">= 1")
+    num_iterations: int = arg(1, "passes over each rollout batch (veRL's ppo_epochs)", ">= 1")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimiser step", ">= 1")
+    max_grad_norm: float = arg(1.0, "gradient clipping", "> 0")
+    gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, more compute")
+    prefix_grouper: bool = arg(False, "encode what leaves share (prompt, steps before a branch) once: a trie")
     # evaluation
-    eval_every: int = field(default=10, metadata={"help": "evaluate on the held-out questions every N steps"})
+    eval_every: int = arg(10, "evaluate on the held-out questions every N steps", ">= 1")
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -130,10 +122,8 @@ class Args:
 
 def check_args(args: Args):
     """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # counts >= 1, group_size >= 2, temperature, top_p, clipping, beta, output_dir
+    check_args_shared(args)  # every field in its declared range, a writable output folder
     num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
-    if args.rollout == "tree" and (num_trees < 1 or num_nodes < 0 or num_rounds < 0 or keep < 1):
-        raise UsageError("--num_trees and --keep_leaves must be at least 1, --expand_nodes/--expand_rounds >= 0")
     if keep > 1 + num_nodes * num_rounds:
         raise UsageError(
             f"--keep_leaves {keep} is more than the 1 + N*L = {1 + num_nodes * num_rounds} leaves a tree has; "
@@ -141,10 +131,17 @@ def check_args(args: Args):
         )
     if num_trees * keep < 2:
         raise UsageError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
-    if not 1 <= args.num_minibatches <= args.prompts_per_step:
+    if args.num_minibatches > args.prompts_per_step:
         raise UsageError(
             f"--num_minibatches must be between 1 and --prompts_per_step ({args.prompts_per_step}): each optimiser "
             f"step takes whole questions, got {args.num_minibatches}"
+        )
+    # an optimiser step's leaves split evenly into micro-batches (as in grpo.py: uneven ones would misscale the loss)
+    leaves = {len(q) * num_trees * keep for q in torch.arange(args.prompts_per_step).tensor_split(args.num_minibatches)}
+    if any(n % args.gradient_accumulation_steps for n in leaves):
+        raise UsageError(
+            f"--gradient_accumulation_steps must divide the leaves of each optimiser step ({sorted(leaves)}), got "
+            f"{args.gradient_accumulation_steps}"
         )
     if args.rollout == "chain" and args.advantage == "intra":
         raise UsageError("--advantage intra with --rollout chain gives every advantage 0 (a chain has one leaf)")

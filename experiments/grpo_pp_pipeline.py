@@ -7,19 +7,19 @@ Every option of grpo_pp.py applies to each seed's pipeline.
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
 
 import grpo_pp  # noqa: E402
 from experiments.sweep import Sweep, int_list  # noqa: E402
-from plumbing import run_cli  # noqa: E402
+from plumbing import arg, run_cli  # noqa: E402
 
 
 @dataclass
 class Seeds(Sweep):
-    seeds: str = field(default="0,1,2", metadata={"help": "comma-separated seeds, one pipeline each"})
+    seeds: str = arg("0,1,2", "comma-separated seeds, one pipeline each")
 
 
 def main(args: grpo_pp.Args, sweep: Seeds):

@@ -9,14 +9,14 @@ best, majority vote of sampled answers) and collapses, and the F1 curves. Every 
 """
 
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
 
 import grpo_pp  # noqa: E402
 from experiments.sweep import Sweep, int_list, seed_sweep  # noqa: E402
-from plumbing import UsageError, run_cli  # noqa: E402
+from plumbing import UsageError, arg, run_cli  # noqa: E402
 
 # each arm: (GRPO++ or GRPO, the stabiliser set to GRPO's value)
 ARMS = {"grpo": (False, {}), "grpo_pp": (True, {})}
@@ -25,8 +25,8 @@ ARMS |= {f"no_{name}": (True, {name: value}) for name, value in grpo_pp.STABILIS
 
 @dataclass
 class Comparison(Sweep):
-    sizes: str = field(default="8,16", metadata={"help": "comma-separated training images per class"})
-    arms: str = field(default="grpo,grpo_pp", metadata={"help": "some of " + ", ".join(ARMS)})
+    sizes: str = arg("8,16", "comma-separated training images per class")
+    arms: str = arg("grpo,grpo_pp", "some of " + ", ".join(ARMS))
 
     def __post_init__(self):
         super().__post_init__()

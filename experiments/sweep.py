@@ -6,21 +6,22 @@ every run's numbers and curve and the sweep's settings go to one JSON file besid
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from plumbing import UsageError
+from plumbing import UsageError, arg, check_args_shared
 
 
 @dataclass
 class Sweep:
     """What a comparison adds to the script's own options."""
 
-    seeds: str = field(default="0,1,2,3,4", metadata={"help": "comma-separated seeds, each run once per arm"})
+    seeds: str = arg("0,1,2,3,4", "comma-separated seeds, each run once per arm")
 
     def __post_init__(self):
+        check_args_shared(self)  # a subclass's fields in their declared ranges
         seeds = int_list(self.seeds, "--seeds")
         if len(set(seeds)) != len(seeds):
             raise UsageError(f"--seeds repeats a seed ({self.seeds}): a repeated run would shrink the spread")

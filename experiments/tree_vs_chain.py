@@ -8,14 +8,14 @@ option of tree_grpo.py applies to every arm.
 """
 
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
 
 import tree_grpo  # noqa: E402
 from experiments.sweep import Sweep, int_list, seed_sweep  # noqa: E402
-from plumbing import UsageError, run_cli  # noqa: E402
+from plumbing import UsageError, arg, run_cli  # noqa: E402
 
 # what each arm sets: chain GRPO, Tree-GRPO, Tree-GRPO with one advantage term (the ablation), off-policy updates
 ARMS = {
@@ -30,15 +30,13 @@ DEFAULT_ARMS = "chain,tree,tree_inter,tree_intra"
 
 @dataclass
 class Comparison(Sweep):
-    arms: str = field(default=DEFAULT_ARMS, metadata={"help": "some of " + ", ".join(ARMS)})
-    tokens: int = field(default=70000, metadata={"help": "each run stops after generating this many tokens"})
+    arms: str = arg(DEFAULT_ARMS, "some of " + ", ".join(ARMS))
+    tokens: int = arg(70000, "the budget: each run stops after generating this many tokens", ">= 1")
 
     def __post_init__(self):
-        super().__post_init__()
+        super().__post_init__()  # and every field in its declared range
         if unknown := [arm for arm in self.arms.split(",") if arm not in ARMS]:
             raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
-        if self.tokens < 1:
-            raise UsageError(f"--tokens must be at least 1 (the budget of generated tokens), got {self.tokens}")
 
 
 def em_at_budget(curve, tokens):

@@ -4,7 +4,8 @@ arithmetic (grpo.py: addition, GSM8K), clinic (crpo.py: vignettes from a knowled
 (grpo_pp.py: lesion images drawn from a graph, an image folder), namesakes (tree_grpo.py: a knowledge base with a
 BM25 search tool, HotpotQA). A task module takes plain values, never a script's Args, and never imports an
 algorithm file: its offline generator, its `datasets` path, the warm-start demonstrations, the prompt, the
-task's own reward and the held-out evaluation.
+task's own reward and the held-out evaluation. Each data set has one schema that every row read is checked
+against (`rows`), so a malformed row is one error naming the file, the row and the field.
 """
 
 import os
@@ -42,6 +43,34 @@ def load_data(path: str, what: str, splits: dict, columns, offline_default: str,
                 f"(its fields: {', '.join(chosen[ours].column_names)}). {hint}"
             )
     return chosen
+
+
+def rows(path: str, split, limit: int, schema: dict) -> list[dict]:
+    """The first `limit` rows of a split, each checked against its data set's schema before any is used. schema:
+    {field: (ok(value, row) -> bool, what it must be)}. The first bad row is one UsageError naming the data set, the
+    split, the row (its index in the split) and the field: `<path> (train) row 17: answer_idx must be one of the
+    options A-D, got 'E'`. A row that does not decode (an image file that is not one) is reported the same way."""
+    checked = []
+    for i in range(min(limit, len(split))):
+        where = f"{path} ({split.split}) row {i}"
+        try:
+            row = split[i]
+        except Exception as error:  # datasets decodes images as they are read
+            raise UsageError(f"{where} could not be read ({type(error).__name__}: {error})") from None
+        for name, (ok, must) in schema.items():
+            if not ok(row.get(name), row):
+                must = must(row) if callable(must) else must
+                raise UsageError(f"{where}: {name} must be {must}, got {str(repr(row.get(name)))[:80]}")
+        checked.append(row)
+    return checked
+
+
+def is_text(value, row=None) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def is_texts(value, row=None) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
 
 
 def format_prompt(tokenizer, question: str, system_prompt: str | None = None, examples=()) -> str:

@@ -17,7 +17,7 @@ import re
 import torch
 
 from plumbing import UsageError
-from tasks import load_data
+from tasks import is_text, load_data, rows
 
 SYSTEM_PROMPT = (
     "Solve the problem. Think step by step inside <think> </think>, then give only the final number "
@@ -60,6 +60,16 @@ def make_arithmetic_task(num_train: int, num_eval: int, seed: int, demo_noise: f
     return train_items, eval_items, demos
 
 
+# GSM8K's format: {field: (check, what it must be)}; the final number after '####'
+GSM8K_SCHEMA = {
+    "question": (is_text, "non-empty text"),
+    "answer": (
+        lambda v, row: is_text(v) and "####" in v and bool(v.rpartition("####")[2].strip()),
+        "text ending in '#### <number>'",
+    ),
+}
+
+
 def load_gsm8k(path: str, num_train: int, num_eval: int):
     """GSM8K from the hub ('openai/gsm8k') or a local folder with train/test files in its format
     (fields 'question' and 'answer', the answer ending in '#### <number>'). Returns (train, eval, demos)."""
@@ -68,12 +78,7 @@ def load_gsm8k(path: str, num_train: int, num_eval: int):
 
     def to_items(split, limit):
         items = []
-        for i, row in enumerate(split.select(range(min(limit, len(split))))):
-            if "####" not in row["answer"]:
-                raise UsageError(
-                    f"GSM8K at {path!r}: answer {i} does not end in '#### <number>' ({row['answer'][-60:]!r}); "
-                    f"GSM8K's format puts the final number after '####'."
-                )
+        for row in rows(path, split, limit, GSM8K_SCHEMA):
             reasoning, _, answer = row["answer"].rpartition("####")
             reasoning = re.sub(r"<<.*?>>", "", reasoning).strip()  # drop the calculator annotations
             answer = answer.strip().replace(",", "")

@@ -26,7 +26,7 @@ import re
 import torch
 
 from plumbing import UsageError
-from tasks import load_data
+from tasks import is_text, is_texts, load_data, rows
 
 SYSTEM_PROMPT = (
     "Diagnose the case. Inside <dx> </dx> cite the case's findings, say which option fits and reject each other "
@@ -129,6 +129,26 @@ def _key_and_two(findings):
     return [[f for f in findings if f != left_out] for left_out in findings[1:]]
 
 
+def present(options) -> dict:
+    """A MedQA row's options that it has: datasets gives an option the row lacks (another row's E) as None."""
+    return {k: v for k, v in sorted(options.items()) if v is not None} if isinstance(options, dict) else {}
+
+
+# MedQA's format (GBaker/MedQA-USMLE-4-options): {field: (check, what it must be)}
+MEDQA_SCHEMA = {
+    "question": (is_text, "non-empty text"),
+    "options": (
+        lambda v, row: len(present(v)) >= 2 and all(is_text(x) for x in present(v).values()),
+        "a dict of at least 2 option letters, each with non-empty text",
+    ),
+    "answer_idx": (
+        lambda v, row: v in present(row["options"]),
+        lambda row: f"one of the options {sorted(present(row['options']))}",
+    ),
+    "metamap_phrases": (lambda v, row: v is None or is_texts(v), "a list of phrases (or absent)"),
+}
+
+
 def load_medqa(path: str, num_train: int, num_eval: int):
     """MedQA 4-option (GBaker/MedQA-USMLE-4-options format: question, options {A..D}, answer_idx, and
     metamap_phrases, which stand in for the findings). No knowledge graph: the warm-start demos are lazy, and the
@@ -136,7 +156,7 @@ def load_medqa(path: str, num_train: int, num_eval: int):
     option text gets the phrases of the training cases whose answer it is."""
     columns = ("question", "options", "answer_idx")
     data = load_data(path, "MedQA", {"train": ("train",), "eval": ("test",)}, columns, "--dataset clinic")
-    train_rows = data["train"].select(range(min(num_train, len(data["train"]))))
+    train_rows = rows(path, data["train"], num_train, MEDQA_SCHEMA)
     phrases = lambda row: [p.lower() for p in row.get("metamap_phrases") or []]  # noqa: E731
     vocabulary = tuple(sorted({p for row in train_rows for p in phrases(row)}))  # one tuple, shared by every item
     mined_graph = {}  # option text -> phrases of the training cases it answers
@@ -146,7 +166,7 @@ def load_medqa(path: str, num_train: int, num_eval: int):
     def to_items(rows):
         items = []
         for row in rows:
-            options = {L: row["options"][L] for L in sorted(row["options"])}
+            options = present(row["options"])
             question = row["question"] + " " + " ".join(f"{L} {text}" for L, text in options.items())
             graph = {L: sorted(mined_graph.get(text.lower().strip(), ())) for L, text in options.items()}
             item = {"question": question, "options": options, "answer": row["answer_idx"],
@@ -155,7 +175,7 @@ def load_medqa(path: str, num_train: int, num_eval: int):
         return items
 
     train_items = to_items(train_rows)
-    eval_items = to_items(data["eval"].select(range(min(num_eval, len(data["eval"])))))
+    eval_items = to_items(rows(path, data["eval"], num_eval, MEDQA_SCHEMA))
     demos = [(x["question"], f"<dx>{x['answer']} fits</dx><conclusion>{x['answer']}</conclusion>") for x in train_items]
     return train_items, eval_items, demos
 

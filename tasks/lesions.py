@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from plumbing import UsageError
-from tasks import load_data
+from tasks import load_data, rows
 
 ATTRIBUTES = {
     "colour": ["brown", "black", "red", "pink"],
@@ -117,20 +117,27 @@ def make_lesion_task(images_per_class: int, eval_per_class: int, seed: int):
     return split(images_per_class, 0), split(eval_per_class, 1)
 
 
-def check_image(image, size: int | None = IMAGE_SIZE):
-    """The tiny VLM sees size x size RGB images; anything else is one clear error. size=None (a real VLM, whose
-    processor resizes) checks only the mode."""
+def image_problem(image, size: int | None = IMAGE_SIZE) -> str | None:
+    """What is wrong with an image for the VLM, or None: the tiny VLM sees size x size RGB images; size=None (a
+    real VLM, whose processor resizes) checks only the mode."""
     from PIL import Image
 
     if not isinstance(image, Image.Image):
-        raise UsageError(f"expected a PIL image, got {type(image).__name__}")
+        return f"a PIL image, not {type(image).__name__}"
     if image.mode != "RGB":
-        raise UsageError(f"image mode is {image.mode!r}, the model needs 'RGB': convert it with image.convert('RGB')")
+        return f"RGB, not {image.mode!r}: convert it with image.convert('RGB')"
     if size is not None and image.size != (size, size):
-        raise UsageError(
-            f"image is {image.size[0]}x{image.size[1]}, the tiny VLM needs {size}x{size}: resize it with "
+        return (
+            f"{size}x{size} for the tiny VLM, not {image.size[0]}x{image.size[1]}: resize it with "
             f"image.resize(({size}, {size})), or use a real VLM (--model a folder or hub id), whose processor resizes"
         )
+    return None
+
+
+def check_image(image, size: int | None = IMAGE_SIZE):
+    """The image, or one clear UsageError saying what it must be (image_problem)."""
+    if problem := image_problem(image, size):
+        raise UsageError(f"the image must be {problem}")
     return image
 
 
@@ -140,14 +147,21 @@ def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, se
     splits = {"train": ("train",), "eval": ("test", "validation")}
     data = load_data(path, "an image classification data set", splits, ("image", "label"), "(no --dataset_path)")
     names = data["train"].features["label"].names
+    schema = {  # {field: (check, what it must be)}
+        "label": (
+            lambda v, row: v in range(len(names)) and names[v] in KNOWLEDGE_GRAPH,
+            f"the index of a class the knowledge graph has ({', '.join(CLASSES)}); the data set's: {', '.join(names)}",
+        ),
+        "image": (lambda v, row: image_problem(v, size) is None, lambda row: image_problem(row["image"], size)),
+    }
 
     def take(split, per_class):
         rng, counts, items = random.Random(seed), {}, []
-        for row in rng.sample(list(split), len(split)):
-            label = check_class(names[row["label"]])
+        for row in rng.sample(rows(path, split, len(split), schema), len(split)):
+            label = names[row["label"]]
             if counts.get(label, 0) < per_class:
                 counts[label] = counts.get(label, 0) + 1
-                items.append({"image": check_image(row["image"], size), "label": label})
+                items.append({"image": row["image"], "label": label})
         return items
 
     return take(data["train"], images_per_class), take(data["eval"], eval_per_class)

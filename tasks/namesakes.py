@@ -30,7 +30,7 @@ import string
 from collections import Counter
 
 from plumbing import UsageError
-from tasks import format_prompt, load_data
+from tasks import format_prompt, is_text, is_texts, load_data, rows
 
 TAGS = ("<search>", "</search>", "<information>", "</information>")  # the tiny tokenizer gives each one token
 
@@ -177,6 +177,27 @@ def make_kb_task(seed: int, demo_stop: float, demo_trust: float, num_eval: int, 
     return train_items, eval_items, demos, kb["docs"]
 
 
+def is_context(value, row=None) -> bool:
+    """HotpotQA's context: {'title': [...], 'sentences': [[...], ...]}, one list of sentences per title."""
+    if not isinstance(value, dict) or not is_texts(value.get("title")) or not isinstance(value.get("sentences"), list):
+        return False
+    return len(value["title"]) == len(value["sentences"]) and all(is_texts(x) for x in value["sentences"])
+
+
+# HotpotQA's format (the distractor setting): {field: (check, what it must be)}
+HOTPOTQA_SCHEMA = {
+    "question": (is_text, "non-empty text"),
+    "answer": (lambda v, row: isinstance(v, str), "text (an empty answer: the question is skipped)"),
+    "context": (is_context, "{'title': [...], 'sentences': [[...], ...]}, one list of sentences per title"),
+    "supporting_facts": (
+        lambda v, row: (
+            isinstance(v, dict) and is_texts(v.get("title")) and set(v["title"]) <= set(row["context"]["title"])
+        ),
+        "{'title': [...]} naming paragraphs of the row's context",
+    ),
+}
+
+
 def load_hotpotqa(path: str, num_train: int, num_eval: int):
     """HotpotQA (distractor setting) from the hub ('hotpot_qa') or a local folder in its format: 'question',
     'answer', 'context' {'title': [...], 'sentences': [[...]]}, 'supporting_facts' {'title': [...]}. Every
@@ -190,15 +211,15 @@ def load_hotpotqa(path: str, num_train: int, num_eval: int):
     def to_items(split, limit):
         nonlocal skipped
         items = []
-        for row in split.select(range(min(limit, len(split)))):
+        for row in rows(path, split, limit, HOTPOTQA_SCHEMA):
             for title, sentences in zip(row["context"]["title"], row["context"]["sentences"]):
                 corpus[title] = "".join(sentences).strip()
             if not row["answer"].strip():
                 skipped += 1
                 continue
-            path = list(dict.fromkeys(row["supporting_facts"]["title"]))  # gold paragraphs, in order
-            items.append({"question": row["question"], "answer": row["answer"].strip(), "hops": len(path),
-                          "kind": row.get("type", "hotpotqa"), "path": path})  # fmt: skip
+            gold = list(dict.fromkeys(row["supporting_facts"]["title"]))  # gold paragraphs, in order
+            items.append({"question": row["question"], "answer": row["answer"].strip(), "hops": len(gold),
+                          "kind": row.get("type", "hotpotqa"), "path": gold})  # fmt: skip
         return items
 
     train_items = to_items(data["train"], num_train)

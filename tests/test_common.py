@@ -276,7 +276,8 @@ def test_run_dirs_of_one_second_differ_for_a_dotted_model_name(tmp_path):
     assert "Qwen2.5-0.5B-Instruct" in second.name and (second / "args.json").exists()
 
 
-def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [1, 3])  # the first evaluation, or the second training step
+def test_interrupted_run_keeps_what_it_had_and_says_so(tmp_path, monkeypatch, capsys, stop_at):
     import grpo
 
     calls = []
@@ -284,7 +285,7 @@ def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
 
     def reward_then_ctrl_c(*args):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == stop_at:
             raise KeyboardInterrupt
         return real_reward(*args)
 
@@ -294,9 +295,15 @@ def test_interrupted_run_keeps_metrics_plot_and_model(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         grpo.train(args)
     (run_dir,) = tmp_path.iterdir()
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
-    assert (run_dir / "metrics.png").exists() and (run_dir / "metrics.csv").exists()
+    said = capsys.readouterr().err
     common.load_model(str(run_dir / "model"), device="cpu")  # the model as it was when stopped
+    if stop_at == 1:  # during the first evaluation: no step finished, so no metrics and no plot
+        assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "metrics.png").exists()
+        assert f"interrupted: the model as it was saved in {run_dir}" in said
+    else:
+        assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+        assert (run_dir / "metrics.png").exists() and (run_dir / "metrics.csv").exists()
+        assert f"interrupted: metrics and plot up to step 1 and the model as it was saved in {run_dir}" in said
 
 
 def test_a_model_folder_without_a_model_is_one_clear_error(tmp_path):

@@ -337,7 +337,7 @@ def test_gsm8k_path_runs_on_the_fixture(tmp_path):
         (["--model", "no-such-org/no-such-model"], "Could not load model 'no-such-org/no-such-model'"),
         (["--dataset", "gsm8k", "--dataset_path", "/no/such/folder"], "Could not load GSM8K"),
         (["--temperature", "0"], "temperature must be > 0"),
-        (["--num_shots", "5", "--num_train", "5"], "num_shots must be at least 0 and below --num_train"),
+        (["--num_shots", "5", "--num_train", "5"], "num_shots must be below --num_train"),
         (["--small_addend"], "must be at most 810 (the task's problems), got 2000 + 200"),
         (
             ["--dataset", "gsm8k", "--dataset_path", str(ROOT / "tests/fixtures/gsm8k"), "--num_shots", "4"],

@@ -116,7 +116,7 @@ def test_bad_images_and_classes_are_one_clear_error():
     assert lesions.check_image(image) is image
     with pytest.raises(ValueError, match="convert it with image.convert"):
         lesions.check_image(image.convert("L"))
-    with pytest.raises(ValueError, match="needs 32x32"):
+    with pytest.raises(ValueError, match="must be 32x32 for the tiny VLM"):
         lesions.check_image(image.resize((64, 64)))
     with pytest.raises(ValueError, match="knowledge graph knows"):
         lesions.draw_lesion("acne", np.random.default_rng(0))

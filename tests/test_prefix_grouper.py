@@ -207,7 +207,11 @@ def test_bf16_on_cuda_is_as_accurate_as_naive_bf16(family):
     "prompts, completions, message",
     [
         ([torch.tensor([1, 2])], [[torch.tensor([3])], [torch.tensor([4])]], "1 prompts but 2 completion lists"),
-        ([torch.tensor([1, 2]), torch.tensor([5])], [[torch.tensor([3])], []], "prompt 1 has an empty group"),
+        (
+            [torch.tensor([1, 2]), torch.tensor([5])],
+            [[torch.tensor([3])], []],
+            "the group of prompt 1 must be a non-empty list",
+        ),
         ([torch.tensor([[1, 2]])], [[torch.tensor([3])]], "1-D tensor"),
         ([torch.tensor([], dtype=torch.long)], [[torch.tensor([3])]], "non-empty"),
     ],
@@ -229,7 +233,7 @@ def test_a_model_without_attention_interface_is_refused():
     from transformers import MambaConfig, MambaForCausalLM
 
     model = MambaForCausalLM(MambaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, state_size=4))
-    with pytest.raises(ValueError, match="does not route its attention through transformers' AttentionInterface"):
+    with pytest.raises(ValueError, match="cannot replace MambaForCausalLM's attention"):
         pg.shared_prefix_logprobs(model, [torch.tensor([1, 2])], [[torch.tensor([3])]])
 
 
@@ -277,7 +281,7 @@ def test_sliding_window_and_hybrid_models_match_naive(family, kernel, device):
 def test_layers_other_than_full_and_sliding_attention_are_refused():
     model = tiny_model("qwen2")
     model.config.layer_types = ["full_attention", "chunked_attention"]
-    with pytest.raises(ValueError, match="also has chunked_attention: use repeated_prefix_logprobs"):
+    with pytest.raises(ValueError, match="not chunked_attention: use repeated_prefix_logprobs"):
         pg.shared_prefix_logprobs(model, [torch.tensor([1, 2])], [[torch.tensor([3])]])
 
 
