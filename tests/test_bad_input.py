@@ -239,7 +239,7 @@ MALFORMED = [
         "answer_idx must be one of the options ['A', 'B', 'C', 'D'], got 'E'",
     ),
     ("medqa", lambda row: row["options"].update(C=""), "options must be a dict of at least 2 option letters"),
-    ("medqa", lambda row: row.update(metamap_phrases="fever"), "metamap_phrases must be a list of phrases"),
+    ("medqa", lambda row: row.update(question=" "), "question must be non-empty text"),
     (
         "hotpotqa",
         lambda row: row["supporting_facts"].update(title=["Nowhere"]),
