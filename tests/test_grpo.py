@@ -308,7 +308,8 @@ def test_help_lists_every_option(tmp_path):
 
 
 def test_two_steps_change_every_parameter(tmp_path, tiny):
-    result = run_script("--num_steps", "2", "--sft_steps", "150", "--num_eval", "16", "--learning_rate", "1e-3",
+    result = run_script("--num_steps", "2", "--sft_steps", "150", "--num_eval", "8", "--learning_rate", "1e-3",
+                        "--prompts_per_step", "4", "--max_new_tokens", "16",
                         "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
