@@ -114,21 +114,25 @@ class GroupLayout:
         attend(q, k, v, mask) runs the kernel (mask None: causal, nothing padded). Returns the outputs of the real
         tokens (tokens, H, D) and their flat positions (tokens,)."""
         query, key, value = flat_tokens(query), flat_tokens(key), flat_tokens(value)  # (B*T, h, D)
-        prompt = lambda x: take(x, self.prefix_index).transpose(1, 2)  # noqa: E731  (B, h, P_max, D)
-        completion = lambda x: take(x, self.suffix_index).transpose(1, 2)  # noqa: E731  (N, h, S_max, D)
-        k_prompt, v_prompt = prompt(key), prompt(value)
-        # each completion attends to its prompt's keys (shared, repeated per completion) and then its own
-        k_completion = torch.cat([take(k_prompt, self.suffix_row), completion(key)], dim=2)  # (N, H_kv, P+S, D)
-        v_completion = torch.cat([take(v_prompt, self.suffix_row), completion(value)], dim=2)  # (N, H_kv, P+S, D)
+        gather = lambda x, index: take(x, index).transpose(1, 2)  # noqa: E731  (rows, h, columns, D)
         prefix_mask, suffix_mask = self.masks(query.dtype, repeats, window)
         # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, sdpa's is_causal
         causal = self.kernel == "sdpa" and self.prompts_unpadded and window is None
-        out_prompt = attend(prompt(query), k_prompt, v_prompt, None if causal else prefix_mask)  # (B, P_max, H, D)
-        # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]
-        out_completion = attend(completion(query), k_completion, v_completion, suffix_mask)  # (N, S_max, H, D)
+        out_prompt = attend(*(gather(x, self.prefix_index) for x in (query, key, value)),
+                            None if causal else prefix_mask)  # (B, P_max, H, D)  # fmt: skip
+        # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]: each completion's keys gathered once,
+        # its prompt's (shared: the same rows of `key` for the G completions) then its own
+        keys = self.suffix_key_index  # (N, P_max + S_max)
+        out_completion = attend(gather(query, self.suffix_index), gather(key, keys), gather(value, keys),
+                                suffix_mask)  # (N, S_max, H, D)  # fmt: skip
         real = torch.cat([take(out_prompt.flatten(0, 1), self.prefix_valid_index),
                           take(out_completion.flatten(0, 1), self.suffix_valid_index)])  # (tokens, H, D)  # fmt: skip
         return real, self.flat_valid_index
+
+    @cached_property
+    def suffix_key_index(self):
+        """(N, P_max + S_max) flat index of each completion's keys: its prompt's (left-padded), then its own."""
+        return torch.cat([self.prefix_index[self.suffix_row], self.suffix_index], dim=1)
 
     @cached_property
     def prefix_valid_index(self):
@@ -505,47 +509,48 @@ class TrieLayout:
     """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, at the
     position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points: a
     segment's queries see its ancestors' keys and its own, causally (a GroupLayout is the case of one prompt
-    segment and its completions). B rows (one trie each), T = most nodes in a row; N segments of at most S_max
-    nodes and K_max - S_max ancestors. "flat" indices count positions of the (B, T) batch: b * T + t."""
+    segment and its completions). Segments with the same numbers of ancestors A and of nodes S share one call and
+    one mask, without padding: node i (depth A + i) sees the keys at depths 0..A+i of [ancestors; own nodes].
+    B rows (one trie each), T = most nodes in a row; "flat" indices count positions of the (B, T) batch: b * T + t."""
 
     input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
     position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
-    query_index: torch.Tensor  # (N, S_max) flat index of each node of a segment, right-padded
-    query_valid: torch.Tensor  # (N, S_max) bool
-    key_index: torch.Tensor  # (N, K_max) flat index of the segment's ancestors, then its own nodes, right-padded
-    key_valid: torch.Tensor  # (N, K_max) bool
+    buckets: list  # per (A, S): (A, (n, S) flat index of the segments' nodes, (n, A+S) of their ancestors and nodes)
     paths: list  # for each sequence: (row, the node of each of its tokens)
     kernel: str = "sdpa"
     calls: int = 0
     _masks: dict = field(default_factory=dict)
 
     def masks(self, dtype, repeats=1, window=None):
-        """The additive mask (N, 1, S_max*repeats, K_max): a node sees the keys not deeper than itself (its
-        ancestors and itself; a sliding-window layer only those less than `window` positions back)."""
+        """Per bucket the additive mask (1, 1, S*repeats, A+S) its segments share, None where it is plain causal
+        (A = 0, no window: sdpa's is_causal). A sliding-window layer keeps keys less than `window` depths back."""
         key = (dtype, repeats, window)
         if key not in self._masks:
-            depth = self.position_ids.flatten()
-            query_depth, key_depth = depth[self.query_index], depth[self.key_index]  # (N, S_max), (N, K_max)
-            allowed = self.key_valid[:, None, :] & (key_depth[:, None, :] <= query_depth[:, :, None])
-            if window is not None:
-                allowed &= in_window(query_depth, key_depth, window)
-            allowed[:, :, 0] |= ~self.query_valid  # a padding query sees one key: its softmax stays finite
-            self._masks[key] = additive(allowed, dtype, repeats)
+            self._masks[key] = []
+            for ancestors, _, key_index in self.buckets:
+                key_depth = torch.arange(key_index.shape[1], device=key_index.device)  # (A+S,)
+                query_depth = key_depth[ancestors:]  # (S,)
+                allowed = key_depth[None, :] <= query_depth[:, None]  # (S, A+S)
+                if window is not None:
+                    allowed &= in_window(query_depth[None], key_depth[None], window)[0]
+                causal = ancestors == 0 and window is None and self.kernel == "sdpa"
+                self._masks[key].append(None if causal else additive(allowed[None], dtype, repeats))
         return self._masks[key]
 
     def attention(self, query, key, value, attend, repeats=1, window=None):
-        """One call over the segments: O_seg = softmax(Q_seg [K_anc; K_seg]^T scale + mask) [V_anc; V_seg]. As
-        GroupLayout.attention: returns the real nodes' outputs (nodes, H, D) and their flat positions (nodes,)."""
-        gather = lambda x, index: flat_tokens(x)[index].transpose(1, 2)  # noqa: E731  (N, h, S_max or K_max, D)
-        out = attend(gather(query, self.query_index), gather(key, self.key_index), gather(value, self.key_index),
-                     self.masks(query.dtype, repeats, window))  # (N, S_max, H, D)  # fmt: skip
-        return out[self.query_valid], self.query_index[self.query_valid]
+        """One call per bucket: O_seg = softmax(Q_seg [K_anc; K_seg]^T scale + mask) [V_anc; V_seg]. As
+        GroupLayout.attention: returns the nodes' outputs (nodes, H, D) and their flat positions (nodes,)."""
+        query, key, value = flat_tokens(query), flat_tokens(key), flat_tokens(value)  # (B*T, h, D)
+        gather = lambda x, index: take(x, index).transpose(1, 2)  # noqa: E731  (n, h, S or A+S, D)
+        out = [attend(gather(query, nodes), gather(key, keys), gather(value, keys), mask).flatten(0, 1)
+               for (_, nodes, keys), mask in zip(self.buckets, self.masks(query.dtype, repeats, window))]  # fmt: skip
+        return torch.cat(out), torch.cat([nodes.flatten() for _, nodes, _ in self.buckets])
 
 
-def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segment_tokens=128) -> TrieLayout:
+def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segment_tokens=512) -> TrieLayout:
     """Pack 1-D token tensors as tries. Sequences are taken in sorted order, so that those sharing a prefix are
     neighbours, and a new row starts once a row holds `max_row_tokens` nodes (a prefix two rows share is then
-    encoded in both)."""
+    encoded in both). A segment below a branch longer than `segment_tokens` is cut in pieces (smaller masks)."""
     order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
     rows, paths = [], [None] * len(sequences)
     for i in order:
@@ -564,7 +569,7 @@ def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segmen
     width = max(len(row["tokens"]) for row in rows)
     input_ids = torch.zeros(len(rows), width, dtype=torch.long)
     position_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    segments = []  # (flat indices of the ancestors, flat indices of the segment's nodes)
+    buckets = {}  # (A, S) -> the flat indices [A ancestors; S own nodes] of each segment of that shape
     for b, row in enumerate(rows):
         n = len(row["tokens"])
         input_ids[b, :n], position_ids[b, :n] = torch.tensor(row["tokens"]), torch.tensor(row["depths"])
@@ -582,21 +587,14 @@ def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segmen
             while len(children[own[-1]]) == 1:
                 own.append(children[own[-1]][0])
             ancestors, own = ancestors[::-1], [b * width + x for x in own]
-            for i in range(0, len(own), segment_tokens):  # a long run in pieces: less padding to the longest
-                segments.append((ancestors + own[:i], own[i : i + segment_tokens]))
-    s_max = max(len(own) for _, own in segments)
-    k_max = max(len(ancestors) + len(own) for ancestors, own in segments)
-    query_index = torch.zeros(len(segments), s_max, dtype=torch.long)
-    query_valid = torch.zeros(len(segments), s_max, dtype=torch.bool)
-    key_index = torch.zeros(len(segments), k_max, dtype=torch.long)
-    key_valid = torch.zeros(len(segments), k_max, dtype=torch.bool)
-    for j, (ancestors, own) in enumerate(segments):
-        query_index[j, : len(own)], query_valid[j, : len(own)] = torch.tensor(own), True
-        keys = ancestors + own
-        key_index[j, : len(keys)], key_valid[j, : len(keys)] = torch.tensor(keys), True
+            piece = segment_tokens if ancestors else len(own)  # a root's run is one causal call, uncut
+            for i in range(0, len(own), piece):  # each piece's ancestors: the segment's, then the earlier pieces
+                keys = ancestors + own[: i + piece]
+                buckets.setdefault((len(ancestors) + i, len(keys) - len(ancestors) - i), []).append(keys)
     device = device or sequences[0].device
-    tensors = (input_ids, position_ids, query_index, query_valid, key_index, key_valid)
-    return TrieLayout(*(t.to(device) for t in tensors), paths, kernel=kernel)
+    buckets = [(a, torch.tensor(keys, device=device)) for (a, _), keys in sorted(buckets.items())]
+    buckets = [(a, keys[:, a:], keys) for a, keys in buckets]  # (A, nodes (n, S), keys (n, A+S))
+    return TrieLayout(input_ids.to(device), position_ids.to(device), buckets, paths, kernel=kernel)
 
 
 def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return_entropy=False):
@@ -617,21 +615,20 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
             )
     check_vocabulary(list(sequences), model.get_input_embeddings().num_embeddings)
     layout = pack_trie(sequences, kernel=default_kernel(model, kernel), device=model.device)
-    # the node of token t-1 predicts token t; nodes predicting a scored token, each once, go through the LM head
-    predictors, targets = [], []
-    for (row, path), sequence, start in zip(layout.paths, sequences, starts):
-        predictors += [(row, node) for node in path[start - 1 : -1]]
-        targets.append(sequence[start:])
-    if not predictors:  # every start at the end: nothing to score
+    # token t is node path[t], predicted by its parent path[t-1]: each scored node goes through the LM head and the
+    # log-softmax once, however many sequences share it; its log-prob is then copied to each of them
+    scored = [(row, path[t - 1], path[t]) for (row, path), start in zip(layout.paths, starts)
+              for t in range(start, len(path))]  # (row, parent, node) of each scored token  # fmt: skip
+    if not scored:  # every start at the end: nothing to score
         empty = [sequence.new_zeros(0, dtype=torch.float32) for sequence in sequences]
         return (empty, empty) if return_entropy else empty
-    targets = torch.cat(targets).to(model.device)
-    nodes = sorted(set(predictors))
-    where = {pair: k for k, pair in enumerate(nodes)}
-    scored = tuple(torch.tensor(x, device=model.device) for x in zip(*nodes))  # (row, position) of each node
-    logits = packed_logits(model, layout, scored)  # (unique predicting nodes, V)
-    logits = logits[torch.tensor([where[pair] for pair in predictors], device=model.device)]  # (tokens, V)
-    logps, entropy = logprobs_from_logits(logits, targets, temperature)
+    nodes = sorted(set(scored))
+    rows, parents, children = (torch.tensor(x, device=model.device) for x in zip(*nodes))  # (K,) each
+    logits = packed_logits(model, layout, (rows, parents))  # (K unique scored nodes, V)
+    logps, entropy = logprobs_from_logits(logits, layout.input_ids[rows, children], temperature)  # (K,), (K,)
+    where = {node: k for k, node in enumerate(nodes)}
+    index = torch.tensor([where[node] for node in scored], device=model.device)  # (tokens,)
+    logps, entropy = take(logps, index), take(entropy, index)
     sizes = [len(sequence) - start for sequence, start in zip(sequences, starts)]
     return (list(logps.split(sizes)), list(entropy.split(sizes))) if return_entropy else list(logps.split(sizes))
 

@@ -127,8 +127,8 @@ def benchmark(args: Args):
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\nforward+backward, {args.model} (random weights), {args.dtype}, {args.kernel}, {name}; "
           f"median of {args.repeats}; memory = {memory_kind}\n")  # fmt: skip
-    print("| P | S | G | naive s | grouped s | speed-up | naive MB | grouped MB | memory ratio | ideal G(P+S)/(P+GS) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| P | S | G | naive s | grouped s | speed-up | ideal G(P+S)/(P+GS) | share of ideal | naive MB | "
+          "grouped MB | memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
     rows = []
     for p in map(int, args.prompt_lengths.split(",")):
         for s in map(int, args.completion_lengths.split(",")):
@@ -145,8 +145,9 @@ def benchmark(args: Args):
                 ideal = g * (p + s) / (p + g * s)
                 row = dict(P=p, S=s, G=g, naive_s=tn, grouped_s=tg, naive_mb=mn / 2**20, grouped_mb=mg / 2**20)
                 rows.append(row)
-                print(f"| {p} | {s} | {g} | {tn:.3f} | {tg:.3f} | {tn / tg:.2f}x | {mn / 2**20:.0f} | "
-                      f"{mg / 2**20:.0f} | {mn / mg:.2f}x | {ideal:.2f} |", flush=True)  # fmt: skip
+                print(f"| {p} | {s} | {g} | {tn:.3f} | {tg:.3f} | {tn / tg:.2f}x | {ideal:.2f} | "
+                      f"{tn / tg / ideal:.0%} | {mn / 2**20:.0f} | {mg / 2**20:.0f} | {mn / mg:.2f}x |",
+                      flush=True)  # fmt: skip
     return rows
 
 
@@ -167,6 +168,17 @@ def random_tree(vocab_size, prompt_length, trees, expansions, turns, step_tokens
     return prompt, responses
 
 
+def full_tree(vocab_size, prompt_length, levels, children, step_tokens, seed=0):
+    """A tree that branches at every step: `levels` steps of `step_tokens` tokens, each node with `children`
+    children, children**levels leaves. Returns the prompt and the leaves' responses."""
+    g = torch.Generator().manual_seed(seed)
+    prompt, paths = torch.randint(3, vocab_size, (prompt_length,), generator=g), [[]]
+    for _ in range(levels):
+        paths = [path + [torch.randint(3, vocab_size, (step_tokens,), generator=g)] for path in paths
+                 for _ in range(children)]  # fmt: skip
+    return prompt, [torch.cat(path) for path in paths]
+
+
 def trie_of_groups(model, prompts, completions):
     """trie_logprobs with shared_prefix_logprobs's inputs and output (for the benchmark)."""
     sequences = [torch.cat([prompt, c]) for prompt, group in zip(prompts, completions) for c in group]
@@ -178,14 +190,18 @@ def trie_of_groups(model, prompts, completions):
 def tree_benchmark(args: Args, model):
     """Forward+backward of a tree's leaf log-probs: each leaf as its own row vs trie_logprobs."""
     print("\ntrees: trie_logprobs vs each leaf alone (repeated_prefix_logprobs), one question, forward+backward\n")
-    print("| shape | leaves | leaf tokens | trie tokens | ideal | naive s | trie s | speed-up | naive MB | trie MB | "
-          "memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
-    shapes = {  # (prompt, M trees, expansions per tree = N*L, turns, tokens per step and observation)
-        "default (M=2, N=2, L=1, 4 turns)": (256, 2, 2, 4, 96),
-        "deeper (M=2, N=4, L=3, 8 turns)": (256, 2, 12, 8, 64),
+    print("| shape | leaves | leaf tokens | trie tokens | ideal | naive s | trie s | speed-up | share of ideal | "
+          "naive MB | trie MB | memory ratio |\n|---|---|---|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+    vocab = model.config.vocab_size
+    shapes = {  # random_tree: (prompt, M trees, expansions per tree = N*L, turns, tokens per step and observation)
+        "default (M=2, N=2, L=1, 4 turns)": lambda: random_tree(vocab, 256, 2, 2, 4, 96),
+        "deeper (M=2, N=4, L=3, 8 turns)": lambda: random_tree(vocab, 256, 2, 12, 8, 64),
+        # full_tree: (prompt, levels, children per node, tokens per step and observation)
+        "3 levels x 3 children, prompt 256": lambda: full_tree(vocab, 256, 3, 3, 64),
+        "3 levels x 3 children, prompt 512": lambda: full_tree(vocab, 512, 3, 3, 64),
     }
-    for name, (p, m, e, turns, step) in shapes.items():
-        prompt, responses = random_tree(model.config.vocab_size, p, m, e, turns, step)
+    for name, build in shapes.items():
+        prompt, responses = build()
         prompt, responses = prompt.to(model.device), [r.to(model.device) for r in responses]
         sequences = [torch.cat([prompt, r]) for r in responses]
         trie_tokens = pack_trie(sequences).input_ids.numel()
@@ -197,8 +213,8 @@ def tree_benchmark(args: Args, model):
             cell[label] = (sorted(r[0] for r in runs)[len(runs) // 2], max(r[1] for r in runs))
         (tn, mn), (tt, mt) = cell["naive"], cell["trie"]
         print(f"| {name} | {len(sequences)} | {leaf_tokens} | {trie_tokens} | {leaf_tokens / trie_tokens:.2f} | "
-              f"{tn:.3f} | {tt:.3f} | {tn / tt:.2f}x | {mn / 2**20:.0f} | {mt / 2**20:.0f} | {mn / mt:.2f}x |",
-              flush=True)  # fmt: skip
+              f"{tn:.3f} | {tt:.3f} | {tn / tt:.2f}x | {tn / tt / (leaf_tokens / trie_tokens):.0%} | "
+              f"{mn / 2**20:.0f} | {mt / 2**20:.0f} | {mn / mt:.2f}x |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -144,8 +144,10 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
             logps += [x for group_logps in chunk_logps for x in group_logps]
             entropies += [x for group_entropies in chunk_entropies for x in group_entropies]
             index += [r * logits_to_keep + t for members in chunk for r in members for t in range(lengths[r])]
-        # scatter the flat per-token values back to (B, C), zeros on padding (as TRL's)
         index = torch.tensor(index, device=input_ids.device)
-        scatter = lambda values: torch.cat(values).new_zeros(completion_ids.numel()).index_copy(  # noqa: E731
-            0, index, torch.cat(values)).view(completion_ids.shape)  # fmt: skip
+
+        def scatter(values):  # the flat per-token values back to (B, C), zeros on padding (as TRL's)
+            flat = torch.cat(values)
+            return flat.new_zeros(completion_ids.numel()).index_copy(0, index, flat).view(completion_ids.shape)
+
         return scatter(logps), scatter(entropies) if compute_entropy else None, None
