@@ -18,8 +18,8 @@ The first `--warmup` steps of each side are dropped; the table gives the median 
 Then the log-prob pass alone, TRL's and the Prefix Grouper trainer's, on the setting's model: forward and backward
 of the summed log-probs (entropies asked for, as in TRL's loss pass) of one group at a long-prompt shape,
 `--pass_shape` P,S,G = 1024,64,8 (random tokens), with its memory (CUDA: the peak; CPU: the bytes of the tensors
-autograd saves, the activations). By default in the tiny setting only: on SmolLM2 TRL's side of that pass saves
-about 18 GB of activations, more than a 24 GB machine holding the four runs' models has left.
+autograd saves, the activations). By default in the tiny setting only: on SmolLM2 TRL's side of that pass ran out
+of memory on a 24 GB machine (RESULTS.md, "A GRPO step").
 """
 
 import json
