@@ -36,12 +36,11 @@ leaf contributes 0 (official: the raw reward); a branch open after max_turns ste
 as in the official code. Tokens and tool calls are counted as generated; each leaf is its own sequence in the
 update unless --prefix_grouper encodes what leaves share once.
 
-Run:
+Run (results are in RESULTS.md):
     python tree_grpo.py                           # Tree-GRPO, tiny model, CPU
     python tree_grpo.py --rollout chain           # chain GRPO with G = 4, the baseline
     python experiments/tree_vs_chain.py --prefix_grouper   # chain, tree, the advantage ablation at one budget
     python tree_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset hotpotqa ...   # one GPU: RESULTS.md's recipe
-Results are in RESULTS.md.
 """
 
 import copy
@@ -115,6 +114,7 @@ class Args:
     prefix_grouper: bool = arg(False, "encode what leaves share (prompt, steps before a branch) once: a trie")
     # evaluation
     eval_every: int = arg(10, "evaluate on the held-out questions every N steps", ">= 1")
+    eval_samples: int = arg(0, "also N sampled chains a question at each 1/4 of --token_budget and the end", ">= 0")
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -455,15 +455,21 @@ def masked_mean(values, mask):
 # Training loop
 
 
-@torch.no_grad()
-def greedy_chains(model, tokenizer, items, encode, search, args):
-    """One greedy chain per question (tree_rollout with one tree and no expansion): each item's steps as (text
-    with its observation, action), what namesakes.evaluate scores."""
-    chain = copy.copy(args)  # an evaluation setting, not checked as a training one
+def held_out(model, tokenizer, items, encode, search, args, samples=0):
+    """namesakes.evaluate over one greedy chain per question (as the paper evaluates), or over `samples` chains per
+    question sampled at the training temperature (keys sampled_*) from their own seed: training goes on unchanged."""
+    chain = copy.copy(args)  # an evaluation setting (one tree, no expansion), not checked as a training one
     chain.rollout, chain.num_trees, chain.expand_rounds, chain.keep_leaves = "tree", 1, 0, 1
-    prompts = [encode(x) for x in items]
-    kept, _ = tree_rollout(model, tokenizer, prompts, search, chain, random.Random(0), Budget(), greedy=True)
-    return [[(node.text, node.action) for node in leaf.path()] for _, _, leaf in kept]
+
+    def play(chunk):  # each item's steps as (text with its observation, action)
+        kept, _ = tree_rollout(model, tokenizer, [encode(x) for x in chunk], search, chain, random.Random(0), Budget(),
+                               greedy=samples == 0)  # fmt: skip
+        return [[(node.text, node.action) for node in leaf.path()] for _, _, leaf in kept]
+
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(args.seed)
+        metrics = namesakes.evaluate([x for x in items for _ in range(max(samples, 1))], play, args.dataset == "kb")
+    return {f"sampled_{k}" if samples else k: v for k, v in metrics.items()}
 
 
 def train(args: Args):
@@ -483,10 +489,7 @@ def train(args: Args):
     run_dir = make_run_dir(f"tree_grpo-{args.rollout}", args, root=args.output_dir)
     search = namesakes.BM25(corpus)
     encode = lambda item: namesakes.encode_question(tokenizer, item)  # noqa: E731
-    # held-out: one greedy chain per question (as the paper evaluates), scored by the task
-    evaluate = lambda: namesakes.evaluate(  # noqa: E731
-        eval_items, lambda items: greedy_chains(model, tokenizer, items, encode, search, args), args.dataset == "kb"
-    )
+    evaluate = lambda samples=0: held_out(model, tokenizer, eval_items, encode, search, args, samples)  # noqa: E731
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
         memory = estimate_memory(
@@ -604,10 +607,12 @@ def train(args: Args):
             if model.device.type == "cuda":  # measured, beside what estimate_memory printed
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             last = step == args.num_steps or 0 < args.token_budget <= budget.generated_tokens
-            if step % args.eval_every == 0 or last:
+            q = args.token_budget / 4 or float("inf")  # --eval_samples: the first step past each quarter, the last
+            sample = args.eval_samples and (last or budget.generated_tokens // q > spent.generated_tokens // q)
+            if step % args.eval_every == 0 or last or sample:
                 with autocast(model.device, args.dtype):
-                    held_out = evaluate()
-                record |= {f"eval/{k}": v for k, v in held_out.items()}
+                    scores = evaluate() | (evaluate(args.eval_samples) if sample else {})
+                record |= {f"eval/{k}": v for k, v in scores.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", em=f"{record['em']:.2f}")
             if last:  # the token budget is spent
@@ -619,8 +624,8 @@ def train(args: Args):
         "before": before,
         "after": after,
         "budget": vars(budget),
-        "curve": [  # held-out multi-hop EM against the generated tokens so far
-            {k: r[k] for k in ("step", "budget/generated_tokens", "eval/em_multihop")}
+        "curve": [  # every held-out evaluation, with the tokens generated so far
+            {k: v for k, v in r.items() if k.startswith("eval/") or k in ("step", "budget/generated_tokens")}
             for r in logger.records
             if "eval/em_multihop" in r
         ],

@@ -2,9 +2,11 @@
 
     python experiments/tree_vs_chain.py --prefix_grouper --output_dir runs   # first: the runs to probe
     python experiments/probe_tree_grpo_habits.py runs                        # a table (about a minute on 2 cores)
+    python experiments/probe_tree_grpo_habits.py runs_280k 8                 # and 8 sampled chains a question
 
 Loads the warm-started model and every run's final model (saved in its run folder under the given folder) and
-evaluates each greedily on the held-out questions with namesakes.evaluate, which scores the habits: found_person
+evaluates each greedily (and, given a number of samples, sampled at the run's temperature) on the held-out
+questions with tree_grpo.held_out, which scores the habits with namesakes.evaluate: found_person
 (of the questions that give only a first name, the share where the last namesake searched is the one meant: 1 -
 the wrong turns kept) and answered_early (of the multi-hop questions, the share answered with an entity from the
 middle of the path). Prints mean ± std over seeds per arm and every seed's value. Not a test: nothing is asserted.
@@ -26,13 +28,12 @@ from experiments.tree_vs_chain import ARMS  # noqa: E402
 from tasks import namesakes  # noqa: E402
 
 KEYS = ("found_person", "answered_early", "em_multihop", "tool_calls")
+UNSET = {"num_minibatches": 1, "expand_rounds": 1, "keep_leaves": 3}  # what the arms that do not set these have
 
 
 def arm_of(args: dict) -> str:
     """The arm of experiments/tree_vs_chain.py a run's arguments belong to."""
-    return next(
-        arm for arm, sets in ARMS.items() if all(args[k] == v for k, v in ({"num_minibatches": 1} | sets).items())
-    )
+    return next(arm for arm, sets in ARMS.items() if all(args[k] == v for k, v in (UNSET | sets).items()))
 
 
 def run_args(run: Path):
@@ -41,7 +42,7 @@ def run_args(run: Path):
     return T.Args(**{f.name: saved[f.name] for f in fields(T.Args) if f.name in saved})
 
 
-def main(folder: str):
+def main(folder: str, samples: int = 0):
     runs = sorted(p.parent for p in Path(folder).glob("tree_grpo-*/results.json"))
     if not runs:
         sys.exit(f"probe: no run folders with results.json under {folder}: run experiments/tree_vs_chain.py first")
@@ -61,19 +62,20 @@ def main(folder: str):
             seen.add((arm_of(vars(args)), args.seed))
             candidates.append((arm_of(vars(args)), args, load_model(str(run / "model"))))
     table = defaultdict(list)
+    keys = KEYS + tuple(f"sampled_{k}" for k in KEYS if samples)
     for arm, args, (model, tokenizer) in candidates:
-        encode = partial(namesakes.encode_question, tokenizer)
-        play = partial(T.greedy_chains, model, tokenizer, encode=encode, search=search, args=args)
+        evaluate = partial(T.held_out, model, tokenizer, eval_items, partial(namesakes.encode_question, tokenizer),
+                           search, args)  # fmt: skip
         with autocast(model.device, args.dtype):
-            table[arm].append(namesakes.evaluate(eval_items, play, habits=args.dataset == "kb"))
-    print("| arm | " + " | ".join(KEYS) + " |\n|---|" + "---|" * len(KEYS))
+            table[arm].append(evaluate() | (evaluate(samples) if samples else {}))
+    print("| arm | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys))
     for arm, results in table.items():
-        cells = [[r[k] for r in results] for k in KEYS]
+        cells = [[r[k] for r in results] for k in keys]
         spread = lambda v: f" ± {statistics.stdev(v):.3f}" if len(v) > 1 else ""  # noqa: E731
         print(f"| {arm} | " + " | ".join(f"{statistics.mean(v):.3f}{spread(v)}" for v in cells) + " |")
     for arm, results in table.items():
-        print(f"{arm}: " + "; ".join(f"{k} " + ", ".join(f"{r[k]:.2f}" for r in results) for k in KEYS))
+        print(f"{arm}: " + "; ".join(f"{k} " + ", ".join(f"{r[k]:.2f}" for r in results) for k in keys))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs", int(sys.argv[2]) if len(sys.argv) > 2 else 0)

@@ -2,9 +2,13 @@
 
     python experiments/tree_vs_chain.py --prefix_grouper                          # 4 arms, seeds 0-4, 70k tokens
     python experiments/tree_vs_chain.py --arms tree,tree_off_policy --prefix_grouper   # off-policy updates
+    python experiments/tree_vs_chain.py --arms chain --tokens 280000 --eval_samples 8 --num_steps 400 \
+        --prefix_grouper --output_dir runs_280k       # one arm of the 280k comparison (then tree, tree_l2)
 Every arm of every seed trains from one warm start until it has generated --tokens tokens; then a table (held-out
-multi-hop EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens curves. Every
-option of tree_grpo.py applies to every arm.
+greedy multi-hop EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens curves.
+With --eval_samples the table adds the sampled policy's multi-hop EM at each quarter (read at the first step past
+it) and found_person at the end, greedy and sampled, and the curves are the sampled EM's. Every option of
+tree_grpo.py applies to every arm.
 """
 
 import sys
@@ -24,6 +28,7 @@ ARMS = {
     "tree_inter": {"rollout": "tree", "advantage": "inter"},
     "tree_intra": {"rollout": "tree", "advantage": "intra"},
     "tree_off_policy": {"rollout": "tree", "advantage": "both", "num_minibatches": 4},  # 4 optimiser steps a batch
+    "tree_l2": {"rollout": "tree", "advantage": "both", "expand_rounds": 2, "keep_leaves": 5},  # every leaf of 2 rounds
 }
 DEFAULT_ARMS = "chain,tree,tree_inter,tree_intra"
 
@@ -48,6 +53,12 @@ def em_at_budget(curve, tokens):
     raise ValueError(f"the run generated {points[-1][0]} tokens, fewer than {tokens}")
 
 
+def first_past(curve, key, tokens):
+    """`key` at the first evaluation that has it at or past `tokens` generated tokens (sampled metrics are read at
+    the first step past each quarter of the budget, within one step's tokens of it)."""
+    return next(p[key] for p in curve if key in p and p["budget/generated_tokens"] >= tokens)
+
+
 def main(args: tree_grpo.Args, comparison: Comparison):
     seeds, budget = int_list(comparison.seeds, "--seeds"), comparison.tokens
     runs = {
@@ -63,19 +74,26 @@ def main(args: tree_grpo.Args, comparison: Comparison):
                 f"--tokens generated: raise --num_steps (or lower --tokens)"
             )
         at = {f"em_multihop_at_{budget * f // 4000}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
+        sampled = {}
+        if args.eval_samples:  # the sampled policy at each quarter; the namesake check at the end
+            sampled = {f"sampled_em_multihop_at_{budget * f / 4000:g}k": first_past(
+                run["curve"], "eval/sampled_em_multihop", budget * f // 4) for f in (1, 2, 3, 4)}  # fmt: skip
+            sampled |= {k: run["after"][k] for k in ("found_person", "sampled_found_person") if k in run["after"]}
         return at | {
             "em_multihop": run["after"]["em_multihop"],
             "em_1hop": run["after"]["em_1hop"],
+            **sampled,
             "tool_calls": run["after"]["tool_calls"],
             "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
             "steps": run["curve"][-1]["step"],
             "train_reward_last_quarter": run["train_reward_last_quarter"],
         }
 
-    def curve(run):  # held-out multi-hop EM against the generated tokens (thousands)
-        return [p["budget/generated_tokens"] / 1000 for p in run["curve"]], [
-            p["eval/em_multihop"] for p in run["curve"]
-        ]
+    key = "eval/sampled_em_multihop" if args.eval_samples else "eval/em_multihop"
+
+    def curve(run):  # held-out multi-hop EM (sampled with --eval_samples) against the generated tokens (thousands)
+        points = [p for p in run["curve"] if key in p]
+        return [p["budget/generated_tokens"] / 1000 for p in points], [p[key] for p in points]
 
     arms = comparison.arms
     name = "tree_grpo_compare" if arms == DEFAULT_ARMS else "tree_grpo_" + arms.replace(",", "_vs_")
@@ -84,7 +102,7 @@ def main(args: tree_grpo.Args, comparison: Comparison):
         f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
         f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget // 1000}k generated tokens, tiny model"
     )
-    labels = ("generated tokens (thousands)", "held-out multi-hop EM")
+    labels = ("generated tokens (thousands)", "held-out multi-hop EM" + (", sampled" if args.eval_samples else ""))
     settings = asdict(args) | asdict(comparison)
     return seed_sweep(tree_grpo.train, runs, summarize, out, settings, curve=curve, curve_labels=labels, title=title)
 

@@ -56,6 +56,27 @@ def test_grpo_pp_ablation_switches_one_stabiliser_off_per_arm(tmp_path):
     assert sorted(map(sorted, off)) == sorted([[name] for name in G.STABILISERS["grpo"]])
 
 
+def test_tree_vs_chain_reads_the_sampled_policy_at_each_quarter(tmp_path):
+    argv = ["--arms", "chain,tree_l2", "--eval_samples", "2", "--tokens", "60", "--num_steps", "30", "--seeds", "0",
+            "--sft_steps", "20", "--num_eval", "4", "--prompts_per_step", "1", "--max_step_tokens", "6",
+            "--max_turns", "1", "--output_dir", str(tmp_path)]  # fmt: skip
+    result = script_runner("experiments/tree_vs_chain.py")(*argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((tmp_path / "tree_grpo_compare" / "tree_grpo_chain_vs_tree_l2.json").read_text())
+    for arm in ("chain", "tree_l2"):
+        (run,) = saved["results"][arm]
+        sampled = [key for key in run if key.startswith("sampled_em_multihop_at_")]
+        assert len(sampled) == 4 and {"found_person", "sampled_found_person"} <= set(run)
+        ((tokens, ems),) = saved["curves"][arm]  # the sampled EM against thousands of tokens
+        for f, key in zip((1, 2, 3, 4), sampled):  # each quarter read at the first evaluation at or past it
+            assert run[key] == ems[next(i for i, x in enumerate(tokens) if x >= 60 * f / 4000)]
+        assert 60 / 4000 <= tokens[0] and len(tokens) <= 4 and tokens[-1] >= 60 / 1000
+    # the tree_l2 arm keeps every leaf of two expansion rounds, and the habits probe knows its runs by that
+    probe = importlib.import_module("experiments.probe_tree_grpo_habits")
+    ran = {probe.arm_of(json.loads(p.read_text())): json.loads(p.read_text()) for p in tmp_path.glob("*/args.json")}
+    assert set(ran) == {"chain", "tree_l2"} and [ran["tree_l2"][k] for k in ("expand_rounds", "keep_leaves")] == [2, 5]
+
+
 # (comparison, argv, what the error says): the comparisons' own flags, checked before anything loads
 BAD = [
     ("crpo_vs_grpo", ["--seeds", "0,x"], "--seeds must be comma-separated whole numbers"),

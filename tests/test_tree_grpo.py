@@ -279,6 +279,91 @@ def test_trees_get_more_trajectories_per_token_than_chains(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluation, greedy and sampled, on a scripted policy whose scores are known by hand
+
+
+def namesake_checker(items):
+    """A scripted policy: on a first-name question its k-th sample (greedy: always k = 0) searches only the
+    namesake listed (k mod 3)-th, then answers right iff that is the person meant; a full-name question it searches
+    and answers right. Every step draws from torch's generator, as sampling would."""
+    by_question, calls = {x["question"]: x for x in items}, {"greedy": [], "k": {}}
+
+    def steps(model, tokenizer, contexts, max_step_tokens, temperature, top_p, greedy=False):
+        calls["greedy"].append(greedy)
+        out = []
+        for context in contexts:
+            torch.rand(())
+            item = next(x for q, x in by_question.items() if tokenizer.decode(context).startswith(q))
+            prompt_len = len(namesakes.encode_question(tokenizer, item))
+            done = tokenizer.decode(context[prompt_len:])  # the steps so far, with their observations
+            if not done:  # the first step: the k-th sample of this question picks namesake k mod 3
+                k = 0 if greedy else calls["k"].setdefault(item["question"], 0)
+                calls["k"][item["question"]] = k + (not greedy)
+                person = KB["namesakes"][item["first_name"]][k % 3] if item["first_name"] else item["path"][0]
+                text = f"<think>x</think><search>{person}</search>"
+            else:
+                searched = done.split("<search>")[1].split("</search>")[0]
+                text = f"<think>x</think><answer>{item['answer'] if searched == item['path'][0] else 'Nobody'}</answer>"
+            out.append((tokenizer(text, add_special_tokens=False)["input_ids"], text))
+        return out
+
+    return steps, calls
+
+
+def test_sampled_metrics_by_hand_on_a_scripted_policy(monkeypatch):
+    items = EVAL[:60]
+    steps, calls = namesake_checker(items)
+    monkeypatch.setattr(T, "generate_steps", steps)
+    encode = lambda item: namesakes.encode_question(TOKENIZER, item)  # noqa: E731
+    args = T.Args()
+    # by hand: a first-name question whose person is listed at position p is found by 3, 3, 2 of the 8 samples
+    # k = 0..7 for p = 0, 1, 2 (k mod 3 = p), and by the greedy chain iff p = 0; a full-name question always
+    position = [KB["namesakes"][x["first_name"]].index(x["path"][0]) if x["first_name"] else None for x in items]
+    sampled = [1.0 if p is None else (3, 3, 2)[p] / 8 for p in position]
+    greedy = [1.0 if p is None else float(p == 0) for p in position]
+    assert {0, 1, 2, None} <= set(position)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    multihop = [i for i, x in enumerate(items) if x["hops"] > 1]
+    first_name = [i for i, p in enumerate(position) if p is not None]
+
+    rng_state = torch.get_rng_state()
+    result = T.held_out(None, TOKENIZER, items, encode, SEARCH, args, samples=8)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # sampling drew from its own seed: training goes on as before
+    assert set(calls["greedy"]) == {False} and set(calls["k"].values()) == {8} and len(calls["k"]) == len(items)
+    assert result["sampled_em_multihop"] == pytest.approx(mean([sampled[i] for i in multihop]))
+    assert result["sampled_found_person"] == pytest.approx(mean([sampled[i] for i in first_name]))
+    assert result["sampled_em"] == pytest.approx(mean(sampled)) and result["sampled_tool_calls"] == 1.0
+    calls["k"].clear()
+    assert result == T.held_out(None, TOKENIZER, items, encode, SEARCH, args, samples=8)  # the same again
+
+    calls["greedy"].clear()
+    result = T.held_out(None, TOKENIZER, items, encode, SEARCH, args)
+    assert set(calls["greedy"]) == {True} and not any(k.startswith("sampled") for k in result)
+    assert result["em_multihop"] == pytest.approx(mean([greedy[i] for i in multihop]))
+    assert result["found_person"] == pytest.approx(mean([greedy[i] for i in first_name]))
+
+
+def test_sampled_evaluation_at_each_quarter_leaves_training_unchanged(tmp_path):
+    settings = dict(sft_steps=20, num_eval=6, rollout="chain", group_size=2, prompts_per_step=1, max_step_tokens=6,
+                    max_turns=1, num_steps=40, token_budget=100, eval_every=100, output_dir=str(tmp_path))  # fmt: skip
+    runs = [T.train(replace(T.Args(), **settings, eval_samples=n)) for n in (0, 2)]
+    records = [[json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+               for r in runs]  # fmt: skip
+    assert len(records[0]) == len(records[1]) > 4
+    for plain, sampled in zip(*records):  # the same run, with or without sampled evaluations
+        assert {k: plain[k] for k in ("loss", "reward", "generated_tokens") if k in plain} == {
+            k: sampled[k] for k in ("loss", "reward", "generated_tokens") if k in plain
+        }
+    # sampled (and greedy) evaluations at the first step past each quarter of the 100 tokens, and at the last
+    tokens = [r["budget/generated_tokens"] for r in records[1]]
+    quarters = [i for i in range(1, len(tokens)) if tokens[i] // 25 > tokens[i - 1] // 25 or i == len(tokens) - 1]
+    assert len(quarters) == 4 and quarters[-1] == len(tokens) - 1 > 4 and tokens[-1] >= 100 > tokens[-2]
+    assert [i for i, r in enumerate(records[1]) if "eval/sampled_em_multihop" in r] == quarters
+    assert all("eval/em_multihop" in records[1][i] for i in quarters) and "eval/sampled_em" not in records[0][-1]
+    assert [p["step"] for p in runs[1]["curve"]] == [0] + quarters and "sampled_found_person" in runs[1]["after"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Runs
 
 
