@@ -2,21 +2,30 @@
 
     python experiments/tree_vs_chain.py --prefix_grouper --output_dir runs   # first: the runs to probe
     python experiments/probe_tree_grpo_habits.py runs                        # a table (about a minute on 2 cores)
-    python experiments/probe_tree_grpo_habits.py runs_280k 8                 # and 8 sampled chains a question
+    python experiments/probe_tree_grpo_habits.py runs/280k --samples 8       # and 8 sampled chains a question
+    python experiments/probe_tree_grpo_habits.py runs/280k --split train     # on training questions instead
+    python experiments/probe_tree_grpo_habits.py runs/280k --samples 8 --demo_trust 0   # another warm start alone
 
 Loads the warm-started model and every run's final model (saved in its run folder under the given folder) and
 evaluates each greedily (and, given a number of samples, sampled at the run's temperature) on the held-out
 questions with tree_grpo.held_out, which scores the habits with namesakes.evaluate: found_person
 (of the questions that give only a first name, the share where the last namesake searched is the one meant: 1 -
 the wrong turns kept) and answered_early (of the multi-hop questions, the share answered with an entity from the
-middle of the path). Prints mean ± std over seeds per arm and every seed's value. Not a test: nothing is asserted.
+middle of the path), and whether it reads a namesake's document (check_after_fit, check_after_misfit: how often a
+namesake searched is followed by a search of another, when it is the one meant and when not). Prints mean ± std
+over seeds per arm and every seed's value. Not a test: nothing is asserted.
+--split train asks as many training questions (about people RL trained on, 6 kinds each) instead of the held-out:
+a habit unlearned there but not held-out was learned per person (remembered), not as a way to search.
+--demo_trust X probes only a warm start whose demos go on with a namesake who does not fit with chance X (trained
+and cached on first use, about 10 minutes), everything else as the runs' warm start.
 """
 
+import argparse
 import json
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import fields
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,7 +36,7 @@ from common import autocast, load_model  # noqa: E402
 from experiments.tree_vs_chain import ARMS  # noqa: E402
 from tasks import namesakes  # noqa: E402
 
-KEYS = ("found_person", "answered_early", "em_multihop", "tool_calls")
+KEYS = ("found_person", "answered_early", "check_after_fit", "check_after_misfit", "em_multihop", "tool_calls")
 UNSET = {"num_minibatches": 1, "expand_rounds": 1, "keep_leaves": 3}  # what the arms that do not set these have
 
 
@@ -42,15 +51,19 @@ def run_args(run: Path):
     return T.Args(**{f.name: saved[f.name] for f in fields(T.Args) if f.name in saved})
 
 
-def main(folder: str, samples: int = 0):
+def main(folder: str, samples: int = 0, split: str = "eval", demo_trust: float | None = None):
     runs = sorted(p.parent for p in Path(folder).glob("tree_grpo-*/results.json"))
     if not runs:
         sys.exit(f"probe: no run folders with results.json under {folder}: run experiments/tree_vs_chain.py first")
     first = run_args(runs[0])
-    _, eval_items, demos, corpus = namesakes.load_task(
+    if demo_trust is not None:  # another warm start, and no runs
+        first, runs = replace(first, demo_trust=demo_trust), []
+    train_items, eval_items, demos, corpus = namesakes.load_task(
         first.dataset, first.dataset_path, first.num_train, first.num_eval, first.data_seed, first.demo_stop,
         first.demo_trust,
     )  # fmt: skip
+    if split == "train":  # as many training questions, in the order the task lists them (6 kinds per person)
+        eval_items = train_items[: len(eval_items)]
     search = namesakes.BM25(corpus)
     warm = load_model("tiny", demos=demos, sft_steps=first.sft_steps, sft_batch_size=first.sft_batch_size,
                       extra_tags=namesakes.TAGS)  # fmt: skip
@@ -78,4 +91,14 @@ def main(folder: str, samples: int = 0):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs", int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+    parser = argparse.ArgumentParser(description="Which habits each arm of tree_vs_chain.py unlearned.")
+    parser.add_argument("folder", nargs="?", default="runs", help="the comparison's --output_dir")
+    parser.add_argument("--samples", type=int, default=0, help="also N chains a question sampled at the temperature")
+    parser.add_argument("--split", choices=("eval", "train"), default="eval", help="held-out or training questions")
+    parser.add_argument("--demo_trust", type=float, default=None, help="probe only a warm start with this demo_trust")
+    cli = parser.parse_args()
+    if cli.samples < 0:
+        parser.error(f"--samples must be at least 0, got {cli.samples}")
+    if cli.demo_trust is not None and not 0 <= cli.demo_trust <= 1:
+        parser.error(f"--demo_trust must be between 0 and 1, got {cli.demo_trust}")
+    main(cli.folder, cli.samples, cli.split, cli.demo_trust)

@@ -1,17 +1,23 @@
 """Comparing runs over seeds: train each arm for every seed, then a table of mean ± std and a plot.
 
 Every comparison script in this folder calls `seed_sweep(train, {arm: [Args, one per seed]}, ...)`; the table,
-every run's numbers and curve and the sweep's settings go to one JSON file beside the plot.
+every run's numbers and curve and the sweep's settings go to one JSON file beside the plot. A comparison too long
+for one command runs arm by arm (or seeds by seeds), then one table and plot of all its parts:
+    python experiments/sweep.py OUT PART.json [PART.json ...] --title ... --curve_labels X Y
 """
 
+import argparse
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from plumbing import UsageError, arg, check_args_shared
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, when run as a script
+
+from plumbing import UsageError, arg, check_args_shared  # noqa: E402
 
 
 @dataclass
@@ -74,6 +80,33 @@ def seed_sweep(train, runs: dict, summarize, out, settings, curve=None, curve_la
     return results
 
 
+def merge_parts(parts, out, title=None, curve_labels=("step", "")) -> dict:
+    """seed_sweep's JSON files of one comparison run in parts -> one table, JSON and plot at `out`: each arm's runs
+    in the order of the parts. The parts must agree on every setting but --arms, --seeds and --output_dir."""
+    saved = [json.loads(Path(part).read_text()) for part in parts]
+    if missing := [part for part, one in zip(parts, saved) if not {"args", "results", "curves"} <= set(one)]:
+        raise UsageError(f"{missing[0]} is not a comparison's JSON (seed_sweep's: args, results, curves, table)")
+    for part, other in zip(parts[1:], saved[1:]):
+        if differ := sorted(k for k in other["args"] | saved[0]["args"] if k not in ("arms", "seeds", "output_dir") and
+                            other["args"].get(k) != saved[0]["args"].get(k)):  # fmt: skip
+            raise UsageError(f"{part} was run with other settings than {parts[0]}: {', '.join(differ)}")
+    results, curves = {}, {}
+    for one in saved:
+        for method, runs in one["results"].items():
+            results.setdefault(method, []).extend(runs)
+            curves.setdefault(method, []).extend(one["curves"].get(method, []))
+    table = summarize_runs(results, list(next(iter(results.values()))[0]))
+    print(f"\n{title or 'comparison'} (mean ± std over seeds)\n\n{table}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_comparison(results, out.with_suffix(".png"), curves=curves or None, curve_labels=curve_labels, title=title)
+    summary = {"parts": [str(p) for p in parts], "args": [one["args"] for one in saved], "results": results,
+               "curves": curves, "table": table}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    print(f"[sweep] table, plot and numbers of {len(parts)} parts in {out}.json and {out}.png")
+    return results
+
+
 def plot_comparison(results, path, curves=None, title=None, curve_labels=("step", "")):
     """One panel per metric: a bar per method at the mean over seeds, the std as an error bar, each seed a dot.
     With `curves` ({method: [(xs, ys), one per seed]}) a first panel draws every run's curve."""
@@ -107,3 +140,16 @@ def plot_comparison(results, path, curves=None, title=None, curve_labels=("step"
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="One table and plot of a comparison run in parts (merge_parts).")
+    parser.add_argument("out", help="the merged files' path without suffix: OUT.json and OUT.png")
+    parser.add_argument("parts", nargs="+", help="the parts' JSON files, as seed_sweep wrote them")
+    parser.add_argument("--title", default=None, help="the plot's title")
+    parser.add_argument("--curve_labels", nargs=2, default=("step", ""), help="the curve panel's x and y labels")
+    cli = parser.parse_args()
+    try:
+        merge_parts(cli.parts, cli.out, cli.title, tuple(cli.curve_labels))
+    except (UsageError, OSError, json.JSONDecodeError) as error:
+        sys.exit(f"sweep.py: {error}")

@@ -351,8 +351,11 @@ def evaluate(items, play, habits=True, batch_size=128):
     episode, over the trajectories `play(items)` gives: for each item, its steps as (text with the observation,
     action). With `habits` (the kb task) also the two habits: of the questions that give only a first name, the
     share where the last namesake searched is the one meant (found_person), and of the multi-hop questions, the
-    share answered with an entity from the middle of the path (answered_early)."""
-    em, valid, calls, hops, found, early = [], [], [], [], [], []
+    share answered with an entity from the middle of the path (answered_early); and whether the policy reads a
+    namesake's document: of the namesake searches followed by another step, the share followed by a search of
+    another namesake, when the searched one is the one meant (check_after_fit: ideally 0) and when not
+    (check_after_misfit: 1 - the warm start's demo_trust in its demos)."""
+    em, valid, calls, hops, found, early, checks = [], [], [], [], [], [], {True: [], False: []}
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         for item, steps in zip(chunk, play(chunk)):
@@ -365,6 +368,10 @@ def evaluate(items, play, habits=True, batch_size=128):
                 queries = [parse_step(step.partition("<information>")[0])[1] for step, _ in steps]
                 namesakes = [q for q in queries if q.startswith(f"{item['first_name']} the ")]
                 found.append(bool(namesakes) and namesakes[-1] == item["path"][0])
+                names = [q if action == "search" and q in namesakes else None for q, (_, action) in zip(queries, steps)]
+                for name, after in zip(names, names[1:]):  # a namesake searched, then another step
+                    if name:  # checked: that step searches another namesake
+                        checks[name == item["path"][0]].append(after not in (None, name))
             if item.get("relations") and len(item["relations"]) > 1:
                 early.append(extract_answer(text) in item["path"][1:-1])
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
@@ -375,4 +382,5 @@ def evaluate(items, play, habits=True, batch_size=128):
         "format": mean(valid),
         "tool_calls": mean(calls),
         **({"found_person": mean(found), "answered_early": mean(early)} if habits else {}),
+        **({"check_after_fit": mean(checks[True]), "check_after_misfit": mean(checks[False])} if habits else {}),
     }

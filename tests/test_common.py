@@ -351,3 +351,29 @@ def test_seed_sweep_tables_plots_and_saves_every_run(tmp_path, capsys):
     assert "| score | 2.000 ± 1.000 | 4.000 ± 1.000 |" in saved["table"] and saved["table"] in capsys.readouterr().out
     assert saved["args"] == {"seeds": "0,1,2"} and saved["curves"]["b"][2] == [[0, 1], [0.0, 2]]
     assert (tmp_path / "sweep" / "out.png").stat().st_size > 0
+
+
+def test_a_comparison_run_in_parts_merges_into_one_table(tmp_path, capsys):
+    """sweep.merge_parts: the arms of parts run one command each (and seeds of one arm split over two) in one table
+    by hand; parts run with other settings are refused with the setting named."""
+
+    def part(name, arm, seeds, lr=0.1):
+        saved = {"args": {"arms": arm, "seeds": seeds, "lr": lr}, "table": "",
+                 "results": {arm: [{"score": float(s) + (arm == "b")} for s in seeds.split(",")]},
+                 "curves": {arm: [[[0, 1], [0.0, float(s)]] for s in seeds.split(",")]}}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(saved))
+        return tmp_path / f"{name}.json"
+
+    parts = [part("a", "a", "0,1,2"), part("b1", "b", "0"), part("b2", "b", "1,2")]
+    results = sweep.merge_parts(parts, tmp_path / "merged" / "all", title="x")
+    assert results == {"a": [{"score": 0.0}, {"score": 1.0}, {"score": 2.0}], "b": [{"score": 1.0}, {"score": 2.0},
+                       {"score": 3.0}]}  # fmt: skip
+    merged = json.loads((tmp_path / "merged" / "all.json").read_text())
+    assert "| score | 1.000 ± 1.000 | 2.000 ± 1.000 |" in merged["table"] and merged["table"] in capsys.readouterr().out
+    assert len(merged["curves"]["b"]) == 3 and merged["parts"] == [str(p) for p in parts]
+    assert (tmp_path / "merged" / "all.png").stat().st_size > 0
+    with pytest.raises(plumbing.UsageError, match="other settings than .*a.json: lr"):
+        sweep.merge_parts([parts[0], part("c", "c", "0", lr=0.2)], tmp_path / "bad")
+    (tmp_path / "d.json").write_text("{}")
+    with pytest.raises(plumbing.UsageError, match="d.json is not a comparison's JSON"):
+        sweep.merge_parts([parts[0], tmp_path / "d.json"], tmp_path / "bad")

@@ -343,6 +343,19 @@ def test_sampled_metrics_by_hand_on_a_scripted_policy(monkeypatch):
     assert result["found_person"] == pytest.approx(mean([greedy[i] for i in first_name]))
 
 
+def test_namesake_checks_by_hand():
+    # of the namesake searches followed by another step, the share followed by a search of another namesake,
+    # apart for the person meant (fit) and the others (misfit)
+    item = next(x for x in EVAL if x["first_name"] and x["hops"] > 1)
+    meant, other = item["path"][0], next(n for n in KB["namesakes"][item["first_name"]] if n != item["path"][0])
+    search = lambda query: (f"<think>x</think><search>{query}</search><information>doc</information>", "search")  # noqa: E731
+    answer = ("<think>x</think><answer>Nowhere</answer>", "answer")
+    checked = [search(item["first_name"]), search(other), search(meant), answer]  # misfit -> checked; fit -> no
+    stuck = [search(other), search(other), answer]  # misfit -> the same one again (no), misfit -> answered (no)
+    result = namesakes.evaluate([item, item], lambda chunk: [checked, stuck])
+    assert (result["check_after_misfit"], result["check_after_fit"], result["found_person"]) == (1 / 3, 0.0, 0.5)
+
+
 def test_sampled_evaluation_at_each_quarter_leaves_training_unchanged(tmp_path):
     settings = dict(sft_steps=20, num_eval=6, rollout="chain", group_size=2, prompts_per_step=1, max_step_tokens=6,
                     max_turns=1, num_steps=40, token_budget=100, eval_every=100, output_dir=str(tmp_path))  # fmt: skip
