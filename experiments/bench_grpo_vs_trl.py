@@ -145,8 +145,11 @@ def time_trl(bench: BenchArgs, output_dir: str, trainer_class):
 
 def logprob_pass(trainer, prompt_length, completion_length, group_size, repeats):
     """Median seconds and the memory of forward + backward of one group's summed log-probs through the trainer's
-    own log-prob pass (TRL's, or the Prefix Grouper trainer's), random tokens: (s, bytes)."""
+    own log-prob pass (TRL's, or the Prefix Grouper trainer's), random tokens, measured as
+    bench_prefix_grouper.forward_backward measures every pass: (s, bytes)."""
     import torch
+
+    from experiments.bench_prefix_grouper import forward_backward
 
     model = trainer.model
     g = torch.Generator().manual_seed(0)
@@ -154,32 +157,15 @@ def logprob_pass(trainer, prompt_length, completion_length, group_size, repeats)
     prompt = torch.randint(3, vocab, (1, prompt_length), generator=g).expand(group_size, -1)
     input_ids = torch.cat([prompt, torch.randint(3, vocab, (group_size, completion_length), generator=g)], dim=1)
     input_ids = input_ids.to(model.device)
-    attention_mask = torch.ones_like(input_ids)
-    cuda, saved, runs = model.device.type == "cuda", {}, []
 
-    def pack_hook(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    for _ in range(repeats + 1):  # the first is a warm-up
-        saved.clear()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        start = time.perf_counter()
-        with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
-            logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_length, compute_entropy=True
-            )
-        logps.sum().backward()
-        if cuda:
-            torch.cuda.synchronize()
-        runs.append(
-            (time.perf_counter() - start, torch.cuda.max_memory_allocated() - base if cuda else sum(saved.values()))
+    def trainer_pass(model, *_):  # forward_backward sums a nested list of log-prob tensors
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, input_ids, torch.ones_like(input_ids), completion_length, compute_entropy=True
         )
-        model.zero_grad(set_to_none=True)
-    return statistics.median(r[0] for r in runs[1:]), max(r[1] for r in runs[1:])
+        return [[logps]]
+
+    runs = [forward_backward(trainer_pass, model, None, None) for _ in range(repeats + 1)][1:]  # the first: warm-up
+    return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
 
 def main():
