@@ -3,7 +3,7 @@
     python experiments/tree_vs_chain.py --prefix_grouper                          # 4 arms, seeds 0-4, 70k tokens
     python experiments/tree_vs_chain.py --arms tree,tree_off_policy --prefix_grouper   # off-policy updates
     python experiments/tree_vs_chain.py --arms chain --tokens 280000 --eval_samples 8 --num_steps 400 \
-        --prefix_grouper --output_dir runs_280k       # one arm of the 280k comparison (then tree, tree_l2)
+        --prefix_grouper --output_dir runs/280k       # one arm of the 280k comparison (then tree, tree_l2)
 Every arm of every seed trains from one warm start until it has generated --tokens tokens; then a table (held-out
 greedy multi-hop EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens curves.
 With --eval_samples the table adds the sampled policy's multi-hop EM at each quarter (read at the first step past
