@@ -56,6 +56,7 @@ def test_grpo_pp_ablation_switches_one_stabiliser_off_per_arm(tmp_path):
     assert sorted(map(sorted, off)) == sorted([[name] for name in G.STABILISERS["grpo"]])
 
 
+@pytest.mark.slow  # two short runs in a subprocess: the slower tier
 def test_tree_vs_chain_reads_the_sampled_policy_at_each_quarter(tmp_path):
     argv = ["--arms", "chain,tree_l2", "--eval_samples", "2", "--tokens", "60", "--num_steps", "30", "--seeds", "0",
             "--sft_steps", "20", "--num_eval", "4", "--prompts_per_step", "1", "--max_step_tokens", "6",

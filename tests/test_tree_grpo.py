@@ -356,6 +356,7 @@ def test_namesake_checks_by_hand():
     assert (result["check_after_misfit"], result["check_after_fit"], result["found_person"]) == (1 / 3, 0.0, 0.5)
 
 
+@pytest.mark.slow  # two short runs: the slower tier
 def test_sampled_evaluation_at_each_quarter_leaves_training_unchanged(tmp_path):
     settings = dict(sft_steps=20, num_eval=6, rollout="chain", group_size=2, prompts_per_step=1, max_step_tokens=6,
                     max_turns=1, num_steps=40, token_budget=100, eval_every=100, output_dir=str(tmp_path))  # fmt: skip
