@@ -69,15 +69,21 @@ def seed_sweep(train, runs: dict, summarize, out, settings, curve=None, curve_la
             results.setdefault(method, []).append(summarize(result))
             if curve is not None:
                 curves.setdefault(method, []).append(curve(result))
+    save_comparison(results, curves, out, {"args": settings}, title, curve_labels)
+    return results
+
+
+def save_comparison(results, curves, out, header: dict, title, curve_labels):
+    """Print the table of mean ± std and write `out`.json (`header`, every run's metrics and curve, the table) and
+    `out`.png: what seed_sweep and merge_parts both leave."""
     table = summarize_runs(results, list(next(iter(results.values()))[0]))
     print(f"\n{title or 'comparison'} (mean ± std over seeds)\n\n{table}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_comparison(results, out.with_suffix(".png"), curves=curves, curve_labels=curve_labels, title=title)
-    summary = {"args": settings, "results": results, "curves": curves, "table": table}
+    summary = header | {"results": results, "curves": curves, "table": table}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
     print(f"[sweep] table, plot and numbers in {out}.json and {out}.png")
-    return results
 
 
 def merge_parts(parts, out, title=None, curve_labels=("step", "")) -> dict:
@@ -95,15 +101,8 @@ def merge_parts(parts, out, title=None, curve_labels=("step", "")) -> dict:
         for method, runs in one["results"].items():
             results.setdefault(method, []).extend(runs)
             curves.setdefault(method, []).extend(one["curves"].get(method, []))
-    table = summarize_runs(results, list(next(iter(results.values()))[0]))
-    print(f"\n{title or 'comparison'} (mean ± std over seeds)\n\n{table}")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_comparison(results, out.with_suffix(".png"), curves=curves or None, curve_labels=curve_labels, title=title)
-    summary = {"parts": [str(p) for p in parts], "args": [one["args"] for one in saved], "results": results,
-               "curves": curves, "table": table}  # fmt: skip
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    print(f"[sweep] table, plot and numbers of {len(parts)} parts in {out}.json and {out}.png")
+    header = {"parts": [str(p) for p in parts], "args": [one["args"] for one in saved]}
+    save_comparison(results, curves, out, header, title, curve_labels)
     return results
 
 
