@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tree_grpo as T  # noqa: E402
 from common import autocast, load_model  # noqa: E402
 from experiments.tree_vs_chain import ARMS  # noqa: E402
+from plumbing import UsageError  # noqa: E402
 from tasks import namesakes  # noqa: E402
 
 KEYS = ("found_person", "answered_early", "check_after_fit", "check_after_misfit", "em_multihop", "tool_calls")
@@ -99,6 +100,7 @@ if __name__ == "__main__":
     cli = parser.parse_args()
     if cli.samples < 0:
         parser.error(f"--samples must be at least 0, got {cli.samples}")
-    if cli.demo_trust is not None and not 0 <= cli.demo_trust <= 1:
-        parser.error(f"--demo_trust must be between 0 and 1, got {cli.demo_trust}")
-    main(cli.folder, cli.samples, cli.split, cli.demo_trust)
+    try:
+        main(cli.folder, cli.samples, cli.split, cli.demo_trust)
+    except UsageError as error:  # --demo_trust outside tree_grpo.Args' declared range
+        parser.error(str(error))
