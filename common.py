@@ -13,6 +13,7 @@ Nothing here is algorithm logic or a task (tasks/), nor run plumbing (plumbing.p
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from plumbing import UsageError
+from plumbing import UsageError, shown
 
 PRESETS = ("tiny", "smollm2-135m")
 VLM_PRESETS = ("tiny-vlm",)
@@ -251,7 +252,7 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
     path = cache_entry("tiny", recipe, cache_dir)
 
     def build(folder):
-        print(f"[common] warm-starting the tiny model on {len(demos)} demonstrations (cached in {path})")
+        print(f"[common] warm-starting the tiny model on {len(demos)} demonstrations (cached in {shown(path)})")
         model = build_tiny_model(tokenizer, seed)
         model = sft_warm_start(model, tokenizer, demos, steps=sft_steps, batch_size=sft_batch_size, seed=seed)
         model.save_pretrained(folder)
@@ -421,6 +422,8 @@ def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.
     )
     # generate fills every setting we leave unset from model.generation_config: give it a blank one for this call
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
+    if "past_key_values" in inputs and "cache" in inspect.signature(model.forward).parameters:
+        inputs = {("cache" if k == "past_key_values" else k): v for k, v in inputs.items()}  # its newer name
     try:
         return model.generate(**inputs, generation_config=config, tokenizer=tokenizer)
     finally:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from common import autocast, cache_entry, cached, estimate_memory, frozen_copy, generate, load_vlm, seed_everything
-from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, run_cli, save_run
+from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, run_cli, save_run, shown
 from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
 from tasks import lesions
 
@@ -560,7 +560,7 @@ def load_policy(args: "Args"):
 
     def build(folder):
         model, processor = load_vlm("tiny-vlm", "cpu")  # on the CPU in float32: the same cache on every machine
-        print(f"[grpo_pp] warm-starting the tiny VLM on attribute captions (cached in {path})")
+        print(f"[grpo_pp] warm-starting the tiny VLM on attribute captions (cached in {shown(path)})")
         demos = lesions.warm_start_demos(args.data_seed, args.warm_start_noise)
         vlm_sft(model, processor, demos, args.warm_start_steps, desc="warm start")
         model.save_pretrained(folder)

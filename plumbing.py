@@ -152,6 +152,12 @@ def check_output_dir(path: str):
 # Run folder, metrics, plots
 
 
+def shown(path: Path) -> str:
+    """A path as a message shows it: under the home folder as ~/..., so logs and notebooks carry no user's name."""
+    path = Path(path)
+    return f"~/{path.relative_to(Path.home())}" if path.is_relative_to(Path.home()) else str(path)
+
+
 def make_run_dir(algo: str, args, root="runs") -> Path:
     """runs/{algo}__{model}__seed{seed}__{time}/ with the arguments saved as args.json; prints where it is."""
     model = Path(str(args.model)).name.replace("/", "_")

@@ -641,6 +641,7 @@ def shared_prompt_cache(model, inputs, copies):
         return None
     ids, mask = inputs["input_ids"][::copies, :-1], inputs["attention_mask"][::copies, :-1]  # (B, P-1)
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)  # as generate counts them: real tokens from 0
-    cache = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True).past_key_values
+    output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True)
+    cache = output.cache if "cache" in output else output.past_key_values  # renamed `cache` in transformers 5.2x
     cache.batch_repeat_interleave(copies)  # (B*copies, ...) in the rows' order
     return cache

@@ -1,14 +1,16 @@
 """Run every tutorial notebook top to bottom and save it with its outputs (plots, printed numbers), in place.
 
-    python tutorials/run.py                  # all five (the first run also warm-starts and caches the tiny models)
+    python tutorials/run.py                  # all five, as a learner gets them (the exercises not done yet)
     python tutorials/run.py 01_grpo 03_crpo  # some of them
+    python tutorials/run.py --solutions      # with tutorials/solutions/ in the exercise cells, not saved
 
 The committed notebooks are this command's output, so GitHub shows their plots. Progress bars are switched off
 (TQDM_DISABLE) so that the saved outputs hold results, not thousands of bar updates. tests/test_tutorials.py runs
-the same function without saving.
+`execute` with the solutions (every check passes) and as given (every check fails with its message).
 """
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,28 +18,63 @@ import nbformat
 from nbclient import NotebookClient
 
 HERE = Path(__file__).resolve().parent
+EXERCISE = re.compile(r"^# Exercise (\S+):")  # the first line of a cell the learner fills in
 
 
-def execute(path: Path, timeout: int = 600):
-    """Run the notebook at `path` in a fresh kernel, in its own folder; returns it with its outputs."""
+def exercise_cells(notebook) -> dict:
+    """{exercise number: cell} for every cell that starts with '# Exercise N:'."""
+    cells = [cell for cell in notebook.cells if cell.cell_type == "code" and EXERCISE.match(cell.source)]
+    return {EXERCISE.match(cell.source).group(1): cell for cell in cells}
+
+
+def solutions(path: Path) -> dict:
+    """{exercise number: code} from tutorials/solutions/<notebook>.py, whose blocks start '# %% Exercise N'."""
+    text = (HERE / "solutions" / f"{path.stem}.py").read_text()
+    blocks = re.split(r"^# %% Exercise (\S+)\n", text, flags=re.M)[1:]
+    return {number: code.strip() + "\n" for number, code in zip(blocks[::2], blocks[1::2])}
+
+
+def execute(path: Path, timeout: int = 900, with_solutions=False, skip_heavy=False):
+    """Run the notebook at `path` in a fresh kernel, in its own folder; returns it with its outputs.
+
+    with_solutions: each exercise cell's code is replaced by its solution first. skip_heavy: the cells tagged
+    "heavy" (warm starts, training runs, timings) are left out, for a quick run of the exercises alone."""
     notebook = nbformat.read(path, as_version=4)
+    if with_solutions:
+        for number, code in solutions(path).items():
+            exercise_cells(notebook)[number].source = code
+    if skip_heavy:
+        notebook.cells = [cell for cell in notebook.cells if "heavy" not in cell.metadata.get("tags", [])]
     os.environ["TQDM_DISABLE"] = "1"  # the kernel inherits it
     NotebookClient(
         notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
     ).execute()
-    for cell in notebook.cells:  # tqdm.auto's note that ipywidgets is not installed says nothing about the lesson
+    for cell in notebook.cells:  # progress bars (as widgets, or tqdm.auto's note that there are none) are not results
         if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if "IProgress not found" not in o.get("text", "")]
+            cell.outputs = [o for o in cell.outputs if not is_progress_bar(o)]
     return notebook
 
 
-def main(names):
+WIDGET = "application/vnd.jupyter.widget-view+json"
+
+
+def is_progress_bar(output) -> bool:
+    return "IProgress not found" in output.get("text", "") or WIDGET in output.get("data", {})
+
+
+def main(argv):
+    with_solutions = "--solutions" in argv
+    names = [name for name in argv if name != "--solutions"]
     paths = [HERE / f"{name}.ipynb" for name in names] or sorted(HERE.glob("*.ipynb"))
     for path in paths:
         if not path.exists():
             sys.exit(f"run.py: error: no notebook {path.name} in {HERE}")
-        print(f"running {path.name} ...", flush=True)
-        nbformat.write(execute(path), path)
+        print(f"running {path.name}{' with the solutions' if with_solutions else ''} ...", flush=True)
+        notebook = execute(path, with_solutions=with_solutions)
+        if not with_solutions:
+            nbformat.write(notebook, path)
+        text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+        print("".join(line for line in text.splitlines(keepends=True) if line.startswith(("✓", "✗", "exercises"))))
 
 
 if __name__ == "__main__":
