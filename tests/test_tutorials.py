@@ -91,6 +91,9 @@ def test_check_messages_are_one_readable_line(capsys):
     lab.check_value("t4", None, 1.0)
     lab.check_prediction("t5", "b", "a", ["a", "b"], "because")
     lab.check_function("t6", lambda x: x + x, reference, [{"x": torch.tensor([1.0, 2.0])}])
+    lab.check_function("t7", lambda x: x, lambda x: x.view(3), [{"x": torch.ones(2)}])  # a stale input
+    long_repr = type("Leaf", (), {"__repr__": lambda self: "Leaf(" + "parent=..., " * 20 + ")"})()
+    lab.check_function("t8", lambda x: 0.0, lambda x: 1.0, [{"x": long_repr}])  # a tree node, say
     lines = capsys.readouterr().out.splitlines()
     assert lines == [
         "✗ Exercise t1: not written yet: replace `raise NotImplementedError` with your code",
@@ -99,6 +102,9 @@ def test_check_messages_are_one_readable_line(capsys):
         "✗ Exercise t4: no answer yet: set the value in the cell above and run it again",
         "✗ Exercise t5: you predicted 'b', the cell shows 'a': because",
         "✓ Exercise t6: agrees with the reference on 1 inputs",
+        "✗ Exercise t7: the check could not run the reference (RuntimeError: shape '[3]' is invalid for input of "
+        "size 2): run the cells above it again",
+        "✗ Exercise t8: on {x=<a Leaf>}: you have 0, expected 1",
     ]
     assert {k: lab.RESULTS[k] for k in ("t1", "t6")} == {"t1": False, "t6": True}
 

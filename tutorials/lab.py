@@ -59,7 +59,11 @@ def check_function(exercise, yours, reference, cases, atol=1e-5, rtol=1e-4):
     name, module = getattr(reference, "__name__", "<lambda>"), getattr(reference, "__module__", None)
     name = "the reference" if name == "<lambda>" else name if module in (None, "__main__") else f"{module}.{name}"
     for case in cases:
-        expected = reference(**copy.deepcopy(case))
+        try:
+            expected = reference(**copy.deepcopy(case))
+        except Exception as error:  # the check's inputs came from a cell that has changed since: not the learner's
+            why = f"{type(error).__name__}: {error}"
+            return report(exercise, False, f"the check could not run {name} ({why}): run the cells above it again")
         try:
             got = yours(**copy.deepcopy(case))
         except NotImplementedError:
@@ -82,10 +86,10 @@ def check_value(exercise, yours, expected, unit="", atol=1e-6, rtol=1e-3, why=""
     return report(exercise, True, f"{show(yours)}{unit}" + (f": {why}" if why else ""))
 
 
-def check_prediction(exercise, prediction, actual, choices, why):
+def check_prediction(exercise, prediction, actual, choices, why, name="prediction"):
     """A prediction recorded before the cell that shows the answer ran, against what that cell measured."""
     if prediction is None:
-        return report(exercise, False, f"no prediction recorded: set `prediction` to one of {choices}, then run on")
+        return report(exercise, False, f"no prediction recorded: set `{name}` to one of {choices}, then run on")
     if prediction not in choices:
         return report(exercise, False, f"{prediction!r} is not one of {choices}")
     if prediction != actual:
@@ -151,8 +155,9 @@ def show(value):
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
-        return str([show(v) for v in value]).replace("'", "")
-    return repr(value)
+        return str([show(v) for v in value][:12]).replace("'", "")
+    text = repr(value)
+    return text if len(text) <= 60 else f"<a {type(value).__name__}>"  # a tree node's repr runs to pages
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +191,8 @@ def prepare(names=("01_grpo", "02_prefix_grouper", "03_crpo", "04_grpo_pp", "05_
 
         print("05: the tiny agent on search trajectories (600 SFT steps)", flush=True)
         defaults = tree_grpo.Args()
-        demos = namesakes.make_kb_task(seed=0, demo_stop=defaults.demo_stop, demo_trust=defaults.demo_trust)[2]
+        task = dict(seed=0, demo_stop=defaults.demo_stop, demo_trust=defaults.demo_trust, num_eval=defaults.num_eval)
+        demos = namesakes.make_kb_task(**task)[2]
         load_model(
             "tiny", demos=demos, sft_steps=600, sft_batch_size=defaults.sft_batch_size, extra_tags=namesakes.TAGS
         )

@@ -24,7 +24,7 @@ def my_clipped_loss(logps, old_logps, advantages, mask, eps_low=0.2, eps_high=0.
 
 # %% Exercise 3
 # Exercise 3: a value of eps_high
-eps_high = 0.28  # DAPO's clip-higher value: 1.25 < 1.28 <= 1.30
+eps_high = 0.28  # DAPO's clip-higher value: 1.25 < 1.28 < 1.30
 
 # %% Exercise 4
 # Exercise 4: your prediction, one of "grpo", "bnpo", "dr_grpo", "dapo"

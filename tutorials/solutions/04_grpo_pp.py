@@ -23,11 +23,11 @@ def my_binary_advantages(rewards, group_size):
 
 # %% Exercise 2
 # Exercise 2: predict: for one right answer in a group of 8, which advantage is larger in size?
-prediction = "z-score"  # one of "z-score", "sign", "equal"
+prediction_size = "z-score"  # one of "z-score", "sign", "equal"
 
 # %% Exercise 3
 # Exercise 3: predict: which token does the KL anchor pull back harder, the one 2 nats above or 2 below pi_ref?
-prediction = "below"  # one of "above", "below", "equal"
+prediction_pull = "below"  # one of "above", "below", "equal"
 
 
 # %% Exercise 4

@@ -40,8 +40,8 @@ def my_step_credit(node, leaves, advantages):
 
 # %% Exercise 4
 # Exercise 4: your prediction for d = 6, luck 2: "tree", "chain" or "neither"
-prediction = "tree"
+prediction_last = "tree"
 
 # %% Exercise 5
 # Exercise 5: your prediction for d = 1, luck 2: "tree", "chain" or "neither"
-prediction = "chain"
+prediction_first = "chain"
