@@ -29,7 +29,11 @@ COMPARISONS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("script", list(COMPARISONS))
+# 30 s: in the slower tier, beside tree_vs_chain's sampled readings, so that the quick tier stays under 6 minutes
+SLOW = {"experiments/tree_vs_chain.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s for s in COMPARISONS])
 def test_comparison_runs_every_arm_and_seed(tmp_path, script):
     argv, name, arms = COMPARISONS[script]
     result = script_runner(script)(*argv, "--seeds", "0,1", "--output_dir", str(tmp_path), cwd=tmp_path)
