@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tree_grpo.py, plumbing.py
 
 from plumbing import UsageError, arg, check_args_shared, run_cli  # noqa: E402
+from tree_grpo import policy_loss as tree_grpo_loss  # noqa: E402
 from tree_grpo import tree_advantages  # noqa: E402
 
 ARMS = {  # arm: (rollout, the terms of tree_advantages it keeps)
@@ -152,11 +153,12 @@ def rollout(probs, setting: Setting, kind: str, rng):
 
 
 def policy_loss(logits, paths, question_ids, advantages):
-    """tree_grpo.py's loss on-policy (every ratio 1, dapo): -A of each leaf on each of its H actions, a mean over
-    all of them. logits: (Q, H, C); paths: (leaves, H); question_ids, advantages: (leaves,)."""
+    """tree_grpo.py's own loss on-policy (every ratio 1, dapo): -A of each leaf on each of its H actions, a mean
+    over all of them. logits: (Q, H, C); paths: (leaves, H); question_ids, advantages: (leaves,)."""
     steps = torch.arange(paths.shape[1])
     log_probs = logits.log_softmax(-1)[question_ids[:, None], steps, paths]  # (leaves, H)
-    return -(advantages[:, None] * log_probs).sum() / log_probs.numel()
+    on_policy = log_probs.detach()  # pi_old = pi_theta: the ratio is 1, its gradient is not 0
+    return tree_grpo_loss(log_probs, on_policy, None, advantages.to(log_probs.dtype), torch.ones_like(log_probs))[0]
 
 
 def p_correct(logits, setting: Setting) -> float:

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 
 from tutorials import lab
-from tutorials.run import execute, exercise_cells, solutions
+from tutorials.run import execute, exercise_cells, printed, solutions
 
 NOTEBOOKS = sorted((ROOT / "tutorials").glob("*.ipynb"))
 IDS = [p.stem for p in NOTEBOOKS]
@@ -21,8 +21,7 @@ CHECK = re.compile(r"^([✓✗]) Exercise (\S+): (.+)$", re.M)
 
 def checks(notebook) -> dict:
     """{exercise: (mark, message)} from what the check cells printed (the last line for each exercise)."""
-    text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    return {number: (mark, message) for mark, number, message in CHECK.findall(text)}
+    return {number: (mark, message) for mark, number, message in CHECK.findall(printed(notebook))}
 
 
 def errors(notebook) -> list:
@@ -131,8 +130,8 @@ def test_with_solutions_every_check_passes(path, tmp_path):
     found = checks(notebook)
     assert set(found) == set(exercise_cells(nbformat.read(path, 4)))
     assert all(mark == "✓" for mark, _ in found.values()), found
-    text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "warm-starting" not in text, "a warm start the notebook loads is not one `lab.py prepare` builds"
+    missing = "a warm start the notebook loads is not one `lab.py prepare` builds"
+    assert "warm-starting" not in printed(notebook), missing
 
 
 @pytest.mark.slow

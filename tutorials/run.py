@@ -55,6 +55,11 @@ def execute(path: Path, timeout: int = 900, with_solutions=False, skip_heavy=Fal
     return notebook
 
 
+def printed(notebook) -> str:
+    """Everything the notebook's cells printed, in order (the checks' lines among it)."""
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
 WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
@@ -73,8 +78,8 @@ def main(argv):
         notebook = execute(path, with_solutions=with_solutions)
         if not with_solutions:
             nbformat.write(notebook, path)
-        text = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-        print("".join(line for line in text.splitlines(keepends=True) if line.startswith(("✓", "✗", "exercises"))))
+        lines = printed(notebook).splitlines(keepends=True)
+        print("".join(line for line in lines if line.startswith(("✓", "✗", "exercises"))))
 
 
 if __name__ == "__main__":
