@@ -27,7 +27,7 @@ Settings, declared in RESULTS.md ("Tree-GRPO's step-level credit, on a policy th
 full run: H = 6, C = 4, Q = 4 questions in every batch, chain G = 4 against trees M = 2, N = 2, L = 1 (6 leaves for
 ~26 actions a question, against 4 for 24), lr 0.05, a budget of 20,000 sampled actions, d = 1 and 6, luck 0 and
 2, seeds 0-9.
-The notebook (tutorials/05_tree_grpo.ipynb) calls compare(seeds=range(5)) and plot(result, axes): about 20 s.
+The notebook (tutorials/05_tree_grpo.ipynb) calls compare(seeds=range(5)) and plot(result, axes).
 """
 
 import json

@@ -29,7 +29,7 @@ COMPARISONS = {
 }  # fmt: skip
 
 
-# 30 s: in the slower tier, beside tree_vs_chain's sampled readings, so that the quick tier stays under 6 minutes
+# the slowest of the three: in the slower tier, beside tree_vs_chain's sampled readings, to keep the quick tier quick
 SLOW = {"experiments/tree_vs_chain.py"}
 
 

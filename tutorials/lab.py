@@ -8,7 +8,7 @@ exercise use the script's functions, not the learner's. `score()` sums the check
 
 A teacher builds every notebook's warm-started model before class, so no learner waits for it:
 
-    python tutorials/lab.py prepare            # all five notebooks' warm starts (~12 minutes on 2 CPU cores)
+    python tutorials/lab.py prepare            # all five notebooks' warm starts (README says how long)
     python tutorials/lab.py prepare 05_tree_grpo   # one notebook's; the cache is ~/.cache/grpo-family
 """
 
