@@ -188,6 +188,7 @@ def test_two_step_smoke_run(tmp_path, method):
     assert (run_dir / "metrics.png").exists()
 
 
+@pytest.mark.slow  # the quick tier trains on this fixture in test_mixed_precision.py (SMALL_RUNS)
 def test_medqa_path_runs_on_the_fixture(tmp_path):
     result = run_script("--dataset", "medqa", "--dataset_path", str(ROOT / "tests/fixtures/medqa"), "--num_steps",
                         "1", "--sft_steps", "5", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens",

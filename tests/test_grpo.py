@@ -250,7 +250,8 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    _, _, demos = arithmetic.make_arithmetic_task(2000, 200, seed=0, demo_noise=0.7)
+    """The warm start `grpo.py --num_eval 8 --sft_steps 150` trains from (one cache entry for both)."""
+    _, _, demos = arithmetic.make_arithmetic_task(2000, 8, seed=0, demo_noise=0.7)
     return load_model("tiny", demos=demos, sft_steps=150)
 
 
@@ -312,6 +313,7 @@ def test_two_steps_change_every_parameter(tmp_path, tiny):
                         "--prompts_per_step", "4", "--max_new_tokens", "16",
                         "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "warm-starting" not in result.stdout, "the run did not start from the fixture's model"
     (run_dir,) = tmp_path.iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
@@ -324,6 +326,7 @@ def test_two_steps_change_every_parameter(tmp_path, tiny):
     assert not unchanged, f"parameters that did not change: {unchanged}"
 
 
+@pytest.mark.slow  # the quick tier trains on this fixture in test_mixed_precision.py (SMALL_RUNS)
 def test_gsm8k_path_runs_on_the_fixture(tmp_path):
     result = run_script("--dataset", "gsm8k", "--dataset_path", str(ROOT / "tests/fixtures/gsm8k"), "--num_steps", "1",
                         "--sft_steps", "5", "--prompts_per_step", "2", "--group_size", "2", "--max_new_tokens", "8",

@@ -399,6 +399,7 @@ def test_two_step_smoke_run(tmp_path, rollout):
     assert "eval/em_multihop" in records[-1] and (run_dir / "metrics.png").exists()
 
 
+@pytest.mark.slow  # the quick tier trains on this fixture in test_mixed_precision.py (SMALL_RUNS)
 def test_hotpotqa_path_runs_on_the_fixture(tmp_path):
     result = run_script("--dataset", "hotpotqa", "--dataset_path", str(ROOT / "tests/fixtures/hotpotqa"),
                         "--num_steps", "1", "--sft_steps", "5", "--prompts_per_step", "2", "--max_step_tokens", "8",
