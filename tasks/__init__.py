@@ -5,10 +5,13 @@ arithmetic (grpo.py: addition, GSM8K), clinic (crpo.py: vignettes from a knowled
 BM25 search tool, HotpotQA). A task module takes plain values, never a script's Args, and never imports an
 algorithm file: its offline generator, its `datasets` path, the warm-start demonstrations, the prompt, the
 task's own reward and the held-out evaluation. Each data set has one schema that every row read is checked
-against (`rows`), so a malformed row is one error naming the file, the row and the field.
+against (`rows`), so a malformed row is one error naming the file, the row and the field; a local file that
+`datasets` cannot read (empty, not JSON) is named with its line (`local_data_problem`).
 """
 
+import json
 import os
+from pathlib import Path
 
 from plumbing import UsageError
 
@@ -21,12 +24,16 @@ def load_data(path: str, what: str, splits: dict, columns, offline_default: str,
     lacks a split or a field is one UsageError that says what is wrong and how to run offline instead.
     """
     from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
 
     hint = f"Pass a hub id or a local folder in {what}'s format, or run the offline default {offline_default}."
     try:
         data = load_dataset(path) if os.path.isdir(path) or config_name is None else load_dataset(path, config_name)
     except Exception as error:  # datasets raises many types: offline, missing files, bad format
-        raise UsageError(f"Could not load {what} from {path!r} ({type(error).__name__}: {error}). {hint}") from None
+        if isinstance(error, DatasetGenerationError) and error.__cause__:  # the reason, not the wrapper
+            error = error.__cause__
+        reason = local_data_problem(path) or f"{type(error).__name__}: {error}"
+        raise UsageError(f"Could not load {what} from {path!r} ({reason}). {hint}") from None
     chosen = {}
     for ours, names in splits.items():
         found = [name for name in names if name in data]
@@ -36,6 +43,8 @@ def load_data(path: str, what: str, splits: dict, columns, offline_default: str,
                 f"(a local folder: a file named {names[0]}.jsonl or similar). {hint}"
             )
         chosen[ours] = data[found[0]]
+        if len(chosen[ours]) == 0:
+            raise UsageError(f"{what} at {path!r}: the {found[0]!r} split has no rows. {hint}")
         missing = [column for column in columns if column not in chosen[ours].column_names]
         if missing:
             raise UsageError(
@@ -43,6 +52,36 @@ def load_data(path: str, what: str, splits: dict, columns, offline_default: str,
                 f"(its fields: {', '.join(chosen[ours].column_names)}). {hint}"
             )
     return chosen
+
+
+def local_data_problem(path: str) -> str | None:
+    """Why `datasets` could not read a local path: a file, not a folder; or the first of the folder's JSON, JSONL
+    and CSV files that has no rows, is not UTF-8 text or has a line that is not JSON. None where none of these."""
+    if os.path.isfile(path):
+        return f"{path} is a file: pass the folder that holds each split's file (train.jsonl, test.jsonl or similar)"
+    for file in sorted(Path(path).rglob("*")):
+        kind = file.suffix.lower()
+        if kind not in (".json", ".jsonl", ".csv"):
+            continue
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            return f"{file} is not UTF-8 text: {error.reason} at byte {error.start}; save it as UTF-8"
+        filled = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+        if len(filled) <= (kind == ".csv"):  # a CSV's first line is its header
+            return f"{file} has no rows: give each split at least one"
+        if kind == ".csv":
+            continue
+        try:
+            if json.loads("\n".join(lines)) in ([], {}):  # one JSON document: a list of rows
+                return f"{file} has no rows: give each split at least one"
+        except json.JSONDecodeError:  # JSON lines: one row per line
+            for number, line in filled:
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    return f"{file} line {number} is not JSON ({error.msg}): {line[:60]!r}"
+    return None
 
 
 def rows(path: str, split, limit: int, schema: dict) -> list[dict]:

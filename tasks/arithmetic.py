@@ -73,8 +73,8 @@ GSM8K_SCHEMA = {
 def load_gsm8k(path: str, num_train: int, num_eval: int):
     """GSM8K from the hub ('openai/gsm8k') or a local folder with train/test files in its format
     (fields 'question' and 'answer', the answer ending in '#### <number>'). Returns (train, eval, demos)."""
-    data = load_data(path, "GSM8K", {"train": ("train",), "eval": ("test",)}, ("question", "answer"),
-                     "--dataset arithmetic", config_name="main")  # fmt: skip
+    splits = {"train": ("train",), "eval": ("test",)}
+    data = load_data(path, "GSM8K", splits, ("question", "answer"), "--dataset arithmetic", config_name="main")
 
     def to_items(split, limit):
         items = []

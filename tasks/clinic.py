@@ -169,9 +169,8 @@ def load_medqa(path: str, num_train: int, num_eval: int):
             options = present(row["options"])
             question = row["question"] + " " + " ".join(f"{L} {text}" for L, text in options.items())
             graph = {L: sorted(mined_graph.get(text.lower().strip(), ())) for L, text in options.items()}
-            item = {"question": question, "options": options, "answer": row["answer_idx"],
-                    "findings": phrases(row), "vocabulary": vocabulary, "option_findings": graph}  # fmt: skip
-            items.append(check_item(item))
+            item = {"question": question, "options": options, "answer": row["answer_idx"], "findings": phrases(row)}
+            items.append(check_item(item | {"vocabulary": vocabulary, "option_findings": graph}))
         return items
 
     train_items = to_items(train_rows)

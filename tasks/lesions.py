@@ -17,9 +17,11 @@ in the graph.
 
 import colorsys
 import math
+import os
 import random
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,27 +143,63 @@ def check_image(image, size: int | None = IMAGE_SIZE):
     return image
 
 
+# How `datasets` (its imagefolder builder) finds the class of each image of a local folder
+IMAGE_LAYOUT = (
+    "one folder per class, every image one level below its split's folder (train/<class>/<image>, "
+    "test/<class>/<image>) and two or more classes in train/, or a metadata.jsonl beside the images with the "
+    "fields file_name and label (a class name)"
+)
+
+
+def image_folders(path: str) -> str:
+    """Where the images of a local folder are, for an error message ('' for a hub id)."""
+    from PIL import Image
+
+    if not os.path.isdir(path):
+        return ""
+    kinds = Image.registered_extensions()
+    folders = sorted({str(f.parent.relative_to(path)) for f in Path(path).rglob("*") if f.suffix.lower() in kinds})
+    return f". The images of {path} are in {', '.join(folders[:8]) or 'no folder'}"
+
+
 def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, seed: int, size: int | None = IMAGE_SIZE):
     """An image classification data set through `datasets` (hub id or local folder, e.g. an `imagefolder` with
-    train/ and test/ sub-folders of one folder per class). Its class names must be in the knowledge graph."""
+    train/ and test/ sub-folders of one folder per class). Its class names must be in the knowledge graph; a label
+    is a class name, or its index in the data set's `ClassLabel`."""
+    import datasets
+
     splits = {"train": ("train",), "eval": ("test", "validation")}
-    data = load_data(path, "an image classification data set", splits, ("image", "label"), "(no --dataset_path)")
-    names = data["train"].features["label"].names
-    schema = {  # {field: (check, what it must be)}
-        "label": (
-            lambda v, row: v in range(len(names)) and names[v] in KNOWLEDGE_GRAPH,
-            f"the index of a class the knowledge graph has ({', '.join(CLASSES)}); the data set's: {', '.join(names)}",
-        ),
-        "image": (lambda v, row: image_problem(v, size) is None, lambda row: image_problem(row["image"], size)),
-    }
+    data = load_data(path, "an image classification data set", splits, ("image",), "(no --dataset_path)")
 
     def take(split, per_class):
+        image, label = split.features["image"], split.features.get("label")
+        if not isinstance(image, datasets.Image):  # e.g. a JSONL file of image paths: datasets reads text
+            raise UsageError(f"{path} ({split.split}): 'image' holds no images ({image}); give them as {IMAGE_LAYOUT}")
+        if label is None or None in split["label"]:  # datasets found no class for some images
+            raise UsageError(
+                f"{path} ({split.split}) has images without a class: `datasets` finds an image's class by "
+                f"{IMAGE_LAYOUT}{image_folders(path)}"
+            )
+        split = split.cast_column("image", datasets.Image(mode="RGB"))  # RGBA, grayscale or CMYK files: RGB
+        names = label.names if isinstance(label, datasets.ClassLabel) else None  # None: the labels are class names
+
+        def class_of(value):  # a ClassLabel's index (-1: none), or the class name itself
+            if names is None:
+                return value
+            return names[value] if value in range(len(names)) else None
+
+        must = f"the index of a class the knowledge graph has ({', '.join(CLASSES)}), or its name"
+        must += f"; the data set's classes: {', '.join(names)}" if names else ""
+        schema = {  # {field: (check, what it must be)}
+            "label": (lambda v, row: class_of(v) in KNOWLEDGE_GRAPH, must),
+            "image": (lambda v, row: image_problem(v, size) is None, lambda row: image_problem(row["image"], size)),
+        }
         rng, counts, items = random.Random(seed), {}, []
         for row in rng.sample(rows(path, split, len(split), schema), len(split)):
-            label = names[row["label"]]
-            if counts.get(label, 0) < per_class:
-                counts[label] = counts.get(label, 0) + 1
-                items.append({"image": row["image"], "label": label})
+            class_name = class_of(row["label"])
+            if counts.get(class_name, 0) < per_class:
+                counts[class_name] = counts.get(class_name, 0) + 1
+                items.append({"image": row["image"], "label": class_name})
         return items
 
     return take(data["train"], images_per_class), take(data["eval"], eval_per_class)

@@ -179,7 +179,9 @@ def make_kb_task(seed: int, demo_stop: float, demo_trust: float, num_eval: int, 
 
 def is_context(value, row=None) -> bool:
     """HotpotQA's context: {'title': [...], 'sentences': [[...], ...]}, one list of sentences per title."""
-    if not isinstance(value, dict) or not is_texts(value.get("title")) or not isinstance(value.get("sentences"), list):
+    if not isinstance(value, dict) or not isinstance(value.get("sentences"), list):
+        return False
+    if not isinstance(value.get("title"), list) or not all(is_text(title) for title in value["title"]):
         return False
     return len(value["title"]) == len(value["sentences"]) and all(is_texts(x) for x in value["sentences"])
 
@@ -191,9 +193,12 @@ HOTPOTQA_SCHEMA = {
     "context": (is_context, "{'title': [...], 'sentences': [[...], ...]}, one list of sentences per title"),
     "supporting_facts": (
         lambda v, row: (
-            isinstance(v, dict) and is_texts(v.get("title")) and set(v["title"]) <= set(row["context"]["title"])
+            isinstance(v, dict)
+            and is_texts(v.get("title"))
+            and set(v["title"]) <= set(row["context"]["title"])
+            and bool(v["title"] or not row["answer"].strip())  # an answered question has its gold paragraphs
         ),
-        "{'title': [...]} naming paragraphs of the row's context",
+        "{'title': [...]} naming paragraphs of the row's context (one or more where the row has an answer)",
     ),
 }
 
@@ -201,31 +206,57 @@ HOTPOTQA_SCHEMA = {
 def load_hotpotqa(path: str, num_train: int, num_eval: int):
     """HotpotQA (distractor setting) from the hub ('hotpot_qa') or a local folder in its format: 'question',
     'answer', 'context' {'title': [...], 'sentences': [[...]]}, 'supporting_facts' {'title': [...]}. Every
-    question's paragraphs (gold and distractors) form the searchable corpus. Questions without an answer are
-    skipped. Returns (train, eval, demos, corpus)."""
+    question's paragraphs (gold and distractors) form the searchable corpus; a title met again with another text
+    keeps both, the later one as 'Title (2)'. Questions without an answer are skipped. Returns (train, eval, demos,
+    corpus)."""
     columns = ("question", "answer", "context", "supporting_facts")
     splits = {"train": ("train",), "eval": ("validation", "test")}
     data = load_data(path, "HotpotQA", splits, columns, "--dataset kb", config_name="distractor")
-    corpus, skipped = {}, 0
+    texts, first_repeat, skipped = {}, None, 0  # texts: title -> its distinct texts, in the order met
+
+    def document(title, n):  # the corpus's name for a title's n-th text: 'Morn', 'Morn (2)', ...
+        return title if n == 0 else f"{title} ({n + 1})"
 
     def to_items(split, limit):
-        nonlocal skipped
+        nonlocal first_repeat, skipped
         items = []
-        for row in rows(path, split, limit, HOTPOTQA_SCHEMA):
+        for i, row in enumerate(rows(path, split, limit, HOTPOTQA_SCHEMA)):
+            documents = {}  # this row's title -> its documents
             for title, sentences in zip(row["context"]["title"], row["context"]["sentences"]):
-                corpus[title] = "".join(sentences).strip()
+                text, known = "".join(sentences).strip(), texts.setdefault(title, [])
+                if text not in known:
+                    known.append(text)
+                    if len(known) == 2 and first_repeat is None:
+                        first_repeat = (title, f"{path} ({split.split}) row {i}")
+                documents.setdefault(title, []).append(document(title, known.index(text)))
             if not row["answer"].strip():
                 skipped += 1
                 continue
             gold = list(dict.fromkeys(row["supporting_facts"]["title"]))  # gold paragraphs, in order
-            items.append({"question": row["question"], "answer": row["answer"].strip(), "hops": len(gold),
-                          "kind": row.get("type", "hotpotqa"), "path": gold})  # fmt: skip
+            searched = [doc for title in gold for doc in documents[title]]  # what the demo searches for
+            items.append(
+                {
+                    "question": row["question"],
+                    "answer": row["answer"].strip(),
+                    "hops": len(gold),
+                    "kind": row.get("type", "hotpotqa"),
+                    "path": searched,
+                }
+            )
         return items
 
     train_items = to_items(data["train"], num_train)
     eval_items = to_items(data["eval"], num_eval)
     if skipped:
         print(f"[tree_grpo] skipped {skipped} HotpotQA questions with an empty answer")
+    if first_repeat:
+        title, where = first_repeat
+        repeated = sum(len(known) > 1 for known in texts.values())
+        print(
+            f"[tree_grpo] {repeated} HotpotQA paragraph titles have more than one text (the first: {title!r}, "
+            f"at {where}); each text is kept as a document of its own, the later ones titled {title + ' (2)'!r}, ..."
+        )
+    corpus = {document(title, n): text for title, known in texts.items() for n, text in enumerate(known)}
     demos = []  # search each gold paragraph's title in turn, then answer
     for item in train_items:
         segments = []
