@@ -1,4 +1,4 @@
-"""The shared loader: models, the tiny model's warm start and its cache, `generate`, device and dtype.
+"""The shared loader: models, the tiny model's warm start and its cache entry, `generate`, device and dtype.
 
 Nothing here is algorithm logic or a task (tasks/), nor run plumbing (plumbing.py). Models, by `--model`:
 - `tiny` (default): a ~0.8M-parameter Qwen2 (GQA: 4 query heads, 2 key/value heads) with a character-level
@@ -16,16 +16,11 @@ import importlib.util
 import inspect
 import json
 import os
-import random
-import shutil
 import socket
 import string
-import sys
-from contextlib import contextmanager
 from copy import deepcopy
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import (
@@ -38,7 +33,9 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from plumbing import UsageError, shown
+from plumbing import CACHE_MARKER as CACHE_MARKER  # (tests read it here)
+from plumbing import UsageError, cached, own_random_state, shown
+from plumbing import seed_everything as seed_everything  # (the scripts import it from here)
 
 PRESETS = ("tiny", "smollm2-135m")
 VLM_PRESETS = ("tiny-vlm",)
@@ -46,29 +43,11 @@ CACHE_DIR = Path(os.environ.get("GRPO_FAMILY_CACHE", Path.home() / ".cache" / "g
 # The tags every task uses get one token each in the tiny tokenizer; other text is one token per character.
 TINY_TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<dx>", "</dx>", "<conclusion>", "</conclusion>")
 TINY_VERSION = 1  # bump when the tiny architecture, tokenizer or SFT recipe changes, so old caches are not reused
+TINY_POSITIONS = 1024  # the tiny model's max_position_embeddings: its warm start's longest demonstration
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Device, dtype, random state
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-@contextmanager
-def own_random_state():
-    """Run a block without touching the caller's random streams (python, numpy, torch CPU and CUDA): building or
-    warm-starting a model inside it leaves a run's randomness the same whether its model cache was empty or not."""
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng():
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+# Device and dtype
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -186,7 +165,7 @@ def build_tiny_model(tokenizer, seed: int = 0) -> Qwen2ForCausalLM:
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=TINY_POSITIONS,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -247,6 +226,14 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
     tokenizer = build_tiny_tokenizer(extra_tags)
     if not demos:
         return build_tiny_model(tokenizer, seed), tokenizer
+    texts = [prompt + (c if isinstance(c, str) else "".join(text for text, _ in c)) for prompt, c in demos]
+    lengths = [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]  # + EOS
+    if max(lengths) > TINY_POSITIONS:
+        raise UsageError(
+            f"A warm-start demonstration is {max(lengths)} tokens ({texts[lengths.index(max(lengths))][:40]!r}...), "
+            f"more than the tiny model's {TINY_POSITIONS} positions: the tiny model is for the built-in tasks; "
+            f"train on this data with a real model (--model smollm2-135m, a folder or a hub id)"
+        )
     recipe = {"version": TINY_VERSION, "steps": sft_steps, "batch": sft_batch_size, "seed": seed,
               "demos": [list(d) for d in demos], **({"tags": list(extra_tags)} if extra_tags else {})}  # fmt: skip
     path = cache_entry("tiny", recipe, cache_dir)
@@ -271,41 +258,6 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
 def cache_entry(name: str, recipe: dict, cache_dir=None) -> Path:
     """The cache folder of a model built by `recipe` (everything that shapes it): name-<hash of the recipe>."""
     return Path(cache_dir or CACHE_DIR) / f"{name}-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]}"
-
-
-def cached(path: Path, build):
-    """Make sure the model folder `path` is complete, calling build(folder) to write it if not: written under
-    another name with a marker listing each file's size, then renamed into place, so no run sees half a model (a
-    folder that does not match its marker is rebuilt); a file lock makes parallel runs wait for one build; the
-    build has its own random state, so a run is the same with a cold or a warm cache."""
-    from filelock import FileLock  # a dependency of huggingface_hub, so of transformers
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{path}.lock"):
-        if path.exists() and not is_complete(path):
-            print(f"[common] the cache entry {path} is incomplete or damaged: rebuilding it", file=sys.stderr)
-            shutil.rmtree(path)
-        if not path.exists():
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            with own_random_state():
-                build(tmp)
-            sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            (tmp / CACHE_MARKER).write_text(json.dumps(sizes, indent=1))
-            tmp.rename(path)
-    return path
-
-
-CACHE_MARKER = "complete.json"  # written last into a cache entry: {file name: size in bytes}
-
-
-def is_complete(path: Path) -> bool:
-    """True if the cache entry has its marker and every file it lists, at its size."""
-    try:
-        sizes = json.loads((path / CACHE_MARKER).read_text())
-        return all((path / name).stat().st_size == size for name, size in sizes.items())
-    except (OSError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -370,20 +322,66 @@ def load_model(name="tiny", demos=None, device="auto", sft_steps=600, seed=0, sf
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):  # not set by every transformers release
             del model.config.quantization_config
+    elif name in VLM_PRESETS:
+        raise wrong_kind(name, vlm=False)
     else:
-        try:
-            options = hub_options(name)
-            tokenizer = load_tokenizer(name, **options)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, **options)
-        except (OSError, ValueError) as error:
-            raise UsageError(
-                cannot_load(name, PRESETS, error, "--model tiny (built in) or --model smollm2-135m")
-            ) from None
+        model, tokenizer = load_pretrained(name, vlm=False)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # some tokenizers (Llama, GPT-2) have none; eos is then masked by position
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.to(device=device, dtype=torch.float32), tokenizer
+
+
+def load_pretrained(name, vlm: bool):
+    """(model, tokenizer or processor) from a local folder or a hub id: a text model, or a vision-language model
+    (vlm); anything else is one UsageError that says what is wrong and what to do."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as TEXT_MODELS
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VISION_MODELS
+
+    presets, offline = (VLM_PRESETS, "--model tiny-vlm") if vlm else (PRESETS, "--model tiny or --model smollm2-135m")
+    try:
+        options = hub_options(name)
+        config = AutoConfig.from_pretrained(name, **options)
+        if config.model_type not in (VISION_MODELS if vlm else TEXT_MODELS):
+            raise wrong_kind(name, vlm, config.model_type)
+        processor = AutoProcessor.from_pretrained(name, **options) if vlm else load_tokenizer(name, **options)
+        auto_class = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+        model = auto_class.from_pretrained(name, config=config, dtype=torch.float32, **options)
+    except UsageError:
+        raise
+    except SafetensorError as error:  # a weights file cut short (a copy or download that stopped) or damaged
+        raise UsageError(
+            f"Could not load model {name!r}: its weights do not read ({error}); copy or save it again"
+        ) from None
+    except (OSError, ValueError) as error:
+        raise UsageError(cannot_load(name, presets, error, offline)) from None
+    tokens, rows = len(processor.tokenizer if vlm else processor), model.get_input_embeddings().num_embeddings
+    if tokens > rows:
+        raise UsageError(
+            f"Could not use model {name!r}: its tokenizer has {tokens} tokens and its embedding {rows} rows (ids from "
+            f"{rows} on have none): use the model's own tokenizer, or save both again after "
+            f"model.resize_token_embeddings(len(tokenizer))"
+        )
+    return model, processor
+
+
+def wrong_kind(name, vlm: bool, model_type="llava") -> UsageError:
+    """The error for a model of the other kind than the script trains: vlm, a vision-language model; else text."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as VISION_MODELS
+
+    if vlm:
+        return UsageError(
+            f"{name!r} is a text-only model; this script trains a vision-language model: use --model tiny-vlm "
+            f"(built in), a local folder or a hub id of a VLM (e.g. HuggingFaceTB/SmolVLM-256M-Instruct)."
+        )
+    what = "a vision-language model" if model_type in VISION_MODELS else "not a text model"
+    return UsageError(
+        f"{name!r} is {what} ({model_type}; grpo_pp.py trains VLMs); this script trains a text model "
+        f"(AutoModelForCausalLM): use --model tiny (built in), --model smollm2-135m, or a folder or hub id of one."
+    )
 
 
 def cannot_load(name, presets, error, offline_hint) -> str:
@@ -420,6 +418,14 @@ def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.
         **({"do_sample": False} if greedy else sampling),
         **settings,
     )
+    text_config, width = model.config.get_text_config(), inputs["input_ids"].size(1)  # (a VLM's language model)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if positions and not getattr(text_config, "rope_parameters", None) and width + max_new_tokens > positions:
+        raise UsageError(  # a table of learned positions (GPT-2) has no row past its last; rotary ones run on
+            f"A prompt of {width} tokens and {max_new_tokens} new ones need {width + max_new_tokens} positions, and "
+            f"the model has {positions} (max_position_embeddings): lower the completion length (--max_new_tokens "
+            f"or the like), shorten the prompts, or use a model with more positions"
+        )
     # generate fills every setting we leave unset from model.generation_config: give it a blank one for this call
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()
     if "past_key_values" in inputs and "cache" in inspect.signature(model.forward).parameters:
@@ -477,23 +483,13 @@ def build_tiny_vlm(extra_tags=(), image_size=32, patch_size=8, seed=0):
 def load_vlm(name="tiny-vlm", device="auto", extra_tags=(), seed=0):
     """(model, processor) for a vision-language model: the built-in `tiny-vlm` (randomly initialised; the
     calling script warm-starts it), or a local folder / hub id through AutoModelForImageTextToText."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     device = pick_device(device)
     if name in PRESETS:
-        raise UsageError(
-            f"{name!r} is a text-only model; this script trains a vision-language model: use --model tiny-vlm "
-            f"(built in), a local folder or a hub id of a VLM (e.g. HuggingFaceTB/SmolVLM-256M-Instruct)."
-        )
+        raise wrong_kind(name, vlm=True)
     if name == "tiny-vlm":
         model, processor = build_tiny_vlm(extra_tags, seed=seed)
     else:
-        try:
-            options = hub_options(name)
-            processor = AutoProcessor.from_pretrained(name, **options)
-            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32, **options)
-        except (OSError, ValueError) as error:
-            raise UsageError(cannot_load(name, VLM_PRESETS, error, "--model tiny-vlm")) from None
+        model, processor = load_pretrained(name, vlm=True)
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token

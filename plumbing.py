@@ -1,20 +1,29 @@
-"""The run plumbing every script shares: the command line, bad-input errors, seeding, the run folder, metrics, plots.
+"""The run plumbing every script shares: the command line, bad input, seeding, the run folder, the model cache's
+folders, metrics, plots.
 
 Nothing here is algorithm logic or a model (models: common.py). Each script parses its `Args` dataclass with
 `run_cli`, writes `runs/<algo>__<model>__seed<seed>__<time>/` with `make_run_dir`, and logs through
-`MetricsLogger`, which keeps the metrics and the plot however the run ends.
+`MetricsLogger`, which keeps the metrics and the plot however the run ends (Ctrl-C, SIGTERM, an error).
 """
 
+import argparse
 import csv
 import dataclasses
 import json
 import math
 import os
+import random
+import shutil
+import signal
 import sys
 import time
+import typing
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 from transformers import HfArgumentParser
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -31,8 +40,8 @@ def parse_args(args_class, argv=None):
     into several: an experiment passes (the script's Args, its own), and gets a tuple back.
 
     Fields are given as `--num_steps 10` or `--num-steps 10`; booleans as `--flag`, `--flag false` or `--no_flag`.
-    An unknown flag, or a value that the dataclass's `__post_init__` refuses, prints the usage line and
-    `error: ...` and exits with code 2, before any model is loaded.
+    An unknown flag, a value that the dataclass's `__post_init__` refuses, or an option that the chosen mode does
+    not use (MODES) prints the usage line and `error: ...` and exits with code 2, before any model is loaded.
     """
     parser = HfArgumentParser(args_class)
     try:
@@ -41,23 +50,86 @@ def parse_args(args_class, argv=None):
         parser.error(str(error))
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not isinstance(args_class, tuple):  # (not an experiment's: its arms may switch the mode)
+        for name in sorted(given_on_command_line(parser, args_class, argv)):
+            if unused := unused_in_mode(parsed[0], name):
+                parser.error(unused)
     return tuple(parsed) if isinstance(args_class, tuple) else parsed[0]
+
+
+# An option that one mode alone uses says so at the start of its help: "gsm8k: a hub id or a local folder" is used
+# with --dataset gsm8k only. Given on the command line in another mode it is an error, never silently unused. A
+# prefix that is one of an option's choices (gsm8k, tree, ...) names that option; these name the values they mean.
+MODES = {
+    "tiny warm start": ("model", ["tiny"]),
+    "tiny-vlm": ("model", ["tiny-vlm"]),
+    "stage 2 or 3 alone": ("stage", ["2", "3"]),
+    "stage 2": ("stage", ["all", "2"]),
+    "stage 3": ("stage", ["all", "3"]),
+    "stages 2-3": ("stage", ["all", "2", "3"]),
+}
+
+
+def mode_of(args_class, name: str) -> tuple[str, list[str]] | None:
+    """(option, its values) under which option `name` is used, as the prefix of its help says; None: always."""
+    fields = {field.name: field for field in dataclasses.fields(args_class)}
+    prefix, colon, _ = fields[name].metadata.get("help", "").partition(":")
+    choosers = [option for option, field in fields.items() if prefix in typing.get_args(field.type)]
+    if colon and (prefix in MODES or choosers):
+        return MODES.get(prefix) or (choosers[0], [prefix])
+    return None
+
+
+def unused_in_mode(args, name: str) -> str | None:
+    """Why option `name` is unused in the mode that `args` chose, or None."""
+    option, values = mode_of(type(args), name) or (None, [])
+    if option is None or str(getattr(args, option)) in values:
+        return None
+    return (
+        f"--{name} is used only with --{option} {' or '.join(values)}, and this run has --{option} "
+        f"{getattr(args, option)}: leave --{name} out, or set --{option} {' or '.join(values)}"
+    )
+
+
+def given_on_command_line(parser, args_class, argv=None) -> set[str]:
+    """The fields of `args_class` that the command line sets: argparse fills in a default only where the namespace
+    it is given lacks the field, so every field that still holds the marker was not given."""
+    unset = object()
+    namespace = argparse.Namespace(**{field.name: unset for field in dataclasses.fields(args_class)})
+    parser.parse_known_args(argv, namespace=namespace)
+    return {name for name, value in vars(namespace).items() if value is not unset}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, `docker stop` and Slurm send) raised as Ctrl-C is, so a run stopped by it keeps what
+    Ctrl-C keeps (MetricsLogger)."""
+
+
+def raise_terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the run is saving what it has, then stops
+    raise Terminated
 
 
 def run_cli(args_class, main):
     """`main(parse_args(args_class))` as a command (`main(*args)` for several classes): bad input (UsageError) is
-    `error: ...` and exit code 2, and Ctrl-C stops with exit code 130, both without a traceback (what the run had
-    is kept: MetricsLogger says what)."""
+    `error: ...` and exit code 2, Ctrl-C stops with exit code 130 and SIGTERM with 143, all without a traceback
+    (what the run had is kept: MetricsLogger says what)."""
     args = parse_args(args_class)
     prog = Path(sys.argv[0]).name
+    default_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         main(*args) if isinstance(args, tuple) else main(args)
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print(f"{prog}: terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, default_sigterm)
 
 
 @dataclass(frozen=True)
@@ -86,14 +158,12 @@ class Devices:
     """What --device accepts: auto, cpu, or a cuda (cuda:N) or mps device this machine has."""
 
     def __contains__(self, name) -> bool:
-        import torch
-
         kind, _, index = str(name).partition(":")
         if name in ("auto", "cpu"):
             return True
         if kind == "cuda" and torch.cuda.is_available():
             return not index or (index.isdigit() and int(index) < torch.cuda.device_count())
-        return name == "mps" and torch.backends.mps.is_available()
+        return kind == "mps" and index in ("", "0") and torch.backends.mps.is_available()
 
     def __str__(self) -> str:
         return "auto, cpu, or a cuda or mps device this machine has"
@@ -126,30 +196,72 @@ def arg(default, help: str, accepts: str | None = None):
 
 def check_args_shared(args):
     """The checks every script's `Args.__post_init__` shares: every field's value against what its declaration
-    accepts (`arg`), and a writable output folder. Raises UsageError, so parse_args turns it into argparse's
-    `error: --flag must be ..., got ...` before any loading. What one range cannot say (a divisor of the batch, a
-    stage that needs --init) stays in the script's check_args."""
+    accepts (`arg`), seeds within numpy's, and an output folder we can write the run in. Raises UsageError, so
+    parse_args turns it into argparse's `error: --flag must be ..., got ...` before any loading. What one range
+    cannot say (a divisor of the batch, a stage that needs --init) stays in the script's check_args."""
     for field in dataclasses.fields(args):
         accepts, value = ACCEPTS.get(field), getattr(args, field.name)
         if accepts and value is not None and value not in accepted(accepts):
             raise UsageError(f"--{field.name} must be {accepted(accepts)}, got {value}")
+        if field.name.endswith("seed") and isinstance(value, int) and value >= 2**32:
+            raise UsageError(f"--{field.name} must be below 2**32 = 4294967296 (numpy's seeds), got {value}")
     if hasattr(args, "output_dir"):
         check_output_dir(args.output_dir)
 
 
+# what a run adds under --output_dir: its folder (make_run_dir's names stay under 110 characters) and the longest
+# path written in it, model/model-00001-of-00002.safetensors (a model saved in shards)
+RUN_FOLDER_ROOM = 150
+
+
 def check_output_dir(path: str):
-    """UsageError unless `path` is a folder we can write in, or can be made (checked before minutes of work)."""
-    existing = Path(path).absolute()
-    while not existing.exists():
+    """UsageError unless `path` is a folder we can write in, or can be made, with names and paths that the file
+    system takes, the run folder and its files included (checked before minutes of work)."""
+    absolute = existing = Path(path).absolute()
+    while not os.path.exists(existing):  # (Path.exists raises where a name is too long)
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--output_dir {path!r}: {existing} is a file, not a folder; pass a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--output_dir {path!r}: {existing} is not writable; pass a folder you can write in")
+    name_max, path_max = (255, 260)  # Windows' limits; elsewhere the file system's own
+    if hasattr(os, "pathconf"):
+        name_max, path_max = (os.pathconf(existing, f"PC_{limit}_MAX") for limit in ("NAME", "PATH"))
+    for name in absolute.relative_to(existing).parts:  # the folders still to make
+        if len(os.fsencode(name)) > name_max:
+            raise UsageError(
+                f"--output_dir: the folder name {name[:30]}... is {len(os.fsencode(name))} bytes, and this file "
+                f"system takes at most {name_max}: pass a shorter name"
+            )
+    if len(os.fsencode(absolute)) + RUN_FOLDER_ROOM >= path_max:
+        raise UsageError(
+            f"--output_dir is {len(os.fsencode(absolute))} bytes long as an absolute path; with the run folder and "
+            f"its files (up to {RUN_FOLDER_ROOM} more) it would pass the {path_max} this file system takes: pass "
+            f"a shorter path"
+        )
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextmanager
+def own_random_state():
+    """Run a block without touching the caller's random streams (python, numpy, torch CPU and CUDA): building or
+    warm-starting a model inside it leaves a run's randomness the same whether its model cache was empty or not."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run folder, metrics, plots
+# Run folder, model cache, metrics, plots
 
 
 def shown(path: Path) -> str:
@@ -160,7 +272,7 @@ def shown(path: Path) -> str:
 
 def make_run_dir(algo: str, args, root="runs") -> Path:
     """runs/{algo}__{model}__seed{seed}__{time}/ with the arguments saved as args.json; prints where it is."""
-    model = Path(str(args.model)).name.replace("/", "_")
+    model = Path(str(args.model)).name.replace("/", "_")[:48]  # cut: the run folder's name stays short
     name = f"{algo}__{model}__seed{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, suffix = Path(root) / name, 0
     while True:
@@ -182,6 +294,54 @@ def save_run(run_dir, results: dict, *parts):
     (Path(run_dir) / "results.json").write_text(json.dumps(results, indent=2))
 
 
+def cached(path: Path, build):
+    """Make sure the model folder `path` is complete, calling build(folder) to write it if not: written under
+    another name with a marker listing each file's size, then renamed into place, so no run sees half a model (a
+    folder that does not match its marker is rebuilt); a file lock makes parallel runs wait for one build; the
+    build has its own random state, so a run is the same with a cold or a warm cache. A complete entry is only
+    read (a read-only cache serves it); a build that fails leaves nothing behind."""
+    from filelock import FileLock  # a dependency of huggingface_hub, so of transformers
+    from safetensors import SafetensorError
+
+    if is_complete(path):
+        return path
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{path}.lock"):
+            if path.exists() and not is_complete(path):
+                print(f"[cache] the cache entry {path} is incomplete or damaged: rebuilding it", file=sys.stderr)
+                shutil.rmtree(path)
+            if not path.exists():
+                for stale in path.parent.glob(f"{path.name}.tmp*"):  # builds killed midway (we hold the lock)
+                    shutil.rmtree(stale)
+                with own_random_state():
+                    build(tmp)
+                sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+                (tmp / CACHE_MARKER).write_text(json.dumps(sizes, indent=1))
+                tmp.rename(path)
+    except (OSError, SafetensorError) as error:  # a read-only or full disk (safetensors: "I/O error: ...")
+        raise UsageError(
+            f"Could not write the model cache entry {shown(path)} ({error}): the model is built there once; set "
+            f"GRPO_FAMILY_CACHE to a folder you can write in, with room for it"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failed build wrote
+    return path
+
+
+CACHE_MARKER = "complete.json"  # written last into a cache entry: {file name: size in bytes}
+
+
+def is_complete(path: Path) -> bool:
+    """True if the cache entry has its marker and every file it lists, at its size."""
+    try:
+        sizes = json.loads((path / CACHE_MARKER).read_text())
+        return all((path / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError):
+        return False
+
+
 def on_policy_note(tag: str):
     """The console explains the usual surprise of on-policy GRPO once, at the start of a run."""
     print(
@@ -193,7 +353,8 @@ def on_policy_note(tag: str):
 class MetricsLogger:
     """Appends one JSON line per `log()` to metrics.jsonl; on exit (also Ctrl-C or an error) writes metrics.csv and
     metrics.png, so an interrupted run keeps its curves. Given `model` (a (model, tokenizer or processor) pair), a
-    run stopped by Ctrl-C also saves the model as it is to run_dir/model; it then says exactly what was saved.
+    run stopped by Ctrl-C or SIGTERM also saves the model as it is to run_dir/model; it then says exactly what was
+    saved. Bad input found before the first record (UsageError) leaves no run folder behind.
 
         with MetricsLogger(run_dir, model=(model, tokenizer)) as logger:
             logger.log(step, {"reward": 0.5})
@@ -219,14 +380,18 @@ class MetricsLogger:
         if self.records:
             write_csv(self.records, self.run_dir / "metrics.csv")
             plot_metrics(self.records, self.run_dir / "metrics.png", keys=self.plot_keys)
-        if exc_type is KeyboardInterrupt:  # say exactly what the run folder holds now
+        if exc_type and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C or SIGTERM: say what the folder holds
             kept = [f"metrics and plot up to step {self.records[-1]['step']}"] if self.records else []
             if self.model is not None:
                 for part in self.model:
                     part.save_pretrained(self.run_dir / "model")
                 kept.append("the model as it was")
             saved = " and ".join(kept) + " saved" if kept else "nothing saved but args.json (no step had finished)"
-            print(f"\n[run] interrupted: {saved} in {self.run_dir}", file=sys.stderr)
+            how = "terminated (SIGTERM)" if issubclass(exc_type, Terminated) else "interrupted"
+            print(f"\n[run] {how}: {saved} in {self.run_dir}", file=sys.stderr)
+        if exc_type and issubclass(exc_type, UsageError) and not self.records:
+            if {path.name for path in self.run_dir.iterdir()} <= {"args.json"}:
+                shutil.rmtree(self.run_dir)
         return False  # re-raise any exception
 
 

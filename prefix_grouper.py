@@ -18,28 +18,25 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-Reading order: the group layout and its two calls (`GroupLayout`), the attention function ("prefix_grouper" in
-transformers' AttentionInterface), `shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then the
-extensions, ours: sliding windows, tries (`trie_logprobs`: Tree-GRPO leaves share their prompt and every step
-before they branch), images (a VLM's pixel_values once per prompt), the shared prefill (`shared_prompt_cache`).
+Reading order: `GroupLayout` and its two calls, the attention function ("prefix_grouper" in transformers'
+AttentionInterface), `shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then our extensions:
+sliding windows, tries (`trie_logprobs`, for Tree-GRPO), images, the shared prefill (`shared_prompt_cache`).
 
 What we do differently from the official package:
 - Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on
-  flash-attention's bottom-right causal alignment (sdpa is silently wrong, eager raises). Our explicit 4-D additive
-  masks give the naive result with sdpa, eager and flex_attention (masked: the dtype's most negative number, not
-  -inf, so a fully padded row gives no NaN); flash kernels take no explicit mask and are refused.
+  flash-attention's bottom-right causal alignment (sdpa is silently wrong, eager raises). Our 4-D additive masks
+  give the naive result with sdpa, eager and flex_attention; what we cannot compute exactly (flash kernels, sdpa
+  with attention sinks or soft-capping, chunked or linear attention) is one clear error.
 - Wired in like verl: the layout travels as a keyword argument, `model(..., prefix_grouper=layout)`, down to every
-  attention layer; without it the function is plain sdpa, so a model left on "prefix_grouper" still generates.
-- Logits only where a completion token is scored (the LM head sees exactly those hidden states), from float32
-  logits a chunk at a time (`logprobs_from_logits`); grouped-query attention without copying keys and values per
-  query head (`sdpa_shared_kv`).
-- Not supported: chunked or linear attention layers, KV caches in the scoring forward, models whose attention does
-  not go through AttentionInterface (each a clear error).
+  attention layer; without it the model's own kernel runs, so a model left on "prefix_grouper" generates as before.
+- Logits only where a completion token is scored (`lm_head_sees_only`), in float32 a chunk at a time; grouped-query
+  attention without a copy of the keys and values per query head (`sdpa_shared_kv`).
 
 Run: python experiments/bench_prefix_grouper.py (equivalence, then the speed and memory tables in RESULTS.md).
 """
 
 import math
+import numbers
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,12 +45,16 @@ from functools import cached_property
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 NAME = "prefix_grouper"
 INTEGERS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)  # the dtypes token ids may have
 KERNELS = ("sdpa", "eager", "flex_attention")  # the kernels that take an explicit 4-D mask
+FLEX_DEVICES = ("cuda",)  # where torch runs flex_attention (on CPU: no backward, and its compiled forward crashed)
+SDPA_DROPS = ("softcap", "s_aux", "sinks")  # attention arguments sdpa ignores: soft-capping, attention sinks
+UNGATHERED = ("position_bias", "indices", "block_indices")  # over the packed positions: no layout can carry them
+PLAIN = "prefix_grouper_plain"  # on a config switched to "prefix_grouper": the kernel it had, for plain forwards
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,9 +63,8 @@ KERNELS = ("sdpa", "eager", "flex_attention")  # the kernels that take an explic
 
 @dataclass
 class GroupLayout:
-    """Where every prompt and completion token of a packed batch sits, the masks and the two attention calls. B
-    prompts, N completions in all; T = longest packed row; P_max, S_max = longest prompt, completion. "flat"
-    indices count positions of the (B, T) batch row-major: b * T + t."""
+    """Where every token of a packed batch sits, its masks and its two attention calls. B prompts, N completions;
+    T = longest packed row; P_max, S_max = longest prompt, completion; "flat" index of position t of row b: b*T + t."""
 
     input_ids: torch.Tensor  # (B, T) row b = [prompt_b][completion_b1]...[completion_bG][pad ...]
     position_ids: torch.Tensor  # (B, T) prompt 0..P_b-1; every completion restarts at P_b
@@ -79,12 +79,8 @@ class GroupLayout:
     _masks: dict = field(default_factory=dict)
 
     def masks(self, dtype, repeats=1, window=None):
-        """Additive masks (0 = attend, dtype min = not): prefix (B, 1, P_max, P_max), suffix (N, 1, S_max, P_max+S_max).
-
-        `window`: a sliding-window layer's size (in_window). `repeats`: each query row repeated, for sdpa_shared_kv.
-        Made once per forward and kind of layer, not once per layer. Padding queries' outputs are thrown away; each
-        still sees one key (itself) so its softmax stays finite.
-        """
+        """Additive masks, prefix (B, 1, P_max, P_max) and suffix (N, 1, S_max, P_max+S_max), once per forward and
+        kind of layer. `window`: a sliding-window layer's size; `repeats`: each query row repeated (sdpa_shared_kv)."""
         key = (dtype, repeats, window)
         if key not in self._masks:
             p_max, s_max = self.prefix_valid.shape[1], self.suffix_valid.shape[1]
@@ -110,9 +106,8 @@ class GroupLayout:
         return self._masks[key]
 
     def attention(self, query, key, value, attend, repeats=1, window=None):
-        """The two calls for one layer: query (B, H, T, D), key/value (B, H_kv, T, D) of the packed rows;
-        attend(q, k, v, mask) runs the kernel (mask None: causal, nothing padded). Returns the outputs of the real
-        tokens (tokens, H, D) and their flat positions (tokens,)."""
+        """The two calls for one layer: query (B, H, T, D), key/value (B, H_kv, T, D) -> the real tokens' outputs
+        (tokens, H, D) and their flat positions (tokens,). attend(q, k, v, mask) runs the kernel (None: causal)."""
         query, key, value = flat_tokens(query), flat_tokens(key), flat_tokens(value)  # (B*T, h, D)
         gather = lambda x, index: take(x, index).transpose(1, 2)  # noqa: E731  (rows, h, columns, D)
         prefix_mask, suffix_mask = self.masks(query.dtype, repeats, window)
@@ -151,8 +146,7 @@ class GroupLayout:
 
 
 def take(x, index):
-    """x[index] along dim 0 for an integer index of any shape, as index_select: its backward is an index_add,
-    much faster on CPU than the accumulating index_put that x[index]'s backward runs."""
+    """x[index] along dim 0, as index_select: its backward (index_add) is much faster on CPU than x[index]'s."""
     return x.index_select(0, index.flatten()).view(*index.shape, *x.shape[1:])
 
 
@@ -162,8 +156,7 @@ def flat_tokens(x):
 
 
 def additive(allowed, dtype, repeats=1):
-    """A bool mask (N, Q, K) as the kernels' additive mask (N, 1, Q*repeats, K): 0 = attend, the dtype's most
-    negative number = not (not -inf, so that no row turns into NaN); each query row repeated for sdpa_shared_kv."""
+    """A bool mask (N, Q, K) as an additive mask (N, 1, Q*repeats, K): 0 = attend, the dtype's min (not -inf) = not."""
     mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
     return mask[:, None].repeat(1, 1, repeats, 1)
 
@@ -185,14 +178,20 @@ def check_vocabulary(ids, vocab_size):
         )
 
 
+def vocabulary_size(model):
+    """The model's vocabulary size; one ValueError for a model without weights (on the meta device)."""
+    if model.device.type == "meta":
+        raise ValueError(f"model: {type(model).__name__} is on the meta device, without weights: load them first")
+    return model.get_input_embeddings().num_embeddings
+
+
 def check_temperature(temperature):
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a finite number > 0 (the sampling temperature), got {temperature!r}")
 
 
 def check_inputs(prompts, completions, vocab_size=None):
-    """One clear ValueError for inputs of the wrong shape or type, or ids outside the vocabulary (if vocab_size is
-    given): the public functions check their inputs here, check_ids and check_temperature."""
+    """One clear ValueError for inputs of the wrong shape or type, or ids outside the vocabulary (if given)."""
     if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty list of 1-D tensors of token ids, one per group")
     if len(prompts) != len(completions):
@@ -210,15 +209,8 @@ def check_inputs(prompts, completions, vocab_size=None):
 
 
 def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab_size=None) -> GroupLayout:
-    """Pack prompts (list of 1-D id tensors) and their completions (list of lists of 1-D id tensors); token ids are
-    checked against vocab_size if given."""
+    """Pack prompts (list of 1-D id tensors) and their completions (list of lists of 1-D id tensors)."""
     check_inputs(prompts, completions, vocab_size)
-    if kernel not in KERNELS:
-        raise ValueError(
-            f"prefix_grouper needs a kernel that takes an explicit attention mask ({', '.join(KERNELS)}), "
-            f"got {kernel!r}. Flash-attention kernels take only padding masks: load the model with "
-            f"attn_implementation='sdpa' (or pass kernel='sdpa')."
-        )
     device = device or prompts[0].device
     num_rows, width = len(prompts), max(len(p) + sum(map(len, group)) for p, group in zip(prompts, completions))
     p_max, s_max = max(map(len, prompts)), max(len(c) for group in completions for c in group)
@@ -257,9 +249,8 @@ def pack(prompts, completions, pad_token_id=0, kernel="sdpa", device=None, vocab
 
 
 def sdpa_shared_kv(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """sdpa for grouped-query attention without a copy of the keys and values per query head: the n query heads
-    that share a key/value head become n x T query rows of that head (attention treats query rows independently),
-    with the mask's rows repeated to match (GroupLayout.masks). query (B, H, T, D), key/value (B, H_kv, S, D)."""
+    """sdpa for grouped-query attention without a copy of the keys and values per query head: the n query heads of a
+    key/value head become n x T query rows of it (mask rows repeated). query (B, H, T, D), key/value (B, H_kv, S, D)."""
     batch, heads, width, head_dim = query.shape
     folded = query.reshape(batch, key.shape[1], heads // key.shape[1] * width, head_dim)  # head h = g*n + r -> g
     output = torch.nn.functional.scaled_dot_product_attention(
@@ -270,25 +261,22 @@ def sdpa_shared_kv(module, query, key, value, attention_mask, scaling=None, drop
 
 def kernel_function(module, kernel):
     if kernel == "eager":  # each model file has its own eager function (softcapping, sinks, ...): use the model's
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is None:
-            raise ValueError(f"{type(module).__name__} has no eager_attention_forward; use kernel='sdpa'")
-        return eager
+        return sys.modules[type(module).__module__].eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[kernel]
 
 
 def prefix_grouper_attention(
     module, query, key, value, attention_mask, scaling=None, dropout=0.0, prefix_grouper=None, **kwargs
 ):
-    """transformers attention function. query (B, H, T, D), key/value (B, H_kv, T, D) -> output (B, T, H, D).
-
-    With `prefix_grouper=layout` (a GroupLayout or a TrieLayout passed to `model(...)`), attention runs as the
-    layout's calls (`layout.attention`); without it, as plain sdpa with the mask transformers built.
-    """
-    if prefix_grouper is None:
-        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
-                                               dropout=dropout, **kwargs)  # fmt: skip
+    """transformers attention function: query (B, H, T, D), key/value (B, H_kv, T, D) -> (B, T, H, D). With
+    `prefix_grouper=layout` (GroupLayout, TrieLayout) as the layout's calls, else as the kernel the model had."""
+    if prefix_grouper is None:  # the kernel the model had, with the mask plain_mask built for it
+        kernel = kernel_function(module, getattr(getattr(module, "config", None), PLAIN, "sdpa"))
+        return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     layout = prefix_grouper
+    dropped = [k for k in UNGATHERED + (SDPA_DROPS if layout.kernel == "sdpa" else ()) if kwargs.get(k) is not None]
+    if dropped:  # default_kernel picks eager for soft-capping and sinks
+        raise ValueError(f"kernel={layout.kernel!r} cannot apply {type(module).__name__}'s {', '.join(dropped)}")
     layout.calls += 1
     batch, heads, width, head_dim = query.shape
     repeats = heads // key.shape[1] if layout.kernel == "sdpa" else 1
@@ -308,8 +296,13 @@ def prefix_grouper_attention(
     return output.view(batch, width, heads, head_dim), None
 
 
+def plain_mask(*args, config=None, **kwargs):
+    """The mask transformers builds for a model on "prefix_grouper": the one the kernel it had expects."""
+    return ALL_MASK_ATTENTION_FUNCTIONS[getattr(config, PLAIN, "sdpa")](*args, config=config, **kwargs)
+
+
 AttentionInterface.register(NAME, prefix_grouper_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)  # for plain forwards on a model left on "prefix_grouper"
+AttentionMaskInterface.register(NAME, plain_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,19 +311,27 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # for plain forwards on a mode
 
 @contextmanager
 def use_prefix_grouper(model):
-    """The model's attention is "prefix_grouper" inside, what it was before outside. In a vision-language model
-    only the language model's: the vision tower keeps its own kernel."""
+    """The model's attention (a VLM's language model's) is "prefix_grouper" inside, its own kernel outside; a model
+    that trains with gradient checkpointing stays on it: the backward recomputes the forward and must find it."""
     if not getattr(model, "_supports_attention_backend", False):  # its attention is not in AttentionInterface
         raise ValueError(
             f"prefix_grouper cannot replace {type(model).__name__}'s attention: use repeated_prefix_logprobs"
         )
     check_layer_types(model.config)
-    previous, composite = text_config(model.config)._attn_implementation, text_config(model.config) is not model.config
+    config, composite = text_config(model.config), text_config(model.config) is not model.config
+    previous = config._attn_implementation
+    checkpointing = model.training and any(getattr(layer, "gradient_checkpointing", False) for layer in model.modules())
+    if checkpointing and previous not in (*KERNELS, NAME):
+        raise ValueError(f"model: gradient checkpointing would recompute {previous} attention without the layout")
+    if previous != NAME:
+        setattr(config, PLAIN, previous)
     model.set_attn_implementation({"text_config": NAME} if composite else NAME)
     try:
         yield
     finally:
-        model.set_attn_implementation({"text_config": previous} if composite else previous)
+        if not checkpointing and previous != NAME:
+            model.set_attn_implementation({"text_config": previous} if composite else previous)
+            delattr(config, PLAIN)  # not saved with the model
 
 
 def text_config(config):
@@ -340,8 +341,8 @@ def text_config(config):
 
 @contextmanager
 def lm_head_sees_only(model, index):
-    """Inside, the LM head's input (B, K, H) becomes hidden[index] as (1, tokens, H): no logits are made where
-    nothing is scored. What the model does to the logits after the head (soft-capping, scaling) still applies."""
+    """Inside, the LM head sees hidden[index] (1, tokens, H) only (no logits where nothing is scored): what the model
+    does to the logits after the head (soft-capping, scaling) still applies."""
     hook = model.get_output_embeddings().register_forward_pre_hook(lambda head, args: (args[0][index][None],))
     try:
         yield
@@ -350,8 +351,7 @@ def lm_head_sees_only(model, index):
 
 
 def check_layer_types(config):
-    """Full and sliding-window attention are what the masks express; any other kind of layer (chunked attention,
-    linear attention, ...) would be computed wrongly without a word, so it is refused."""
+    """Full and sliding-window attention are what the masks express: any other kind of layer is refused."""
     config = text_config(config)
     unsupported = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
     if unsupported or getattr(config, "attention_chunk_size", None):
@@ -362,10 +362,9 @@ def check_layer_types(config):
 
 
 def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):
-    """log softmax(logits / temperature) at `targets`, and the entropy of each distribution; logits (..., V). Both
-    differentiable (an entropy bonus trains through the entropy). Exact and memory-lean: the float32 copy of the
-    logits (bf16 upcast, as TRL does) is made `chunk_bytes` at a time and recomputed per chunk in the backward
-    (activation checkpointing), so nothing (..., V)-sized is kept besides `logits` (log_softmax: 16 bytes a logit)."""
+    """log softmax(logits / temperature) at `targets`, and each distribution's entropy (both differentiable); logits
+    (..., V). The float32 copy of the logits (bf16 upcast, as TRL does) is made `chunk_bytes` at a time and recomputed
+    per chunk in the backward, so nothing (..., V)-sized is kept besides `logits` (log_softmax: 16 bytes a logit)."""
     check_temperature(temperature)
     if targets.shape != logits.shape[:-1] or targets.dtype not in INTEGERS:
         raise ValueError(
@@ -391,16 +390,28 @@ def chunk_logprobs(logits, targets, temperature):
     z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (rows, V)
     log_normaliser = z.logsumexp(dim=-1)  # (rows,)
     logps = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
-    # a -inf logit (a token never sampled) has p_v = 0 and adds nothing; masked, so that no -inf or NaN reaches
-    # the backward either (a clamp to the dtype's min overflows there once the upstream gradient exceeds 1)
+    # a -inf logit (never sampled) has p_v = 0: masked, so that no -inf or NaN reaches the backward either
     entropy = log_normaliser - (z.softmax(dim=-1) * z.masked_fill(z == float("-inf"), 0.0)).sum(dim=-1)
     return logps, entropy
 
 
 def default_kernel(model, kernel=None):
-    """The kernel of the two calls: `kernel` if given, else the model's own if it takes explicit masks, else sdpa."""
-    current = text_config(model.config)._attn_implementation
-    return kernel or (current if current in KERNELS else "sdpa")
+    """The kernel of the two calls: `kernel` if given, else the model's own if it can, else sdpa, else eager (the
+    model's own function: it applies all its attention does). One ValueError for a kernel that cannot be exact here."""
+    config, name = text_config(model.config), type(model).__name__
+    own = getattr(config, PLAIN, "sdpa") if config._attn_implementation == NAME else config._attn_implementation
+    sinks = any(getattr(module, "sinks", None) is not None for module in model.modules())
+    extras = sinks or getattr(config, "attn_logit_softcapping", None)
+    problems = {  # why each kernel cannot compute exactly here (None: it can)
+        "sdpa": extras and f"kernel='sdpa' would drop {name}'s soft-capping or attention sinks: use kernel='eager'",
+        "eager": None,
+        "flex_attention": model.device.type not in FLEX_DEVICES
+        and f"kernel='flex_attention' runs on {'/'.join(FLEX_DEVICES)} only with torch {torch.__version__}: use sdpa",
+    }
+    if kernel is not None and problems.get(kernel, True):
+        needs = f"kernel={kernel!r}: prefix_grouper needs a kernel that takes an explicit attention mask {KERNELS}"
+        raise ValueError(problems.get(kernel) or needs)
+    return kernel or next(k for k in (own, "sdpa", "eager") if k in problems and not problems[k])
 
 
 def packed_logits(model, layout, scored, **model_inputs):
@@ -409,11 +420,8 @@ def packed_logits(model, layout, scored, **model_inputs):
     with use_prefix_grouper(model), lm_head_sees_only(model, scored):
         logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_grouper=layout,
                        use_cache=False, **model_inputs).logits[0]  # fmt: skip
-    if layout.calls == 0:
-        raise ValueError(
-            f"{type(model).__name__} never called the prefix_grouper attention function, so its result would be "
-            f"wrong; this architecture cannot use prefix_grouper."
-        )
+    if layout.calls == 0:  # its attention ignored the layout: the result would be wrong
+        raise ValueError(f"{type(model).__name__} never called the prefix_grouper attention function")
     return logits
 
 
@@ -424,12 +432,11 @@ def shared_prefix_logprobs(
     """Per-token log-probs of each completion given its prompt, each prompt encoded once. prompts: list of B 1-D id
     tensors; completions: for each prompt a list of 1-D id tensors (no padding). Returns for each prompt a list of
     1-D log-prob tensors, one per completion (and the entropies, if asked); differentiable in train mode. kernel:
-    sdpa | eager | flex_attention (default: the model's if it is one of those, else sdpa). prompt_inputs: more
-    model inputs, one row per prompt (a VLM's pixel_values: each image through the vision tower once).
-    suppress_tokens: token ids given probability 0, as generate's suppress_tokens does when sampling."""
+    sdpa | eager | flex_attention (default_kernel). prompt_inputs: more model inputs, one row per prompt (a VLM's
+    pixel_values). suppress_tokens: ids given probability 0, as generate's suppress_tokens does when sampling."""
     check_temperature(temperature)
     layout = pack(prompts, completions, kernel=default_kernel(model, kernel), device=model.device,
-                  vocab_size=model.get_input_embeddings().num_embeddings)  # fmt: skip
+                  vocab_size=vocabulary_size(model))  # fmt: skip
     # position predicting each completion token: the last prompt token for the first, then the completion's own
     predictors, targets = [], []
     for row, (prompt, group) in enumerate(zip(prompts, completions)):
@@ -460,7 +467,7 @@ def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, retur
     """The naive reference: one row per completion, [left-padded prompt][right-padded completion]; prompt_inputs'
     rows are repeated for each completion of their prompt."""
     check_temperature(temperature)
-    check_inputs(prompts, completions, model.get_input_embeddings().num_embeddings)
+    check_inputs(prompts, completions, vocabulary_size(model))
     rows = [(prompt, completion) for prompt, group in zip(prompts, completions) for completion in group]
     p_max = max(len(p) for p, _ in rows)
     s_max = max(len(c) for _, c in rows)
@@ -499,19 +506,16 @@ def unflatten(values, sizes, completions, entropy=None):
 
 
 def in_window(query_positions, key_positions, window):
-    """(N, Q, K) bool: a sliding-window layer's query at position q sees keys at k > q - window (transformers'
-    sliding_window_overlay), in each token's own positions (a completion restarts after its prompt, as naive)."""
+    """(N, Q, K) bool: a sliding-window layer's query at position q sees keys at k > q - window (as transformers)."""
     return key_positions[:, None, :] > query_positions[:, :, None] - window
 
 
 @dataclass
 class TrieLayout:
     """Sequences that share prefixes, packed as tries: every distinct prefix is one token (a node) of a row, at the
-    position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points: a
-    segment's queries see its ancestors' keys and its own, causally (a GroupLayout is the case of one prompt
-    segment and its completions). Segments with the same numbers of ancestors A and of nodes S share one call and
-    one mask, without padding: node i (depth A + i) sees the keys at depths 0..A+i of [ancestors; own nodes].
-    B rows (one trie each), T = most nodes in a row; "flat" indices count positions of the (B, T) batch: b * T + t."""
+    position of its depth. Attention runs over segments, the unbranched runs of nodes between branch points, each
+    seeing its ancestors and itself causally; segments with A ancestors and S nodes share one call and one mask.
+    B rows (one trie each), T = most nodes in a row; "flat" index of position t of row b: b*T + t."""
 
     input_ids: torch.Tensor  # (B, T) each node's token, padded with 0
     position_ids: torch.Tensor  # (B, T) each node's depth: its position in every sequence that passes through it
@@ -522,19 +526,20 @@ class TrieLayout:
     _masks: dict = field(default_factory=dict)
 
     def masks(self, dtype, repeats=1, window=None):
-        """Per bucket the additive mask (1, 1, S*repeats, A+S) its segments share, None where it is plain causal
-        (A = 0, no window: sdpa's is_causal). A sliding-window layer keeps keys less than `window` depths back."""
+        """Per bucket the additive mask its n segments share, (n, 1, S*repeats, A+S) as a view of one (flex_attention
+        indexes it by segment); None where sdpa's is_causal does (A = 0, no sliding `window`)."""
         key = (dtype, repeats, window)
         if key not in self._masks:
             self._masks[key] = []
-            for ancestors, _, key_index in self.buckets:
+            for ancestors, nodes, key_index in self.buckets:
                 key_depth = torch.arange(key_index.shape[1], device=key_index.device)  # (A+S,)
                 query_depth = key_depth[ancestors:]  # (S,)
                 allowed = key_depth[None, :] <= query_depth[:, None]  # (S, A+S)
                 if window is not None:
                     allowed &= in_window(query_depth[None], key_depth[None], window)[0]
                 causal = ancestors == 0 and window is None and self.kernel == "sdpa"
-                self._masks[key].append(None if causal else additive(allowed[None], dtype, repeats))
+                mask = None if causal else additive(allowed[None], dtype, repeats).expand(len(nodes), -1, -1, -1)
+                self._masks[key].append(mask)
         return self._masks[key]
 
     def attention(self, query, key, value, attend, repeats=1, window=None):
@@ -548,9 +553,8 @@ class TrieLayout:
 
 
 def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segment_tokens=512) -> TrieLayout:
-    """Pack 1-D token tensors as tries. Sequences are taken in sorted order, so that those sharing a prefix are
-    neighbours, and a new row starts once a row holds `max_row_tokens` nodes (a prefix two rows share is then
-    encoded in both). A segment below a branch longer than `segment_tokens` is cut in pieces (smaller masks)."""
+    """Pack 1-D token tensors as tries, in sorted order (sharing a prefix: neighbours); a new row starts once a row
+    holds `max_row_tokens` nodes, and a segment below a branch is cut in pieces of `segment_tokens` (smaller masks)."""
     order = sorted(range(len(sequences)), key=lambda i: sequences[i].tolist())
     rows, paths = [], [None] * len(sequences)
     for i in order:
@@ -599,21 +603,16 @@ def pack_trie(sequences, kernel="sdpa", device=None, max_row_tokens=4096, segmen
 
 def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return_entropy=False):
     """Log-probs of sequences[i][starts[i]:] for each i (1-D tensors), equal to a forward of each sequence alone, with
-    every distinct prefix of the sequences encoded once (pack_trie): a Tree-GRPO tree's leaves share its prompt and
-    every step before they branch. Sequences may repeat, be prefixes of one another, and start inside a shared part.
-    Differentiable when the model is in train mode. Returns a list of 1-D tensors (and the entropies, if asked).
-    """
+    every distinct prefix encoded once (pack_trie). Sequences may repeat, be prefixes of one another, and start inside
+    a shared part. Differentiable in train mode. Returns a list of 1-D tensors (and the entropies, if asked)."""
     check_temperature(temperature)
     if len(sequences) != len(starts) or not sequences:
         raise ValueError(f"need one start per sequence, and a sequence, got {len(sequences)} and {len(starts)} starts")
     for i, (sequence, start) in enumerate(zip(sequences, starts)):
         check_ids(sequence, f"sequence {i}")
-        if not 1 <= start <= len(sequence):
-            raise ValueError(
-                f"sequence {i}: need 1 <= start <= its length (the first token has nothing before it to predict it), "
-                f"got start {start} for {len(sequence)} tokens"
-            )
-    check_vocabulary(list(sequences), model.get_input_embeddings().num_embeddings)
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or not 1 <= start <= len(sequence):
+            raise ValueError(f"starts[{i}]: need an integer 1 <= start <= its length {len(sequence)}, got {start!r}")
+    check_vocabulary(list(sequences), vocabulary_size(model))
     layout = pack_trie(sequences, kernel=default_kernel(model, kernel), device=model.device)
     # token t is node path[t], predicted by its parent path[t-1]: each scored node goes through the LM head and the
     # log-softmax once, however many sequences share it; its log-prob is then copied to each of them
@@ -634,9 +633,13 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
 
 
 def shared_prompt_cache(model, inputs, copies):
-    """For generation: the KV cache of every prompt but its last token, computed once per run of `copies` equal rows
-    (a GRPO group) and repeated for the others, so `generate` prefills only each row's last prompt token: the same
-    samples as G prefills. None where there is nothing to share (one copy, or a one-token prompt)."""
+    """For generate: the KV cache of the prompts but their last token, once per run of `copies` equal rows (a group)
+    and repeated for its rows: the same samples as G prefills. None where nothing is shared (one copy or token)."""
+    check_vocabulary(list(inputs["input_ids"]), vocabulary_size(model))
+    rows = torch.cat([inputs["input_ids"], inputs["attention_mask"]], dim=1)  # (B*copies, 2P)
+    grouped = isinstance(copies, numbers.Integral) and copies >= 1 and len(rows) % copies == 0
+    if not grouped or (rows.view(-1, copies, rows.shape[1]) != rows[::copies, None]).any():
+        raise ValueError(f"copies={copies!r}: need an integer >= 1, the rows in runs of that many equal prompts")
     if copies < 2 or inputs["input_ids"].size(1) < 2:
         return None
     ids, mask = inputs["input_ids"][::copies, :-1], inputs["attention_mask"][::copies, :-1]  # (B, P-1)

@@ -10,6 +10,7 @@ Memory = bytes autograd saves for the backward (the CPU has no allocator statist
 
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo_pp as G  # noqa: E402
 from common import load_vlm  # noqa: E402
 from experiments.bench_prefix_grouper import forward_backward  # noqa: E402
+from plumbing import run_cli  # noqa: E402
 from tasks import lesions  # noqa: E402
 
 
@@ -39,7 +41,12 @@ def masked_logprobs(model, batch, prefix_grouper):
     return [[G.completion_logprobs(model, batch, prefix_grouper=prefix_grouper) * batch["completion_mask"]]]
 
 
-if __name__ == "__main__":
+@dataclass
+class Args:
+    """No options: the batches above."""
+
+
+def main(options: Args):
     model, processor = load_vlm("tiny-vlm", "cpu")
     model.train()
     images = [x["image"] for x in lesions.make_lesion_task(2, 1, seed=0)[0][:12]]
@@ -57,3 +64,7 @@ if __name__ == "__main__":
         (tn, mn), (tg, mg) = cell[False], cell[True]
         print(f"| {group_size} | {completion_tokens} | {batch['prompt_ids'].size(1)} | {tn:.3f} | {tg:.3f} | "
               f"{tn / tg:.2f}x | {mn / 2**20:.0f} | {mg / 2**20:.0f} | {mn / mg:.2f}x |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(Args, main)

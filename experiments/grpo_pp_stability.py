@@ -5,17 +5,27 @@
     python experiments/grpo_pp_stability.py --sizes 4 --learning_rate 1e-3 --seeds ... --arms no_beta,no_eps_high
 Each arm (grpo, grpo_pp, or grpo_pp with one stabiliser at GRPO's value: no_<stabiliser>) trains stage 1 for
 every seed and training size (one warm start and one held-out split), then a table of held-out macro-F1 (after,
-best, majority vote of sampled answers) and collapses, and the F1 curves. Every option of grpo_pp.py applies.
+best, majority vote of sampled answers) and collapses, and the F1 curves. Every option of grpo_pp.py applies but
+--seed, --images_per_class and --grpo_pp, which --seeds, --sizes and --arms set; an image folder (--dataset_path)
+must hold the largest size of every class.
 """
 
 import sys
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
 
 import grpo_pp  # noqa: E402
-from experiments.sweep import Sweep, int_list, seed_sweep  # noqa: E402
+from experiments.sweep import (  # noqa: E402
+    Sweep,
+    int_list,
+    name_list,
+    refuse_same_runs,
+    refuse_set_for_every_run,
+    seed_sweep,
+)
 from plumbing import UsageError, arg, run_cli  # noqa: E402
 
 # each arm: (GRPO++ or GRPO, the stabiliser set to GRPO's value)
@@ -30,20 +40,39 @@ class Comparison(Sweep):
 
     def __post_init__(self):
         super().__post_init__()
-        int_list(self.sizes, "--sizes")
-        if unknown := [arm for arm in self.arms.split(",") if arm not in ARMS]:
-            raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
+        int_list(self.sizes, "--sizes", least=1, name="size")
+        name_list(self.arms, ARMS)
 
 
-def main(args: grpo_pp.Args, comparison: Comparison):
-    sizes, seeds = int_list(comparison.sizes, "--sizes"), int_list(comparison.seeds, "--seeds")
+def plan(args: grpo_pp.Args, comparison: Comparison) -> dict:
+    """{"arm (size/class)": [grpo_pp.Args, one per seed]}, or a UsageError: an option the comparison sets, two arms
+    that would be the same runs, an image folder with fewer images of a class than a size claims."""
+    refuse_set_for_every_run(
+        args, {"seed": "from --seeds", "images_per_class": "from --sizes", "grpo_pp": "from each arm in --arms"}
+    )
+    sizes, seeds = int_list(comparison.sizes, "--sizes", least=1), int_list(comparison.seeds, "--seeds")
     runs = {
         f"{arm} ({size}/class)": [
             grpo_pp.with_method(args, ARMS[arm][0], **ARMS[arm][1], seed=seed, images_per_class=size) for seed in seeds
         ]
         for size in sizes
-        for arm in comparison.arms.split(",")
+        for arm in name_list(comparison.arms, ARMS)
     }
+    # the method's name alone is not a difference; the stabilisers given keep their value in every arm
+    refuse_same_runs(runs, label_fields=("grpo_pp", "set_by_user"), given=args.set_by_user)
+    if args.dataset_path:  # a folder may hold fewer images of a class than the arm's label says it trains on
+        train_items, _ = grpo_pp.load_task(replace(args, images_per_class=max(sizes)))
+        label, count = min(Counter(item["label"] for item in train_items).items(), key=lambda pair: pair[1])
+        if count < max(sizes):
+            raise UsageError(
+                f"--sizes {comparison.sizes}: {args.dataset_path} has {count} training images of {label!r}, fewer "
+                f"than {max(sizes)}/class; give sizes of at most {count}"
+            )
+    return runs
+
+
+def main(args: grpo_pp.Args, comparison: Comparison):
+    runs = plan(args, comparison)
     summarize = lambda run: {key: run[key] for key in ("f1_after", "f1_best", "f1_vote", "collapses")}
     # held-out macro-F1 at step 0, then every eval_every steps and at the last step
     curve = lambda run: ([min(k * args.eval_every, args.num_steps) for k in range(len(run["curve"]))], run["curve"])

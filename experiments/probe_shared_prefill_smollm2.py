@@ -7,9 +7,9 @@ The reproduction's setting (RESULTS.md): the small-addend task with 3 worked exa
 4 prompts x 8 samples of at most 32 tokens per batch, sampled at temperature 1 with a fixed seed per batch.
 """
 
-import argparse
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,12 +17,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import grpo  # noqa: E402
 from common import load_model  # noqa: E402
+from plumbing import arg, check_args_shared, run_cli  # noqa: E402
 from tasks import arithmetic, format_prompt  # noqa: E402
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=2, help="rollout batches to compare")
-    options = parser.parse_args()
+
+@dataclass
+class Args:
+    batches: int = arg(2, "rollout batches to compare", ">= 1")
+
+    def __post_init__(self):
+        check_args_shared(self)  # every field in its declared range
+
+
+def main(options: Args):
     train_items, _, _, shots = arithmetic.load_task(
         "arithmetic", "", num_train=600, num_eval=200, seed=0, demo_noise=0.7, small_addend=True, num_shots=3
     )
@@ -41,3 +48,7 @@ if __name__ == "__main__":
             outputs.append(rollout["completion_ids"])
         print(f"batch {batch}: prompts of {len(tokenizer(prompts[0])['input_ids'])} tokens, identical tokens: "
               f"{torch.equal(*outputs)}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_cli(Args, main)

@@ -12,12 +12,14 @@ digit-by-digit trace). Not a test: nothing is asserted, and it needs the llm-smo
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import grpo  # noqa: E402
 from common import load_model  # noqa: E402
+from plumbing import run_cli  # noqa: E402
 from tasks import arithmetic, format_prompt  # noqa: E402
 
 SYSTEM = arithmetic.SYSTEM_PROMPT
@@ -44,7 +46,12 @@ def digit_trace(numbers: list[int]) -> str:
     return f"<think>{a % 10}+{b}={ones} {tens}</think><answer>{a + b}</answer>"
 
 
-def main():
+@dataclass
+class Args:
+    """No options: the rows above, on SmolLM2-135M-Instruct."""
+
+
+def main(options: Args):
     model, tokenizer = load_model("smollm2-135m", device="cpu")
     two, one = range(10, 100), range(1, 10)
     rows = [
@@ -68,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(Args, main)

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tree_grpo.py, plumbing.py
 
+from experiments.sweep import check_out, int_list, name_list  # noqa: E402
 from plumbing import UsageError, arg, check_args_shared, run_cli  # noqa: E402
 from tree_grpo import policy_loss as tree_grpo_loss  # noqa: E402
 from tree_grpo import tree_advantages  # noqa: E402
@@ -379,21 +380,34 @@ class Args:
 
     def __post_init__(self):
         check_args_shared(self)
-        for name in ("seeds", "decisive", "luck"):
-            try:
-                values = [float(x) if name == "luck" else int(x) for x in getattr(self, name).split(",")]
-            except ValueError:
-                raise UsageError(f"--{name} must be comma-separated numbers, got {getattr(self, name)!r}") from None
-            if len(set(values)) != len(values):
-                raise UsageError(f"--{name} repeats a value ({getattr(self, name)})")
-        if bad := [d for d in self.decisive.split(",") if not 1 <= int(d) <= self.horizon]:
+        int_list(self.seeds, "--seeds")
+        if bad := [d for d in int_list(self.decisive, "--decisive", least=1) if d > self.horizon]:
             raise UsageError(f"--decisive must be steps between 1 and --horizon {self.horizon}, got {bad[0]}")
-        if any(float(b) < 0 for b in self.luck.split(",")):
+        try:
+            luck = [float(b) for b in self.luck.split(",")]
+        except ValueError:
+            raise UsageError(f"--luck must be comma-separated numbers, got {self.luck!r}") from None
+        if not all(0 <= b < float("inf") for b in luck):
             raise UsageError(f"--luck must be at least 0, got {self.luck}")
-        if unknown := [arm for arm in self.arms.split(",") if arm not in ARMS]:
-            raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
-        if self.num_trees * (1 + self.expand_nodes * self.expand_rounds) < 2:
-            raise UsageError("one tree with one leaf gives every advantage 0: raise --num_trees or --expand_nodes")
+        if len(set(luck)) != len(luck):
+            raise UsageError(f"--luck repeats a value ({self.luck})")
+        arms, leaves = name_list(self.arms, ARMS), 1 + self.expand_nodes * self.expand_rounds  # leaves of a tree
+        if (trees := [arm for arm in arms if ARMS[arm][0] == "tree"]) and leaves == 1:
+            raise UsageError(
+                f"--expand_nodes {self.expand_nodes} x --expand_rounds {self.expand_rounds} leaves each tree one "
+                f"chain: {', '.join(trees)} would be chain GRPO, without a sibling to contrast; raise both, or --arms "
+                "chain"
+            )
+        # the most actions one batch samples: every question's chains, or trees of `leaves` chains each
+        per_question = [self.group_size if arm == "chain" else self.num_trees * leaves for arm in arms]
+        batch = self.questions * self.horizon * max(per_question)
+        if self.budget < batch:
+            raise UsageError(
+                f"--budget {self.budget} is below one batch ({batch} actions at most); give {batch} or more"
+            )
+        if self.signal_batches == 1:
+            raise UsageError("--signal_batches must be 0 (skip it) or at least 2 (its variance is over batches)")
+        check_out(self.out, "--out")
 
 
 def main(args: Args):

@@ -8,7 +8,8 @@ Every arm of every seed trains from one warm start until it has generated --toke
 greedy multi-hop EM at a quarter, half, three quarters of the budget and at its end) and the EM-vs-tokens curves.
 With --eval_samples the table adds the sampled policy's multi-hop EM at each quarter (read at the first step past
 it) and found_person at the end, greedy and sampled, and the curves are the sampled EM's. Every option of
-tree_grpo.py applies to every arm.
+tree_grpo.py applies to every arm but --seed, --token_budget and what every arm sets (--rollout, --advantage); the
+budget must hold one step of every arm (all its trajectories at --max_turns steps of --max_step_tokens tokens).
 """
 
 import sys
@@ -18,7 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
 
 import tree_grpo  # noqa: E402
-from experiments.sweep import Sweep, int_list, seed_sweep  # noqa: E402
+from experiments.sweep import (  # noqa: E402
+    Sweep,
+    int_list,
+    name_list,
+    options_given,
+    refuse_same_runs,
+    refuse_set_for_every_run,
+    seed_sweep,
+)
 from plumbing import UsageError, arg, run_cli  # noqa: E402
 
 # what each arm sets: chain GRPO, Tree-GRPO, Tree-GRPO with one advantage term (the ablation), off-policy updates
@@ -40,8 +49,7 @@ class Comparison(Sweep):
 
     def __post_init__(self):
         super().__post_init__()  # and every field in its declared range
-        if unknown := [arm for arm in self.arms.split(",") if arm not in ARMS]:
-            raise UsageError(f"--arms: unknown arm {unknown[0]!r}; known: {', '.join(ARMS)}")
+        name_list(self.arms, ARMS)
 
 
 def em_at_budget(curve, tokens):
@@ -59,12 +67,43 @@ def first_past(curve, key, tokens):
     return next(p[key] for p in curve if key in p and p["budget/generated_tokens"] >= tokens)
 
 
+def trajectories(args: tree_grpo.Args) -> int:
+    """Trajectories per question in one step: each tree's first chain and its expansions (chain GRPO: G)."""
+    trees, nodes, rounds, _ = tree_grpo.rollout_shape(args)
+    return trees * (1 + nodes * rounds)
+
+
+def plan(args: tree_grpo.Args, comparison: Comparison) -> dict:
+    """{arm: [tree_grpo.Args, one per seed]}, or a UsageError: an option the comparison sets, two arms that would be
+    the same runs, a budget below one step of an arm or beyond what --num_steps steps can generate."""
+    arms, budget = name_list(comparison.arms, ARMS), comparison.tokens
+    every_arm = set.intersection(*(set(ARMS[arm]) for arm in arms))
+    refuse_set_for_every_run(
+        args,
+        {"seed": "from --seeds", "token_budget": "from --tokens"} | {k: "from each arm in --arms" for k in every_arm},
+    )
+    seeds = int_list(comparison.seeds, "--seeds")
+    runs = {arm: [replace(args, **ARMS[arm], seed=seed, token_budget=budget) for seed in seeds] for arm in arms}
+    refuse_same_runs(runs, given=options_given(args, sorted({k for arm in arms for k in ARMS[arm]})))
+    for arm in arms:
+        one = runs[arm][0]
+        most = one.prompts_per_step * trajectories(one) * one.max_turns * one.max_step_tokens  # one step at most
+        if budget < most:
+            raise UsageError(
+                f"--tokens {budget} is below one step of the arm {arm}: --prompts_per_step {one.prompts_per_step} x "
+                f"{trajectories(one)} trajectories x --max_turns {one.max_turns} x --max_step_tokens "
+                f"{one.max_step_tokens} = up to {most} tokens; give --tokens {most} or more, or a smaller step"
+            )
+        if args.num_steps * most < budget:
+            raise UsageError(
+                f"--num_steps {args.num_steps} steps of the arm {arm} generate at most {args.num_steps * most} "
+                f"tokens, fewer than --tokens {budget}: raise --num_steps (or lower --tokens)"
+            )
+    return runs
+
+
 def main(args: tree_grpo.Args, comparison: Comparison):
-    seeds, budget = int_list(comparison.seeds, "--seeds"), comparison.tokens
-    runs = {
-        arm: [replace(args, **ARMS[arm], seed=seed, token_budget=budget) for seed in seeds]
-        for arm in comparison.arms.split(",")
-    }
+    runs, budget = plan(args, comparison), comparison.tokens
 
     def summarize(run):
         tokens = run["budget"]["generated_tokens"]
@@ -73,7 +112,7 @@ def main(args: tree_grpo.Args, comparison: Comparison):
                 f"a run stopped after --num_steps {args.num_steps} steps with {tokens} of the {budget} tokens of "
                 f"--tokens generated: raise --num_steps (or lower --tokens)"
             )
-        at = {f"em_multihop_at_{budget * f // 4000}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
+        at = {f"em_multihop_at_{budget * f / 4000:g}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
         sampled = {}
         if args.eval_samples:  # the sampled policy at each quarter; the namesake check at the end
             sampled = {f"sampled_em_multihop_at_{budget * f / 4000:g}k": first_past(
@@ -100,7 +139,7 @@ def main(args: tree_grpo.Args, comparison: Comparison):
     out = f"{args.output_dir}/tree_grpo_compare/{name}"
     title = (
         f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
-        f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget // 1000}k generated tokens, tiny model"
+        f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget / 1000:g}k generated tokens, tiny model"
     )
     labels = ("generated tokens (thousands)", "held-out multi-hop EM" + (", sampled" if args.eval_samples else ""))
     settings = asdict(args) | asdict(comparison)

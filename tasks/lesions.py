@@ -200,6 +200,9 @@ def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, se
             if counts.get(class_name, 0) < per_class:
                 counts[class_name] = counts.get(class_name, 0) + 1
                 items.append({"image": row["image"], "label": class_name})
+        short = [f"{name} ({count})" for name, count in sorted(counts.items()) if count < per_class]
+        if short:  # said, never silently fewer than asked
+            print(f"[lesions] {path} ({split.split}): fewer than {per_class} images of {', '.join(short)}: all taken")
         return items
 
     return take(data["train"], images_per_class), take(data["eval"], eval_per_class)

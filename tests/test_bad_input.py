@@ -106,6 +106,8 @@ def outside_and_edges(accepts, kind):
 COMPANIONS = {
     ("tree_grpo.py", "expand_nodes"): ["--keep_leaves", "1"],
     ("tree_grpo.py", "expand_rounds"): ["--keep_leaves", "1"],
+    ("tree_grpo.py", "group_size"): ["--rollout", "chain"],  # options of one mode alone are given in that mode
+    ("tree_grpo.py", "num_train"): ["--dataset", "hotpotqa"],
 }
 FIELDS = [(script, name) for script in SCRIPTS for name, _, _ in declared(script)]
 

@@ -17,8 +17,8 @@ COMPARISONS = {
         "crpo_compare", ["grpo", "crpo"],
     ),
     "experiments/tree_vs_chain.py": (
-        ["--num_steps", "1", "--sft_steps", "20", "--num_eval", "4", "--prompts_per_step", "1", "--max_step_tokens",
-         "8", "--max_turns", "1", "--tokens", "1"],
+        ["--num_steps", "20", "--sft_steps", "20", "--num_eval", "4", "--prompts_per_step", "1", "--max_step_tokens",
+         "8", "--max_turns", "1", "--tokens", "48"],
         "tree_grpo_compare", ["chain", "tree", "tree_inter", "tree_intra"],
     ),
     "experiments/grpo_pp_stability.py": (
@@ -40,7 +40,8 @@ def test_comparison_runs_every_arm_and_seed(tmp_path, script):
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads((tmp_path / name / f"{name}.json").read_text())
     assert list(saved["results"]) == arms and all(len(runs) == 2 for runs in saved["results"].values())
-    assert saved["args"]["seeds"] == "0,1" and saved["args"]["num_steps"] == 1  # the sweep's and the script's
+    num_steps = int(argv[argv.index("--num_steps") + 1])
+    assert saved["args"]["seeds"] == "0,1" and saved["args"]["num_steps"] == num_steps  # the sweep's and the script's
     assert all(f"| {key} |" in saved["table"] for key in saved["results"][arms[0]][0])
     assert (tmp_path / name / f"{name}.png").stat().st_size > 0
 

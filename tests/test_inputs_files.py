@@ -6,6 +6,7 @@ it loads as the user meant."""
 import json
 import re
 import shutil
+from collections import Counter
 
 import pytest
 from conftest import ROOT, main_runner
@@ -239,3 +240,11 @@ def test_the_command_line_names_the_file_says_error_and_exits_2(tmp_path, capsys
     assert code == 2 and "Traceback" not in err, err[-2000:]
     assert err.splitlines()[-1].startswith(f"{script}: error: ") and message in err.splitlines()[-1], err[-2000:]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # nothing ran
+
+
+def test_a_folder_with_fewer_images_than_asked_says_so(capsys):
+    train, _ = lesions.load_image_dataset(str(LESIONS), 16, 1, seed=0)
+    counts = Counter(item["label"] for item in train)
+    said = capsys.readouterr().out
+    assert f"fewer than 16 images of nevus ({counts['nevus']}), psoriasis ({counts['psoriasis']})" in said
+    assert max(counts.values()) < 16

@@ -1,5 +1,8 @@
 """prefix_grouper.py: the same log-probs and gradients as the naive repeated-prefix forward, on CPU and CUDA."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -8,6 +11,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GptOssConfig,
+    GptOssForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -432,3 +437,125 @@ def test_grpo_prefix_grouper_finds_groups_in_any_rows():
     naive, _ = grpo.completion_logprobs(model, rows)
     grouped, _ = grpo.completion_logprobs(model, rows, prefix_grouper=True)
     torch.testing.assert_close(grouped, naive, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the API cannot compute exactly is refused; what the model's attention adds is kept
+
+
+def sinks_model(kernel="eager"):
+    """A random GPT-OSS: attention sinks (drawn large enough to matter), experts, a sliding-window layer."""
+    shape = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+    experts = dict(num_local_experts=2, num_experts_per_tok=1)
+    layers = ["sliding_attention", "full_attention"]
+    config = GptOssConfig(**shape, **experts, head_dim=16, num_hidden_layers=2, sliding_window=4, layer_types=layers)
+    config._attn_implementation = kernel
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).train()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+    return model
+
+
+EXTRAS = {"sinks": sinks_model, "softcap": lambda kernel="eager": sliding_model("gemma2", kernel)}
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_sinks_and_softcap_are_kept_by_the_default_kernel_and_sdpa_is_refused(extra):
+    """sdpa cannot apply attention sinks or soft-capped logits: the default kernel is eager, even for a model loaded
+    with a flash kernel, and matches naive; sdpa asked for is refused, by name or (a layout built by hand) in the
+    forward."""
+    model = EXTRAS[extra]()
+    prompts, completions = uneven_batch([2, 3, 1])
+    grouped = logprobs_and_grads(pg.shared_prefix_logprobs, model, prompts, completions)
+    naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
+    assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
+    with pytest.raises(ValueError, match="kernel='sdpa' would drop"):
+        pg.shared_prefix_logprobs(model, prompts, completions, kernel="sdpa")
+    with pytest.raises(ValueError, match="kernel='sdpa' cannot apply .*(s_aux|softcap)"):
+        pg.packed_logits(model, pg.pack(prompts, completions, kernel="sdpa"), (torch.tensor([0]), torch.tensor([0])))
+    model.config._attn_implementation = "flash_attention_2"
+    assert pg.default_kernel(model) == "eager"
+
+
+@pytest.mark.parametrize("extra", EXTRAS)
+def test_a_model_on_prefix_grouper_runs_its_own_kernel_without_a_layout(extra):
+    """Generation and every plain forward on "prefix_grouper" run the kernel the model had and its mask: the same
+    logits (left-padded rows) and the same samples as on that kernel."""
+    model = EXTRAS[extra]().eval()
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    results = []
+    for context in (contextlib.nullcontext, pg.use_prefix_grouper):
+        with context(model):
+            torch.manual_seed(0)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            samples = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=True)
+            results.append((model.config._attn_implementation, logits, samples))
+    assert [name for name, _, _ in results] == ["eager", "prefix_grouper"]
+    assert model.config._attn_implementation == "eager" and not hasattr(model.config, pg.PLAIN)  # nothing left to save
+    assert torch.equal(results[0][1], results[1][1]) and torch.equal(results[0][2], results[1][2])
+
+
+def test_gradient_checkpointing_recomputes_through_prefix_grouper():
+    """The backward recomputes each layer: the model stays on prefix_grouper, so the recomputation sees the layout."""
+    model = tiny_model("qwen2")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts, completions = uneven_batch([2, 3, 1])
+    grouped = logprobs_and_grads(pg.shared_prefix_logprobs, model, prompts, completions)
+    naive = logprobs_and_grads(pg.repeated_prefix_logprobs, model, prompts, completions)
+    assert_same(grouped, naive, logp_atol=1e-5, grad_rtol=1e-4)
+    assert model.config._attn_implementation == "prefix_grouper"
+
+
+def test_what_cannot_be_computed_exactly_is_refused():
+    model = tiny_model("qwen2")
+    prompts, completions = uneven_batch([2, 2])
+    with pytest.raises(ValueError, match="kernel='flex_attention' runs on cuda only"):
+        pg.shared_prefix_logprobs(model, prompts, completions, kernel="flex_attention")
+    with pytest.raises(ValueError, match="kernel='flex_attention' runs on cuda only"):
+        pg.trie_logprobs(model, [torch.tensor([1, 2, 3])], [1], kernel="flex_attention")
+    model.config._attn_implementation = "flex_attention"  # loaded with it: the two calls take sdpa on a CPU
+    assert pg.default_kernel(model) == "sdpa"
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match=r"starts\[0\]: need an integer"):
+        pg.trie_logprobs(model, [torch.tensor([1, 2, 3, 4, 5])] * 2, [4.0, 5.0])
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    for rows, copies in (([0, 1, 0, 1], 2), ([0, 0, 1, 1, 1], 2), ([0, 0], 2.0), ([0, 0], 0)):
+        inputs = {"input_ids": ids[rows], "attention_mask": torch.ones_like(ids[rows])}
+        with pytest.raises(ValueError, match="copies"):
+            pg.shared_prompt_cache(model, inputs, copies)
+    meta = tiny_model("qwen2", device="meta")
+    calls = [
+        lambda: pg.shared_prefix_logprobs(meta, prompts, completions),
+        lambda: pg.repeated_prefix_logprobs(meta, prompts, completions),
+        lambda: pg.trie_logprobs(meta, [torch.tensor([1, 2])], [1]),
+        lambda: pg.shared_prompt_cache(meta, {"input_ids": ids, "attention_mask": ids}, 1),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="model: Qwen2ForCausalLM is on the meta device"):
+            call()
+
+
+@pytest.mark.slow
+def test_flex_attention_indexes_every_trie_segment_and_group_mask(monkeypatch):
+    """flex_attention indexes the additive mask by batch entry: the segments of one shape in a trie, which share one
+    mask, must each find it. On CPU, eagerly and without gradients (torch's CPU flex_attention has no backward)."""
+    import transformers.integrations.flex_attention as flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(
+        flex, "compile_friendly_flex_attention", lambda q, k, v, training, **kw: flex_attention(q, k, v, **kw)
+    )
+    monkeypatch.setattr(pg, "FLEX_DEVICES", ("cuda", "cpu"))
+    model = tiny_model("qwen2").eval()
+    sequences, starts = shared_sequences()
+    prompts, completions = uneven_batch([2, 3, 1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs without torch.compile
+        trie = pg.trie_logprobs(model, sequences, starts, kernel="flex_attention")
+        alone = each_alone(model, sequences, starts)
+        grouped = pg.shared_prefix_logprobs(model, prompts, completions, kernel="flex_attention")
+        naive = pg.repeated_prefix_logprobs(model, prompts, completions)
+    for a, b in zip(trie + sum(grouped, []), alone + sum(naive, [])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

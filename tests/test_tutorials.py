@@ -121,6 +121,19 @@ def prepare(path, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "the following arguments are required: command"),
+        (["prepare", "99_nope"], "'99_nope' is no notebook; of 01_grpo"),
+        (["prepare", "01_grpo", "01_grpo"], "'01_grpo' is named twice"),
+    ],
+)
+def test_lab_prepare_refuses_what_it_cannot_build(argv, message):
+    run = subprocess.run([sys.executable, str(ROOT / "tutorials/lab.py"), *argv], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr.splitlines()[-1], run.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
 def test_with_solutions_every_check_passes(path, tmp_path):

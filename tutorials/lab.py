@@ -164,7 +164,10 @@ def show(value):
 # Warm starts built ahead of a lab
 
 
-def prepare(names=("01_grpo", "02_prefix_grouper", "03_crpo", "04_grpo_pp", "05_tree_grpo"), output_dir="runs/prepare"):
+NOTEBOOKS = ("01_grpo", "02_prefix_grouper", "03_crpo", "04_grpo_pp", "05_tree_grpo")
+
+
+def prepare(names=NOTEBOOKS, output_dir="runs/prepare"):
     """Build the warm-started models the notebooks `names` load (the same settings), so their cells find them cached.
     tests/test_tutorials.py checks that a notebook run after this one warm-starts nothing."""
     sys.path.insert(0, str(ROOT))
@@ -199,6 +202,16 @@ def prepare(names=("01_grpo", "02_prefix_grouper", "03_crpo", "04_grpo_pp", "05_
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] != ["prepare"]:
-        sys.exit("usage: python tutorials/lab.py prepare [01_grpo ...]   (builds the notebooks' warm-started models)")
-    prepare(*[sys.argv[2:]] if sys.argv[2:] else [])
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The tutorials' lab: `prepare` builds the notebooks' warm starts.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("prepare", help="build the warm-started models the notebooks load (all by default)")
+    build.add_argument("notebooks", nargs="*", help=f"the notebooks to prepare, of {', '.join(NOTEBOOKS)}")
+    chosen = parser.parse_args().notebooks
+    for name in chosen:
+        if name not in NOTEBOOKS or chosen.count(name) > 1:
+            build.error(
+                f"{name!r} is {'named twice' if name in NOTEBOOKS else 'no notebook'}; of {', '.join(NOTEBOOKS)}"
+            )
+    prepare(chosen or NOTEBOOKS)

@@ -9,6 +9,7 @@ The committed notebooks are this command's output, so GitHub shows their plots. 
 `execute` with the solutions (every check passes) and as given (every check fails with its message).
 """
 
+import argparse
 import os
 import re
 import sys
@@ -68,15 +69,20 @@ def is_progress_bar(output) -> bool:
 
 
 def main(argv):
-    with_solutions = "--solutions" in argv
-    names = [name for name in argv if name != "--solutions"]
-    paths = [HERE / f"{name}.ipynb" for name in names] or sorted(HERE.glob("*.ipynb"))
-    for path in paths:
-        if not path.exists():
-            sys.exit(f"run.py: error: no notebook {path.name} in {HERE}")
-        print(f"running {path.name}{' with the solutions' if with_solutions else ''} ...", flush=True)
-        notebook = execute(path, with_solutions=with_solutions)
-        if not with_solutions:
+    notebooks = sorted(path.stem for path in HERE.glob("*.ipynb"))
+    parser = argparse.ArgumentParser(description="Run the tutorial notebooks and save them with their outputs.")
+    parser.add_argument("names", nargs="*", metavar="NOTEBOOK", help=f"some of {', '.join(notebooks)} (default: all)")
+    parser.add_argument("--solutions", action="store_true", help="with the solutions in the exercise cells, not saved")
+    cli = parser.parse_args(argv)
+    names = [Path(name).name.removesuffix(".ipynb") for name in cli.names]  # 01_grpo, or tutorials/01_grpo.ipynb
+    if unknown := [name for name in names if name not in notebooks]:
+        parser.error(f"no notebook {unknown[0]!r} in tutorials/; there are {', '.join(notebooks)}")
+    if len(set(names)) != len(names):
+        parser.error(f"a notebook is named twice ({' '.join(cli.names)}): each runs once")
+    for path in [HERE / f"{name}.ipynb" for name in names or notebooks]:
+        print(f"running {path.name}{' with the solutions' if cli.solutions else ''} ...", flush=True)
+        notebook = execute(path, with_solutions=cli.solutions)
+        if not cli.solutions:
             nbformat.write(notebook, path)
         lines = printed(notebook).splitlines(keepends=True)
         print("".join(line for line in lines if line.startswith(("✓", "✗", "exercises"))))
