@@ -35,26 +35,32 @@ class UsageError(ValueError):
     `error: ...`, and exit code 2, like argparse's own errors; in Python it is a ValueError."""
 
 
-def parse_args(args_class, argv=None):
+def parse_args(args_class, argv=None, positionals=None):
     """Parse the command line into the script's `Args` dataclass (`--help` lists every field with its help), or
-    into several: an experiment passes (the script's Args, its own), and gets a tuple back.
+    into several: an experiment passes (the script's Args, its own), and gets a tuple back. A command that also
+    takes positional arguments passes `positionals` ({name: argparse's add_argument options}) and gets
+    (what it would get without them, {name: value}).
 
     Fields are given as `--num_steps 10` or `--num-steps 10`; booleans as `--flag`, `--flag false` or `--no_flag`.
     An unknown flag, a value that the dataclass's `__post_init__` refuses, or an option that the chosen mode does
     not use (MODES) prints the usage line and `error: ...` and exits with code 2, before any model is loaded.
     """
     parser = HfArgumentParser(args_class)
+    for name, options in (positionals or {}).items():
+        parser.add_argument(name, **options)
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as error:  # raised by Args.__post_init__
         parser.error(str(error))
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    named = vars(parsed.pop()) if positionals else None  # the positional arguments, in a namespace of their own
     if not isinstance(args_class, tuple):  # (not an experiment's: its arms may switch the mode)
         for name in sorted(given_on_command_line(parser, args_class, argv)):
             if unused := unused_in_mode(parsed[0], name):
                 parser.error(unused)
-    return tuple(parsed) if isinstance(args_class, tuple) else parsed[0]
+    result = tuple(parsed) if isinstance(args_class, tuple) else parsed[0]
+    return (result, named) if positionals else result
 
 
 # An option that one mode alone uses says so at the start of its help: "gsm8k: a hub id or a local folder" is used
@@ -97,7 +103,7 @@ def given_on_command_line(parser, args_class, argv=None) -> set[str]:
     unset = object()
     namespace = argparse.Namespace(**{field.name: unset for field in dataclasses.fields(args_class)})
     parser.parse_known_args(argv, namespace=namespace)
-    return {name for name, value in vars(namespace).items() if value is not unset}
+    return {field.name for field in dataclasses.fields(args_class) if getattr(namespace, field.name) is not unset}
 
 
 class Terminated(KeyboardInterrupt):
@@ -110,15 +116,15 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
-def run_cli(args_class, main):
-    """`main(parse_args(args_class))` as a command (`main(*args)` for several classes): bad input (UsageError) is
-    `error: ...` and exit code 2, Ctrl-C stops with exit code 130 and SIGTERM with 143, all without a traceback
-    (what the run had is kept: MetricsLogger says what)."""
-    args = parse_args(args_class)
+def run_cli(args_class, main, positionals=None):
+    """`main(parse_args(args_class))` as a command (`main(*args)` for several classes; `main(args, **named)` with
+    positional arguments): bad input (UsageError) is `error: ...` and exit code 2, Ctrl-C stops with exit code 130
+    and SIGTERM with 143, all without a traceback (what the run had is kept: MetricsLogger says what)."""
+    args, named = parse_args(args_class, positionals=positionals) if positionals else (parse_args(args_class), {})
     prog = Path(sys.argv[0]).name
     default_sigterm = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        main(*args) if isinstance(args, tuple) else main(args)
+        main(*args, **named) if isinstance(args, tuple) else main(args, **named)
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -20,8 +20,7 @@ from transformers import AttentionInterface  # noqa: E402
 
 import prefix_grouper as new  # noqa: E402
 from experiments.bench_prefix_grouper import full_tree, random_batch, random_model, random_tree  # noqa: E402
-from experiments.sweep import run_command  # noqa: E402
-from plumbing import UsageError  # noqa: E402
+from plumbing import UsageError, run_cli  # noqa: E402
 
 NEEDS = ("prefix_grouper_attention", "shared_prefix_logprobs", "trie_logprobs")  # what both sides are timed on
 
@@ -110,4 +109,4 @@ def main(options: Args, previous: str, model_name: str, rounds: int):
 
 
 if __name__ == "__main__":
-    run_command(Args, POSITIONALS, main)
+    run_cli(Args, main, POSITIONALS)

@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tree_grpo as T  # noqa: E402
 from common import autocast, load_model  # noqa: E402
-from experiments.sweep import run_command  # noqa: E402
 from experiments.tree_vs_chain import ARMS  # noqa: E402
-from plumbing import UsageError, arg, check_args_shared  # noqa: E402
+from plumbing import UsageError, arg, check_args_shared, run_cli  # noqa: E402
 from tasks import namesakes  # noqa: E402
 
 KEYS = ("found_person", "answered_early", "check_after_fit", "check_after_misfit", "em_multihop", "tool_calls")
@@ -150,4 +149,4 @@ def main(options: Args, folder: str = "runs"):
 
 
 if __name__ == "__main__":
-    run_command(Args, FOLDER, main)
+    run_cli(Args, main, FOLDER)

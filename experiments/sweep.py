@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, when run as a script
 
-from plumbing import UsageError, arg, check_args_shared  # noqa: E402
+from plumbing import UsageError, arg, check_args_shared, run_cli  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command lines: what a comparison adds to a script's options, and the checks they share
@@ -94,39 +94,6 @@ def check_out(out: str, what: str = "OUT"):
         folder = folder.parent
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{what} {out}: cannot write in {folder}; give a path in a folder you can write in")
-
-
-def parse_command(args_class, positionals: dict, argv=None):
-    """plumbing.parse_args for a command that also takes positional arguments, {name: argparse's add_argument
-    options}: returns (args, {name: value}). --help lists both; bad input is the usage line, `error: ...` and exit
-    code 2."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(args_class)
-    for name, options in positionals.items():
-        parser.add_argument(name, **options)
-    try:
-        args, named, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as error:  # raised by the Args' __post_init__
-        parser.error(str(error))
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args, vars(named)
-
-
-def run_command(args_class, positionals: dict, main, argv=None):
-    """plumbing.run_cli for a command with positional arguments too: main(args, **positionals); a UsageError it
-    raises is `prog: error: ...` and exit code 2, Ctrl-C exit code 130, both without a traceback."""
-    args, named = parse_command(args_class, positionals, argv)
-    prog = Path(sys.argv[0]).name
-    try:
-        return main(args, **named)
-    except UsageError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,4 +271,4 @@ def merge(args: MergeArgs, out: str, parts: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    run_command(MergeArgs, PARTS, merge)
+    run_cli(MergeArgs, merge, PARTS)
