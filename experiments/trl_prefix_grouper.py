@@ -1,7 +1,8 @@
 """Prefix Grouper inside TRL: `PrefixGrouperGRPOTrainer` is TRL's GRPOTrainer, built with the same arguments, whose
-log-prob passes encode each group's shared prompt once. A TRL user changes one import:
+log-prob passes encode each group's shared prompt once. A TRL user copies this file and prefix_grouper.py into one
+folder of their project (it finds prefix_grouper.py beside it) and changes one import:
 
-    from experiments.trl_prefix_grouper import PrefixGrouperGRPOTrainer as GRPOTrainer   # was: from trl import ...
+    from trl_prefix_grouper import PrefixGrouperGRPOTrainer as GRPOTrainer   # was: from trl import GRPOTrainer
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=dataset)
     trainer.train()
 
@@ -9,8 +10,10 @@ What changes. TRL scores the completions (the policy, the old policy, the refere
 asks) with one padded forward of G rows per prompt, [pad][prompt][completion][pad]. This trainer finds the groups
 in the tokens (rows whose prompts are the same tokens, wherever they sit in the batch: TRL shuffles the rows
 before it cuts its micro-batches) and scores each group with prefix_grouper.shared_prefix_logprobs, one packed
-row [prompt][completion 1]...[completion G]. Everything else is TRL's: sampling, rewards, advantages, the loss,
-logging. What it cannot change: generation, where TRL's model.generate still prefills the prompt in each row.
+row [prompt][completion 1]...[completion G]. TRL's generation (model.generate, not vLLM) prefills each prompt once
+and shares its KV cache with its group's rows (prefix_grouper.shared_prompt_cache): the same samples. Everything else is
+TRL's: sampling, rewards, advantages, the loss, logging. LoRA (TRL's peft_config) lives in the model's layers, so
+our passes run it; under `accelerate launch` they run through DDP's forward, which prepares the gradient all-reduce.
 
 Exact: per-token log-probs, entropies, the loss and every gradient equal TRL's own forward up to float rounding
 (tests/test_trl_prefix_grouper.py runs both trainers' steps side by side). Positions: TRL's scoring forward
@@ -19,42 +22,88 @@ does); with rotary embeddings only differences of positions enter attention, so 
 
 Where our attention function cannot express the model or the batch, the pass is TRL's own, with one warning per
 reason, never a wrong number: chunked or linear attention layers, a model whose attention is not in transformers'
-AttentionInterface, a wrapped model (PEFT, DDP, FSDP, DeepSpeed: untested here), images, a mixture-of-experts
-auxiliary loss, cast_lm_head_to_fp32 on a model that is not float32, padding other than TRL's (left-padded
-prompts, right-padded completions), a left-padded prompt on a model without rotary embeddings.
+AttentionInterface, a model loaded with a kernel that takes no explicit mask (flash attention), PEFT prompt or
+prefix tuning, FSDP or DeepSpeed (untested: FSDP does not run on CPU here), images, a mixture-of-experts auxiliary
+loss, cast_lm_head_to_fp32 on a model that is not float32, padding other than TRL's (left-padded prompts,
+right-padded completions), a left-padded prompt on a model without rotary embeddings. Generation is TRL's own for
+a model whose passes are TRL's, and with vLLM, continuous batching, images, rows without a run of equal prompts, or
+left-padded prompts on a model without rotary embeddings.
 
-The policy's (and the reference model's) attention becomes "prefix_grouper" for the whole run: gradient
-checkpointing (TRL's default) recomputes the forward in the backward, and must find the same function there.
-Without a layout that function is plain sdpa, so generation runs sdpa.
+Our passes run the attention kernel the model was loaded with, or eager where sdpa would drop the model's attention
+sinks or soft-capping. With gradient checkpointing (TRL's default) the model stays on "prefix_grouper" after our
+first pass, since the backward recomputes the forward and must find the same function there; without a layout that
+function runs the kernel the model was loaded with, so generation and every fallback are TRL's, token for token.
 
 Tested with TRL 1.16 (requirements-bench.txt): it overrides a private method of GRPOTrainer whose arguments change
-between releases, so on any other release it refuses to start.
+between releases, so on any other release, a pre-release of 1.16 or 1.17 included, it refuses to start.
 """
 
+import inspect
+import itertools
+import math
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 import trl
+from accelerate.utils import is_peft_model
 from packaging.version import Version
+from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
+here = Path(__file__).resolve().parent  # prefix_grouper.py: beside this file (copied into a project), or one up
+sys.path.insert(0, str(here if (here / "prefix_grouper.py").exists() else here.parent))
 
-from prefix_grouper import KERNELS, NAME, check_layer_types, shared_prefix_logprobs, text_config  # noqa: E402
+from prefix_grouper import (  # noqa: E402
+    KERNELS,
+    NAME,
+    check_layer_types,
+    default_kernel,
+    shared_prefix_logprobs,
+    shared_prompt_cache,
+    text_config,
+)
 
-TESTED = ("1.16", "1.17")  # the TRL releases whose GRPOTrainer internals this file knows: [first, last)
+TESTED = "1.16"  # the TRL release series whose GRPOTrainer internals this file knows: its releases, 1.16.x
+PADDED_ABSOLUTE = "a left-padded prompt on a model without rotary position embeddings"  # generation and passes: TRL's
+
+
+def inner_model(model):
+    """The transformers model inside the one TRL passes: inside accelerate's DDP wrapper, a PEFT model's base."""
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return model.get_base_model() if is_peft_model(model) else model
+
+
+def sharing_rows(prompt_ids) -> int:
+    """How many rows share each prefill: the largest number dividing each run of equal prompts (G, or fewer where
+    accelerate splits a group between processes)."""
+    return math.gcd(*(len(list(run)) for _, run in itertools.groupby(map(tuple, prompt_ids))))
+
+
+class ThroughWrapper:
+    """The inner transformers model's attributes with the forward of the model TRL passes: DDP prepares its gradient
+    all-reduce in its forward, PEFT applies its adapters (LoRA's live in the inner model's layers, either way)."""
+
+    def __init__(self, wrapper):
+        self.wrapper, self.inner = wrapper, inner_model(wrapper)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.wrapper(*args, **kwargs)
 
 
 class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
     """trl.GRPOTrainer, same arguments; its per-token log-prob passes share each group's prompt."""
 
     def __init__(self, *args, **kwargs):
-        if not Version(TESTED[0]) <= Version(trl.__version__) < Version(TESTED[1]):
+        version = Version(trl.__version__)
+        if f"{version.major}.{version.minor}" != TESTED or version.is_prerelease:
             raise RuntimeError(
-                f"PrefixGrouperGRPOTrainer overrides GRPOTrainer internals of TRL {TESTED[0]}.x and was tested with "
-                f"those only; this is TRL {trl.__version__}. Install `pip install -r requirements-bench.txt`."
+                f"PrefixGrouperGRPOTrainer overrides GRPOTrainer internals of TRL {TESTED}.x and was tested with "
+                f'those only; this is TRL {trl.__version__}. Install it: pip install "trl=={TESTED}.*"'
             )
         super().__init__(*args, **kwargs)
         self.warned, self.kernels = set(), {}
@@ -62,30 +111,40 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
             reason = model is not None and self.model_unsupported(model)
             if reason:
                 self.warn(reason)
-            elif model is not None:  # for the whole run (see the docstring); plain sdpa where no layout is passed
-                kernel = text_config(model.config)._attn_implementation  # the two calls keep it if they can
-                self.kernels[id(model)] = kernel if kernel in KERNELS else "sdpa"
-                composite = text_config(model.config) is not model.config  # a VLM: only its language model's
-                model.set_attn_implementation({"text_config": NAME} if composite else NAME)
+            elif model is not None:
+                self.kernels[id(inner_model(model))] = default_kernel(inner_model(model))
 
     def model_unsupported(self, model) -> str | None:
         """Why prefix_grouper cannot score with `model` (None if it can)."""
+        peft = model.module if isinstance(model, DistributedDataParallel) else model
+        if is_peft_model(peft) and peft.active_peft_config.is_prompt_learning:
+            return "a PEFT prompt-learning adapter (prefix or prompt tuning adds tokens or keys of its own)"
+        model = inner_model(model)
+        if torch.distributed.is_available():  # FSDP2 shards the model in place: still a transformers model
+            from torch.distributed.fsdp import FSDPModule
+
+            if isinstance(model, FSDPModule):
+                return f"{type(model).__name__} is sharded by FSDP (untested here)"
         if not isinstance(model, PreTrainedModel):
-            return f"{type(model).__name__} is not a transformers model (PEFT, DDP, FSDP, DeepSpeed are untested)"
+            return f"{type(model).__name__} is not a transformers model (FSDP and DeepSpeed are untested here)"
         try:
             check_layer_types(model.config)
         except ValueError as error:
             return str(error).split(":")[0]
         if not getattr(model, "_supports_attention_backend", False):
             return f"{type(model).__name__}'s attention is not in transformers' AttentionInterface"
+        kernel = text_config(model.config)._attn_implementation
+        if kernel not in (*KERNELS, NAME):
+            return f"a model loaded with {kernel} attention, which takes no explicit mask (load it with sdpa or eager)"
         if self.args.cast_lm_head_to_fp32 and model.dtype != torch.float32:
             return "cast_lm_head_to_fp32 on a model that is not float32"
         return None
 
     def batch_unsupported(self, model, prompt_mask, completion_mask, compute_aux_loss, inputs) -> str | None:
         """Why this batch needs TRL's forward (None if it does not)."""
-        if id(model) not in self.kernels:
-            return self.model_unsupported(model) or "a model this trainer did not set up"
+        reason = self.model_unsupported(model)  # again: accelerate wraps or shards the model after __init__
+        if reason or id(inner_model(model)) not in self.kernels:
+            return reason or "a model this trainer did not set up"
         if compute_aux_loss:
             return "a mixture-of-experts auxiliary loss"
         if any(value is not None for value in inputs.values()):
@@ -94,15 +153,56 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
         if not left_padded or not (completion_mask[:, 1:] <= completion_mask[:, :-1]).all():
             return "padding other than left-padded prompts and right-padded completions"
         if not prompt_mask.all() and getattr(text_config(model.config), "rope_parameters", None) is None:
-            return "a left-padded prompt on a model without rotary position embeddings"
+            return PADDED_ABSOLUTE
         if not completion_mask.any():
             return "a batch without a completion token (TRL keeps it differentiable)"
         return None
 
-    def warn(self, reason):
+    def warn(self, reason, fallback="TRL's own forward scores it"):
         if reason not in self.warned:
             self.warned.add(reason)
-            warnings.warn(f"PrefixGrouperGRPOTrainer: {reason}; TRL's own forward scores it", stacklevel=3)
+            warnings.warn(f"PrefixGrouperGRPOTrainer: {reason}; {fallback}", stacklevel=3)
+
+    def generation_unsupported(self, prompt_ids, images, multimodal_fields) -> str | None:
+        """Why generate cannot share each prompt's prefill across its rows (None if it can)."""
+        if self.use_vllm or self.use_transformers_continuous_batching:
+            return "generation by vLLM or continuous batching"
+        if images is not None or multimodal_fields:
+            return "generation with images or other multimodal inputs"
+        rotary = getattr(text_config(self.model.config), "rope_parameters", None)
+        if len({len(ids) for ids in prompt_ids}) > 1 and not rotary:
+            return PADDED_ABSOLUTE
+        if sharing_rows(prompt_ids) < 2:
+            return "generation for rows without a run of equal prompts"
+        return None
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's generation (its transformers branch), each prompt prefilled once and its KV cache shared by its
+        rows (prefix_grouper.shared_prompt_cache): the same samples as TRL's prefill of each row."""
+        arguments = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+        # nothing to share: one row per prompt (a tool call's next turn); a model our passes do not run (they warn)
+        ours = id(inner_model(self.model)) in self.kernels and not self.model_unsupported(self.model_wrapped)
+        if num_generations < 2 or not ours:
+            return super()._generate_single_turn(*arguments)
+        reason = self.generation_unsupported(prompt_ids, images, multimodal_fields)
+        if reason:
+            both = reason == PADDED_ABSOLUTE  # the log-prob passes fall back for it too: one warning for both
+            self.warn(reason, "TRL's own generation " + ("and forward run it" if both else "prefills each row"))
+            return super()._generate_single_turn(*arguments)
+        model = self.accelerator.unwrap_model(self.model_wrapped)  # the model TRL's generation calls
+        forward = inspect.signature(inner_model(model).forward).parameters
+        cache_name = "cache" if "cache" in forward else "past_key_values"  # renamed `cache` in transformers 5.2x
+        generate, copies = model.generate, sharing_rows(prompt_ids)
+
+        def generate_sharing_prompts(**inputs):  # TRL's generate call, with the prompts' shared cache
+            prompts = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+            return generate(**inputs, **{cache_name: shared_prompt_cache(model, prompts, copies)})
+
+        model.generate = generate_sharing_prompts  # for this call only
+        try:
+            return super()._generate_single_turn(*arguments)
+        finally:
+            del model.generate
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -131,6 +231,7 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
                 chunks.append([])
             chunks[-1].append(members)
         lengths = completion_mask.sum(dim=1).tolist()  # (B,) completion tokens of each row
+        scorer = ThroughWrapper(model)  # the transformers model, its forward through DDP's and PEFT's
         logps, entropies, index = [], [], []
         for chunk in chunks:
             prompts = [prompt_ids[members[0]][prompt_mask[members[0]]] for members in chunk]
@@ -139,7 +240,7 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
                 continue  # nothing to score here (every completion masked): zeros
             with self.accelerator.autocast():  # TRL's mixed precision, as in its own forward
                 chunk_logps, chunk_entropies = shared_prefix_logprobs(
-                    model, prompts, completions, self.temperature, self.kernels[id(model)], return_entropy=True
+                    scorer, prompts, completions, self.temperature, self.kernels[id(scorer.inner)], return_entropy=True
                 )
             logps += [x for group_logps in chunk_logps for x in group_logps]
             entropies += [x for group_entropies in chunk_entropies for x in group_entropies]

@@ -2,10 +2,18 @@
 
 Each case trains both trainers from the same saved model with the same seed: the rollouts must be the same tokens,
 and every per-token log-prob and entropy TRL asks for (policy, old policy, reference), every loss and every
-gradient must be equal to float rounding, with every pass scored by prefix_grouper (counted), not by a fallback.
+gradient must be equal to float rounding, with every pass scored by prefix_grouper (counted), not by a fallback,
+and the rollouts generated with each prompt prefilled once (counted). Also with LoRA (TRL's peft_config), in two
+DDP processes (torchrun), and with the two files copied into another project (slow tier).
 """
 
+import os
+import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,8 +22,12 @@ trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402
 from transformers import (  # noqa: E402
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
+    GptOssConfig,
+    GptOssForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3NextConfig,
@@ -46,6 +58,15 @@ def random_model(kind):
                                  linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
                                  mlp_only_layers=[0, 1, 2], router_aux_loss_coef=0.0)  # fmt: skip
         return Qwen3NextForCausalLM(config)
+    if kind == "softcap":  # Gemma2: soft-capped attention logits, which sdpa cannot apply
+        return Gemma2ForCausalLM(Gemma2Config(**size, head_dim=16, sliding_window=5, attn_logit_softcapping=5.0))
+    if kind == "sinks":  # GPT-OSS: attention sinks, which sdpa drops (drawn large enough to matter); experts
+        layers = ["sliding_attention", "full_attention", "sliding_attention"]
+        experts = dict(num_local_experts=2, num_experts_per_tok=1, router_aux_loss_coef=0.0)
+        model = GptOssForCausalLM(GptOssConfig(**size, **experts, head_dim=16, sliding_window=5, layer_types=layers))
+        for layer in model.model.layers:
+            torch.nn.init.normal_(layer.self_attn.sinks, std=2.0)
+        return model
     config = GPT2Config(vocab_size=len(TOKENIZER), n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=1)
     return GPT2LMHeadModel(config)  # "absolute": learned positions, no rotary embeddings
 
@@ -63,8 +84,9 @@ def saved(tmp_path_factory):
     return save
 
 
-def train(trainer_class, path, tmp_path, **options):
-    """Trains with `trainer_class` and records what TRL scored, each loss and the gradients before each step."""
+def train(trainer_class, path, tmp_path, peft_config=None, **options):
+    """Trains with `trainer_class` (GRPOConfig `options`, TRL's `peft_config`) and records what TRL scored, each
+    loss, the gradients before each step and the trained parameters at the end."""
     record = {"calls": [], "losses": [], "grads": []}
 
     class Recording(trainer_class):
@@ -98,8 +120,9 @@ def train(trainer_class, path, tmp_path, **options):
     reward = lambda completions, **kwargs: [c.count("1") + len(c) / 10 for c in completions]  # noqa: E731
     dataset = Dataset.from_list([{"prompt": p} for p in PROMPTS])
     trainer = Recording(model=path, reward_funcs=reward, args=config, train_dataset=dataset,
-                        processing_class=TOKENIZER, callbacks=[Gradients()])  # fmt: skip
+                        processing_class=TOKENIZER, callbacks=[Gradients()], peft_config=peft_config)  # fmt: skip
     trainer.train()
+    record["trained"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     return record
 
 
@@ -141,17 +164,131 @@ CASES = {  # name: (model, GRPOConfig options)
 }  # fmt: skip
 
 
+def count_prefills(monkeypatch):
+    """A list that gets, for each shared prefill, (rows generated, rows that share each prompt's cache)."""
+    prefills, original = [], trl_pg.shared_prompt_cache
+
+    def counting(model, inputs, copies):
+        cache = original(model, inputs, copies)
+        assert cache is not None and cache.get_seq_length() == inputs["input_ids"].size(1) - 1
+        prefills.append((len(inputs["input_ids"]), copies))
+        return cache
+
+    monkeypatch.setattr(trl_pg, "shared_prompt_cache", counting)
+    return prefills
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_same_step_as_trl(case, saved, tmp_path, monkeypatch):
+    """Also TRL's generation with each prompt prefilled once: the same rollouts, token for token (assert_same)."""
     kind, options = CASES[case]
+    prefills = count_prefills(monkeypatch)
     theirs, ours, calls, caught = side_by_side(saved(kind), tmp_path, monkeypatch, **options)
     assert_same(theirs, ours)
+    rows = options["per_device_train_batch_size"] * options.get("gradient_accumulation_steps", 1)
+    assert prefills and all(prefill == (rows, 4) for prefill in prefills)  # 4 = num_generations
     assert caught == [] and len(calls) >= len(ours["calls"])  # no pass fell back (each fallback warns)
     mask, width = ours["calls"][0][1], ours["prompt_width"]
     assert not mask[:, :width].all(), "no prompt was left-padded"
     assert len(set(mask[:, width:].sum(1).tolist())) > 1, "every completion has the same length"
     if case.startswith("sliding"):  # groups were cut: a micro-batch held some of a prompt's completions only
         assert any(len(group) < 4 for completions in calls for group in completions)
+
+
+def count_forwarded_tokens(monkeypatch):
+    """A list that gets, for each prefix_grouper pass, the tokens it forwards: each prompt once, each completion."""
+    forwarded, original = [], trl_pg.shared_prefix_logprobs
+
+    def counting(model, prompts, completions, *args, **kwargs):
+        forwarded.append(sum(map(len, prompts)) + sum(len(c) for group in completions for c in group))
+        return original(model, prompts, completions, *args, **kwargs)
+
+    monkeypatch.setattr(trl_pg, "shared_prefix_logprobs", counting)
+    return forwarded
+
+
+def grouped_tokens(input_ids, attention_mask, prompt_width):
+    """The tokens of a batch with each distinct prompt once, and the tokens of its padded rows (TRL's forward)."""
+    prompt_rows = zip(input_ids[:, :prompt_width], attention_mask[:, :prompt_width].bool())
+    prompts = {tuple(ids[mask].tolist()) for ids, mask in prompt_rows}
+    return sum(map(len, prompts)) + int(attention_mask[:, prompt_width:].sum()), input_ids.numel()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_same_lora_step_as_trl(checkpointing, saved, tmp_path, monkeypatch):
+    """TRL's peft_config: the LoRA adapters' gradients and updates equal TRL's PEFT run's, the reference (beta > 0)
+    is the base model with the adapters disabled, and every pass is prefix_grouper's, each prompt forwarded once."""
+    peft = pytest.importorskip("peft")
+    forwarded, prefills = count_forwarded_tokens(monkeypatch), count_prefills(monkeypatch)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    options = dict(per_device_train_batch_size=8, max_steps=2, num_iterations=2, beta=0.04, peft_config=lora)
+    theirs, ours, calls, caught = side_by_side(
+        saved("tiny"), tmp_path, monkeypatch, **options, gradient_checkpointing=checkpointing
+    )
+    assert_same(theirs, ours)  # the same rollouts too, each prompt prefilled once through the PEFT model
+    assert prefills and all(prefill == (8, 4) for prefill in prefills)
+    assert caught == [] and len(calls) == len(ours["calls"])  # no pass fell back (each fallback warns)
+    assert ours["grads"][0].keys() == ours["trained"].keys() and all("lora_" in name for name in ours["trained"])
+    for name, weight in theirs["trained"].items():
+        torch.testing.assert_close(ours["trained"][name], weight, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(weight.abs().sum() > 0 for name, weight in ours["trained"].items() if "lora_B" in name)  # it moved
+    expected = [grouped_tokens(ids, mask, ours["prompt_width"]) for ids, mask, _, _ in ours["calls"]]
+    assert forwarded == [ours_tokens for ours_tokens, _ in expected]
+    assert sum(forwarded) < sum(trl_tokens for _, trl_tokens in expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [True, False])
+@pytest.mark.parametrize("kind", ["softcap", "sinks"])
+def test_same_step_as_trl_with_soft_capping_or_attention_sinks(kind, checkpointing, saved, tmp_path, monkeypatch):
+    """What sdpa would drop: our passes run eager, the kernel the model was loaded with, and so do generation and
+    TRL's own passes, with the model on prefix_grouper (gradient checkpointing) or back on eager after each pass."""
+    eager = {"attn_implementation": "eager"}
+    options = dict(per_device_train_batch_size=8, max_steps=2, num_iterations=2, beta=0.04, model_init_kwargs=eager)
+    theirs, ours, calls, caught = side_by_side(
+        saved(kind), tmp_path, monkeypatch, **options, gradient_checkpointing=checkpointing
+    )
+    assert_same(theirs, ours)
+    assert caught == [] and len(calls) >= len(ours["calls"])  # no pass fell back (each fallback warns)
+
+
+def test_a_model_loaded_with_flash_attention_is_scored_by_trl():
+    """A kernel that takes no explicit mask: TRL's own passes, on the model's own kernel throughout, with a warning."""
+    model = random_model("tiny")
+    model.config._attn_implementation = "flash_attention_2"
+    trainer = SimpleNamespace(args=SimpleNamespace(cast_lm_head_to_fp32=False))
+    assert "flash_attention_2 attention" in trl_pg.PrefixGrouperGRPOTrainer.model_unsupported(trainer, model)
+
+
+def test_peft_prompt_tuning_is_scored_by_trl_and_lora_by_prefix_grouper():
+    """Prompt tuning adds virtual tokens our packed rows would not have: TRL's passes. LoRA lives in the layers."""
+    peft = pytest.importorskip("peft")
+    trainer = SimpleNamespace(args=SimpleNamespace(cast_lm_head_to_fp32=False))
+    unsupported = lambda model: trl_pg.PrefixGrouperGRPOTrainer.model_unsupported(trainer, model)  # noqa: E731
+    tuning = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)
+    assert "prompt-learning" in unsupported(peft.get_peft_model(random_model("tiny"), tuning))
+    lora = peft.get_peft_model(random_model("tiny"), peft.LoraConfig(target_modules=["q_proj"]))
+    assert unsupported(lora) is None and trl_pg.inner_model(lora) is lora.base_model.model
+
+
+def test_generation_falls_back_where_rows_cannot_share_a_prefill():
+    """TRL's own generation for rows without a run of equal prompts, images, vLLM or continuous batching, and padded
+    prompts on a model with learned positions: why, in the one warning. Runs shorter than G (a group split between
+    processes) share a prefill among as many rows as divide every run."""
+    trainer = SimpleNamespace(use_vllm=False, use_transformers_continuous_batching=False,
+                              model=SimpleNamespace(config=Qwen2Config()))  # fmt: skip
+    unsupported = lambda *args: trl_pg.PrefixGrouperGRPOTrainer.generation_unsupported(trainer, *args)  # noqa: E731
+    assert unsupported([[5, 6]] * 2 + [[7]] * 2, None, {}) is None
+    assert "without a run of equal prompts" in unsupported([[5, 6], [7], [5, 6], [7]], None, {})
+    sharing_rows = trl_pg.sharing_rows
+    assert sharing_rows([[5, 6]] * 4 + [[7]] * 2) == 2 and sharing_rows([[5, 6]] * 3 + [[7]] * 6) == 3
+    assert "images" in unsupported([[5, 6]] * 2, [["an image"], ["an image"]], {})
+    assert "images" in unsupported([[5, 6]] * 2, None, {"pixel_values": torch.zeros(2, 3)})
+    trainer.model.config = GPT2Config()
+    assert "rotary" in unsupported([[5, 6]] * 2 + [[7]] * 2, None, {})
+    trainer.use_vllm = True
+    assert "vLLM" in unsupported([[5, 6]] * 2, None, {})
 
 
 @pytest.mark.parametrize("kind, reason", [("linear", "linear_attention"), ("absolute", "rotary")])
@@ -197,7 +334,130 @@ def test_groups_found_from_tokens_in_any_order(bf16, saved, tmp_path, monkeypatc
         assert groups == ([[3, 3]] if batch_size is None else [[3], [3]])
 
 
-def test_refuses_a_trl_it_was_not_tested_with(monkeypatch):
-    monkeypatch.setattr(trl, "__version__", "1.17.0")
-    with pytest.raises(RuntimeError, match="tested with those only; this is TRL 1.17.0"):
+@pytest.mark.parametrize("version", ["1.17.0", "1.17.0.dev0", "1.17.0rc1", "1.16.0rc1", "1.15.2"])
+def test_refuses_a_trl_it_was_not_tested_with(version, monkeypatch):
+    """Releases 1.16.x only: a pre-release of 1.17 is not one."""
+    monkeypatch.setattr(trl, "__version__", version)
+    with pytest.raises(RuntimeError, match=f"tested with those only; this is TRL {version}"):
         trl_pg.PrefixGrouperGRPOTrainer(model=None, args=None)
+
+
+ELSEWHERE = """import sys
+import trl
+from datasets import Dataset
+import rl.trl_prefix_grouper as trl_prefix_grouper
+from rl.trl_prefix_grouper import PrefixGrouperGRPOTrainer
+
+forwarded, original = [], trl_prefix_grouper.shared_prefix_logprobs
+trl_prefix_grouper.shared_prefix_logprobs = lambda *a, **k: forwarded.append(1) or original(*a, **k)
+config = trl.GRPOConfig(output_dir="out", num_generations=2, per_device_train_batch_size=2, max_completion_length=4,
+                        max_steps=1, use_cpu=True, report_to="none", save_strategy="no")
+trainer = PrefixGrouperGRPOTrainer(model=sys.argv[1], reward_funcs=lambda completions, **k: [0.0] * len(completions),
+                                   args=config, train_dataset=Dataset.from_list([{"prompt": "1+2="}] * 2))
+trainer.train()
+print(sys.modules["prefix_grouper"].__file__, len(forwarded), "common" in sys.modules)
+"""
+
+
+@pytest.mark.slow
+def test_the_two_files_work_copied_into_another_project(saved, tmp_path):
+    """prefix_grouper.py and trl_prefix_grouper.py copied into an empty folder of another project, rl/: its script
+    imports rl.trl_prefix_grouper, which finds prefix_grouper.py beside it (not this repository's), and trains a step
+    with prefix_grouper."""
+    root, project = Path(__file__).resolve().parents[1], tmp_path / "project"
+    (project / "rl").mkdir(parents=True)
+    for name in ("prefix_grouper.py", "experiments/trl_prefix_grouper.py"):
+        shutil.copy(root / name, project / "rl")
+    (project / "train.py").write_text(ELSEWHERE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "train.py", saved("tiny")], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, passes, repository_imported = done.stdout.split()[-3:]
+    assert Path(module) == project / "rl" / "prefix_grouper.py" and int(passes) > 0 and repository_imported == "False"
+
+
+PROCESS = """import sys
+import warnings
+
+import torch
+import trl
+from datasets import Dataset
+
+import experiments.trl_prefix_grouper as trl_pg
+from common import build_tiny_tokenizer
+
+path, trainer_name, lora, out = sys.argv[1:5]
+tokenizer = build_tiny_tokenizer()
+calls, original = [], trl_pg.shared_prefix_logprobs
+trl_pg.shared_prefix_logprobs = lambda *a, **k: calls.append(1) or original(*a, **k)
+prefills, prefill = [], trl_pg.shared_prompt_cache
+trl_pg.shared_prompt_cache = lambda model, inputs, copies: prefills.append(copies) or prefill(model, inputs, copies)
+config = trl.GRPOConfig(
+    output_dir=out, num_generations=4, max_completion_length=8, temperature=0.8, top_k=0, top_p=1.0,
+    generation_kwargs={"sequence_bias": [[[tokenizer.eos_token_id], 2.0]]}, optim="sgd", learning_rate=0.1,
+    use_cpu=True, bf16=False, report_to="none", save_strategy="no", seed=0, per_device_train_batch_size=2,
+    max_steps=2, num_iterations=2, beta=0.04, ddp_backend="gloo",
+)
+reward = lambda completions, **kwargs: [c.count("1") + len(c) / 10 for c in completions]
+dataset = Dataset.from_list([{"prompt": p} for p in ["1+2=", "12+34=", "7+85=", "5+5="]])
+trainer_class = trl_pg.PrefixGrouperGRPOTrainer if trainer_name == "ours" else trl.GRPOTrainer
+peft_config = None
+if lora == "lora":
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    trainer = trainer_class(model=path, reward_funcs=reward, args=config, train_dataset=dataset,
+                            processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+torch.save({"params": {n: p.detach() for n, p in trainer.model.named_parameters()}, "passes": len(calls),
+            "prefills": prefills,
+            "warnings": [str(w.message) for w in caught if "PrefixGrouperGRPOTrainer" in str(w.message)],
+            "wrapper": type(trainer.model_wrapped).__name__}, f"{out}/rank{trainer.accelerator.process_index}.pt")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", ["full", "lora"])
+def test_two_ddp_processes_train_as_trls_two(lora, saved, tmp_path):
+    """Two CPU processes (torchrun, DDP over gloo), all weights or LoRA's: each process's passes are prefix_grouper's,
+    through the DDP wrapper's forward (which prepares the gradient all-reduce: calling the inner model instead moved
+    the weights 7e-3 from TRL's), and the trained weights equal TRL's own two-process run's, in both processes. Each
+    step's group of 4 is split between the processes: each prefills its prompt once for its 2 rows."""
+    if lora == "lora":
+        pytest.importorskip("peft")
+    root, path = Path(__file__).resolve().parents[1], saved("tiny")
+    (tmp_path / "process.py").write_text(PROCESS)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    runs = {}
+    for name in ("ours", "trl"):
+        (tmp_path / name).mkdir()
+        command = [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(tmp_path / "process.py"),
+            path,
+            name,
+            lora,
+        ]
+        done = subprocess.run([*command, str(tmp_path / name)], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = [torch.load(tmp_path / name / f"rank{rank}.pt") for rank in range(2)]
+    for ours, theirs in zip(runs["ours"], runs["trl"]):
+        assert ours["wrapper"] == theirs["wrapper"] == "DistributedDataParallel"
+        assert ours["passes"] > 0 and ours["warnings"] == []  # every pass prefix_grouper's, none fell back
+        assert ours["prefills"] and set(ours["prefills"]) == {2}
+        for name, weight in theirs["params"].items():
+            torch.testing.assert_close(ours["params"][name], weight, rtol=1e-4, atol=1e-7, msg=name)
+    initial = Qwen2ForCausalLM.from_pretrained(path).state_dict()
+    trained = runs["ours"][0]["params"]
+    if lora == "lora":  # the adapters trained: LoRA's B moved from 0
+        assert any(weight.abs().max() > 1e-3 for name, weight in trained.items() if "lora_B" in name)
+    else:
+        assert max((weight - initial[name]).abs().max() for name, weight in trained.items()) > 1e-3
