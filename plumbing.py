@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import typing
 from contextlib import contextmanager
@@ -228,8 +229,12 @@ def check_output_dir(path: str):
         existing = existing.parent
     if not existing.is_dir():
         raise UsageError(f"--output_dir {path!r}: {existing} is a file, not a folder; pass a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--output_dir {path!r}: {existing} is not writable; pass a folder you can write in")
+    try:  # a folder made and removed there: what permissions, a read-only mount or /proc allow
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=existing))
+    except OSError as error:
+        raise UsageError(
+            f"--output_dir {path!r}: {existing} is not writable ({error.strerror}); pass a folder you can write in"
+        ) from None
     name_max, path_max = (255, 260)  # Windows' limits; elsewhere the file system's own
     if hasattr(os, "pathconf"):
         name_max, path_max = (os.pathconf(existing, f"PC_{limit}_MAX") for limit in ("NAME", "PATH"))

@@ -242,6 +242,9 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
         arithmetic.load_task("gsm8k", str(tmp_path), num_train=10, num_eval=10, seed=0, demo_noise=0.7)
     with pytest.raises(ValueError, match="--num_train must be at least 1"):  # the argument, not --num_shots
         grpo.Args(num_train=0)
+    fixture = str(ROOT / "tests/fixtures/gsm8k")  # 4 training problems, all taken as worked examples
+    with pytest.raises(ValueError, match=r"The gsm8k task has 0 training \(after 4 worked examples\)"):
+        arithmetic.load_task("gsm8k", fixture, num_train=10, num_eval=10, seed=0, demo_noise=0.7, num_shots=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,10 +346,7 @@ def test_gsm8k_path_runs_on_the_fixture(tmp_path):
         (["--temperature", "0"], "temperature must be > 0"),
         (["--num_shots", "5", "--num_train", "5"], "num_shots must be below --num_train"),
         (["--small_addend"], "must be at most 810 (the task's problems), got 2000 + 200"),
-        (
-            ["--dataset", "gsm8k", "--dataset_path", str(ROOT / "tests/fixtures/gsm8k"), "--num_shots", "4"],
-            "The gsm8k task has 0 training (after 4 worked examples)",
-        ),  # the fixture has 4 training problems
+        (["--num_shots", "2"], "--num_shots needs a chat model (e.g. --model smollm2-135m)"),  # tiny: at the door
     ],
 )
 def test_bad_input_is_one_clear_error(tmp_path, argv, message, capsys):

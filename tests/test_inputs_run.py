@@ -16,7 +16,7 @@ import filelock
 import pytest
 import torch
 from conftest import ROOT, main_runner
-from transformers import DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel
 
 import common
 import crpo
@@ -132,6 +132,29 @@ def test_a_model_of_the_other_kind_is_named_as_such(tmp_path):
     encoder = saved(tmp_path / "encoder", DistilBertModel(config), tokenizer)  # reads text, generates none
     with pytest.raises(plumbing.UsageError, match=r"is not a text model \(distilbert; .*this script trains a text"):
         common.load_model(encoder)
+
+
+def test_an_encoder_saved_without_a_causal_head_is_not_trained_as_one(tmp_path):
+    """BERT is in transformers' causal-LM table (as BertLMHeadModel, a decoder): one saved as a masked LM is not."""
+    tokenizer = common.build_tiny_tokenizer()
+    size = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    config = BertConfig(vocab_size=len(tokenizer), **size)
+    encoder = saved(tmp_path, BertForMaskedLM(config), tokenizer)
+    with pytest.raises(plumbing.UsageError, match=r"is not a text model \(bert saved as BertForMaskedLM; "):
+        common.load_model(encoder)
+
+
+def test_a_folder_without_its_tokenizer_is_refused_at_load(tmp_path):
+    tokenizer = common.build_tiny_tokenizer()
+    common.build_tiny_model(tokenizer).save_pretrained(tmp_path)  # the tokenizer's files not saved
+    with pytest.raises(plumbing.UsageError, match="its tokenizer turns text into no tokens; save its own there"):
+        common.load_model(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_folder_that_cannot_be_made_is_refused_before_anything_loads(capsys):
+    err = parse_error("grpo.py", ["--output_dir", "/proc/runs"], capsys)
+    assert "--output_dir '/proc/runs': /proc is not writable" in err
 
 
 def test_grpo_pp_stage_3_from_a_text_models_folder_says_so(tmp_path, capsys):
