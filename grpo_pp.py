@@ -65,7 +65,7 @@ class Args:
     model: str = arg("tiny-vlm", "tiny-vlm | a local folder | a hub id (a VLM)")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu", "device")
     dtype: Literal["auto", "float32", "bfloat16"] = arg(
-        "auto", "stage 1 forwards: auto (bf16 autocast on GPUs with bf16, else fp32) | ..."
+        "auto", "stage 1: forwards in auto (bf16 autocast on GPUs with bf16, else fp32) | ..."
     )
     output_dir: str = arg("runs", "run folders go under this folder")
     # task
@@ -76,29 +76,33 @@ class Args:
     warm_start_steps: int = arg(600, "tiny-vlm: SFT steps on attribute captions", ">= 1")
     warm_start_noise: float = arg(0.6, "tiny-vlm: share of captions naming a look-alike", "[0, 1]")
     # stage 1: GRPO++ or GRPO (--no_grpo_pp); a stabiliser set on the command line keeps its value under either
-    grpo_pp: bool = arg(True, "GRPO++ (binary advantage, skip, clip-higher, dapo, KL)")
+    grpo_pp: bool = arg(True, "stage 1: GRPO++ (binary advantage, skip, clip-higher, dapo, KL)")
     advantage: Literal["group", "binary"] | None = arg(
-        None, "(r-mean)/std or sign(r-mean) [GRPO++: binary, GRPO: group]"
+        None, "stage 1: (r-mean)/std or sign(r-mean) [GRPO++: binary, GRPO: group]"
     )
     skip_zero_variance: bool | None = arg(
-        None, "true | false: no loss on equal-reward groups [GRPO++: true, GRPO: false]"
+        None, "stage 1: true | false: no loss on equal-reward groups [GRPO++: true, GRPO: false]"
     )
-    eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low", "[0, 1)")
-    eps_high: float | None = arg(None, "clip above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]", ">= 0")
-    loss_type: Literal["grpo", "dapo"] | None = arg(None, "[GRPO++: dapo, GRPO: grpo]")
-    beta: float | None = arg(None, "k3 KL to the warm start [GRPO++: 0.04, GRPO: 0]", ">= 0")
-    kg_weight: float = arg(0.0, "reward weight of the attributes' graph agreement", ">= 0")
-    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
-    prompts_per_step: int = arg(12, "images per step; the batch is this x group_size", ">= 1")
-    group_size: int = arg(8, "G, completions sampled per image (at least 2)", ">= 2")
-    max_new_tokens: int = arg(48, "longest completion, in tokens", ">= 1")
-    temperature: float = arg(1.0, "sampling temperature (log-probs use it too)", "> 0")
-    learning_rate: float = arg(1e-4, "AdamW learning rate (real models: ~1e-6)", "> 0")
-    num_iterations: int = arg(2, "mu, optimisation passes over each batch", ">= 1")
+    eps_low: float = arg(0.2, "stage 1: clip ratio below at 1 - eps_low", "[0, 1)")
+    eps_high: float | None = arg(None, "stage 1: clip above at 1 + eps_high [GRPO++: 0.28, GRPO: 0.2]", ">= 0")
+    loss_type: Literal["grpo", "dapo"] | None = arg(None, "stage 1: [GRPO++: dapo, GRPO: grpo]")
+    beta: float | None = arg(None, "stage 1: k3 KL to the warm start [GRPO++: 0.04, GRPO: 0]", ">= 0")
+    kg_weight: float = arg(0.0, "stage 1: reward weight of the attributes' graph agreement", ">= 0")
+    num_steps: int = arg(60, "stage 1: training steps (one batch of rollouts each)", ">= 1")
+    prompts_per_step: int = arg(12, "stage 1: images per step; the batch is this x group_size", ">= 1")
+    group_size: int = arg(8, "stage 1: G, completions sampled per image (at least 2)", ">= 2")
+    max_new_tokens: int = arg(48, "stage 1: longest completion, in tokens", ">= 1")
+    temperature: float = arg(1.0, "stage 1: sampling temperature (log-probs use it too)", "> 0")
+    learning_rate: float = arg(1e-4, "stage 1: AdamW learning rate (real models: ~1e-6)", "> 0")
+    num_iterations: int = arg(2, "stage 1: mu, optimisation passes over each batch", ">= 1")
     max_grad_norm: float = arg(1.0, "gradient clipping", "> 0")
-    gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, more compute")
-    prefix_grouper: bool = arg(False, "a group's image and prompt encoded once in the log-probs (prefix_grouper)")
-    eval_every: int = arg(5, "evaluate on the held-out split every N steps", ">= 1")
+    gradient_checkpointing: bool = arg(
+        False, "stage 1: recompute activations in the backward: less memory, more compute"
+    )
+    prefix_grouper: bool = arg(
+        False, "stage 1: a group's image and prompt encoded once in the log-probs (prefix_grouper)"
+    )
+    eval_every: int = arg(5, "stage 1: evaluate on the held-out split every N steps", ">= 1")
     # stages 2 and 3
     stage: Literal["all", "1", "2", "3"] = arg("all", "run one stage, or 1 -> 2 -> 3")
     init: str = arg("", "stage 2 or 3 alone: the model folder to start from")

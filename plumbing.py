@@ -70,6 +70,7 @@ def parse_args(args_class, argv=None, positionals=None):
 MODES = {
     "tiny warm start": ("model", ["tiny"]),
     "tiny-vlm": ("model", ["tiny-vlm"]),
+    "stage 1": ("stage", ["all", "1"]),
     "stage 2 or 3 alone": ("stage", ["2", "3"]),
     "stage 2": ("stage", ["all", "2"]),
     "stage 3": ("stage", ["all", "3"]),

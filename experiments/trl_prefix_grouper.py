@@ -1,6 +1,7 @@
 """Prefix Grouper inside TRL: `PrefixGrouperGRPOTrainer` is TRL's GRPOTrainer, built with the same arguments, whose
-log-prob passes encode each group's shared prompt once. A TRL user copies this file and prefix_grouper.py into one
-folder of their project (it finds prefix_grouper.py beside it) and changes one import:
+log-prob passes encode each group's shared prompt once. A TRL user copies this file and prefix_grouper.py into
+their training script's folder (or a package folder, `rl/`: then `from rl.trl_prefix_grouper import ...`; this file
+puts its own folder first on sys.path to import prefix_grouper) and changes one import:
 
     from trl_prefix_grouper import PrefixGrouperGRPOTrainer as GRPOTrainer   # was: from trl import GRPOTrainer
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=dataset)
@@ -26,8 +27,8 @@ AttentionInterface, a model loaded with a kernel that takes no explicit mask (fl
 prefix tuning, FSDP or DeepSpeed (untested: FSDP does not run on CPU here), images, a mixture-of-experts auxiliary
 loss, cast_lm_head_to_fp32 on a model that is not float32, padding other than TRL's (left-padded prompts,
 right-padded completions), a left-padded prompt on a model without rotary embeddings. Generation is TRL's own for
-a model whose passes are TRL's, and with vLLM, continuous batching, images, rows without a run of equal prompts, or
-left-padded prompts on a model without rotary embeddings.
+a model our passes cannot run (the model-level reasons above), and with vLLM, continuous batching, images, rows
+without a run of equal prompts, or left-padded prompts on a model without rotary embeddings.
 
 Our passes run the attention kernel the model was loaded with, or eager where sdpa would drop the model's attention
 sinks or soft-capping. With gradient checkpointing (TRL's default) the model stays on "prefix_grouper" after our
@@ -67,6 +68,7 @@ from prefix_grouper import (  # noqa: E402
 
 TESTED = "1.16"  # the TRL release series whose GRPOTrainer internals this file knows: its releases, 1.16.x
 PADDED_ABSOLUTE = "a left-padded prompt on a model without rotary position embeddings"  # generation and passes: TRL's
+WHOLE_MODEL = "TRL's own generation and forward run it"  # what a model our passes cannot run gets
 
 
 def inner_model(model):
@@ -110,7 +112,7 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
         for model in (self.model, self.ref_model):
             reason = model is not None and self.model_unsupported(model)
             if reason:
-                self.warn(reason)
+                self.warn(reason, WHOLE_MODEL)
             elif model is not None:
                 self.kernels[id(inner_model(model))] = default_kernel(inner_model(model))
 
@@ -180,14 +182,16 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
         """TRL's generation (its transformers branch), each prompt prefilled once and its KV cache shared by its
         rows (prefix_grouper.shared_prompt_cache): the same samples as TRL's prefill of each row."""
         arguments = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-        # nothing to share: one row per prompt (a tool call's next turn); a model our passes do not run (they warn)
-        ours = id(inner_model(self.model)) in self.kernels and not self.model_unsupported(self.model_wrapped)
-        if num_generations < 2 or not ours:
+        unsupported = self.model_unsupported(self.model_wrapped)  # again: accelerate wraps the model after __init__
+        if unsupported:
+            self.warn(unsupported, WHOLE_MODEL)
+        # nothing to share: one row per prompt (a tool call's next turn), or a model our passes do not run
+        if num_generations < 2 or unsupported or id(inner_model(self.model)) not in self.kernels:
             return super()._generate_single_turn(*arguments)
         reason = self.generation_unsupported(prompt_ids, images, multimodal_fields)
         if reason:
             both = reason == PADDED_ABSOLUTE  # the log-prob passes fall back for it too: one warning for both
-            self.warn(reason, "TRL's own generation " + ("and forward run it" if both else "prefills each row"))
+            self.warn(reason, WHOLE_MODEL if both else "TRL's own generation prefills each row")
             return super()._generate_single_turn(*arguments)
         model = self.accelerator.unwrap_model(self.model_wrapped)  # the model TRL's generation calls
         forward = inspect.signature(inner_model(model).forward).parameters

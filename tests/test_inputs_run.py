@@ -169,6 +169,18 @@ def test_grpo_pp_stage_3_from_a_text_models_folder_says_so(tmp_path, capsys):
 # options that the chosen mode would not use
 
 
+# grpo_pp.py's options that stage 1 alone uses (GRPO on the images): given with --stage 2 or 3, they would do nothing
+STAGE_1 = """dtype grpo_pp advantage skip_zero_variance eps_low eps_high loss_type beta kg_weight num_steps
+prompts_per_step group_size max_new_tokens temperature learning_rate num_iterations gradient_checkpointing
+prefix_grouper eval_every""".split()
+# a value for each stabiliser whose default (None) the method fills in
+UNSET_STABILISERS = {
+    "advantage": "group",
+    "skip_zero_variance": "true",
+    "eps_high": 0.2,
+    "loss_type": "grpo",
+    "beta": 0,
+}
 # the options one mode alone uses, by the prefix of their help ("gsm8k: ..."): the option choosing the mode
 MODE_BOUND = {
     "grpo.py": {"dataset": ["dataset_path", "small_addend"], "model": ["demo_noise", "sft_steps"]},
@@ -191,6 +203,7 @@ MODE_BOUND = {
             "dpo_epochs",
             "dpo_learning_rate",
             "answer_tokens",
+            *STAGE_1,
         ],
     },
 }
@@ -218,8 +231,10 @@ def test_an_option_given_in_a_mode_that_does_not_use_it_is_an_error(script, name
     option, values = plumbing.mode_of(SCRIPTS[script].Args, name)
     other = next(c for c in typing.get_args(fields[option].type) or ["some-model-folder"] if c not in values)
     default = fields[name].default
-    given = [f"--{name}"] if fields[name].type is bool else [f"--{name}", "x" if default == "" else str(default)]
-    err = parse_error(script, [f"--{option}", other, *given], capsys)
+    value = {"": "x", None: UNSET_STABILISERS.get(name)}.get(default, default)
+    given = [f"--{name}"] if fields[name].type is bool else [f"--{name}", str(value)]
+    alone = ["--init", "x"] if option == "stage" and other in ("2", "3") else []  # a stage alone starts from --init
+    err = parse_error(script, [f"--{option}", other, *alone, *given], capsys)
     assert err.endswith(
         f"error: --{name} is used only with --{option} {' or '.join(values)}, and this run has --{option} {other}: "
         f"leave --{name} out, or set --{option} {' or '.join(values)}"

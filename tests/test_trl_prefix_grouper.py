@@ -261,6 +261,30 @@ def test_a_model_loaded_with_flash_attention_is_scored_by_trl():
     assert "flash_attention_2 attention" in trl_pg.PrefixGrouperGRPOTrainer.model_unsupported(trainer, model)
 
 
+def test_a_deepspeed_engine_is_left_to_trl_for_generation_and_passes(monkeypatch):
+    """A wrapper the trainer does not unwrap (DeepSpeed's engine; no CPU run is possible here): TRL's generation
+    and passes, said once, also where accelerate wraps the model after the trainer was built."""
+
+    class DeepSpeedEngine(torch.nn.Module):  # what TRL hands over under DeepSpeed: the model as its `module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    trainer = object.__new__(trl_pg.PrefixGrouperGRPOTrainer)  # its methods on this state, without TRL's set-up
+    trainer.args, trainer.warned, trainer.kernels = SimpleNamespace(cast_lm_head_to_fp32=False), set(), {}
+    trainer.model = trainer.model_wrapped = DeepSpeedEngine(random_model("tiny"))
+    generated = []
+    monkeypatch.setattr(trl.GRPOTrainer, "_generate_single_turn", lambda self, *a: generated.append(a) or "TRL's")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert trainer._generate_single_turn([[5, 6]] * 4, None, {}, 4) == "TRL's"
+    assert len(generated) == 2 and [str(w.message) for w in caught] == [
+        "PrefixGrouperGRPOTrainer: DeepSpeedEngine is not a transformers model (FSDP and DeepSpeed are untested "
+        "here); TRL's own generation and forward run it"
+    ]
+
+
 def test_peft_prompt_tuning_is_scored_by_trl_and_lora_by_prefix_grouper():
     """Prompt tuning adds virtual tokens our packed rows would not have: TRL's passes. LoRA lives in the layers."""
     peft = pytest.importorskip("peft")
