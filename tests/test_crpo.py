@@ -174,10 +174,11 @@ run_script = script_runner("crpo.py")
 run_main = main_runner("crpo.py")
 
 
+@pytest.mark.slow  # the quick tier runs both methods end to end in test_compare.py and test_mixed_precision.py
 @pytest.mark.parametrize("method", ["crpo", "grpo"])
 def test_two_step_smoke_run(tmp_path, method):
-    result = run_script("--method", method, "--num_steps", "2", "--sft_steps", "40", "--num_train", "200",
-                        "--num_eval", "8", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "48",
+    result = run_script("--method", method, "--num_steps", "2", "--sft_steps", "20", "--num_train", "100",
+                        "--num_eval", "4", "--prompts_per_step", "4", "--group_size", "4", "--max_new_tokens", "48",
                         "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
@@ -215,7 +216,7 @@ def test_entropy_bonus_enters_the_loss(tmp_path):
     rollouts with and without it: one step from the same seed)."""
     records = {}
     for coef in (0.0, 0.5):
-        args = crpo.Args(num_steps=1, sft_steps=20, num_train=50, num_eval=4, prompts_per_step=2, group_size=3,
+        args = crpo.Args(num_steps=1, sft_steps=20, num_train=100, num_eval=4, prompts_per_step=2, group_size=3,
                          max_new_tokens=24, entropy_coef=coef, output_dir=str(tmp_path / str(coef)))  # fmt: skip
         run_dir = crpo.train(args)["run_dir"]
         records[coef] = [json.loads(line) for line in open(f"{run_dir}/metrics.jsonl")][-1]

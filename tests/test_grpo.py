@@ -253,9 +253,9 @@ def test_empty_dataset_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The warm start `grpo.py --num_eval 8 --sft_steps 150` trains from (one cache entry for both)."""
+    """The warm start `grpo.py --num_eval 8 --sft_steps 50` trains from (one cache entry for both)."""
     _, _, demos = arithmetic.make_arithmetic_task(2000, 8, seed=0, demo_noise=0.7)
-    return load_model("tiny", demos=demos, sft_steps=150)
+    return load_model("tiny", demos=demos, sft_steps=50)
 
 
 def test_left_padding_does_not_change_logprobs(tiny):
@@ -312,7 +312,7 @@ def test_help_lists_every_option(tmp_path):
 
 
 def test_two_steps_change_every_parameter(tmp_path, tiny):
-    result = run_script("--num_steps", "2", "--sft_steps", "150", "--num_eval", "8", "--learning_rate", "1e-3",
+    result = run_script("--num_steps", "2", "--sft_steps", "50", "--num_eval", "8", "--learning_rate", "1e-3",
                         "--prompts_per_step", "4", "--max_new_tokens", "16",
                         "--output_dir", str(tmp_path), cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -385,7 +385,8 @@ run_script = script_runner("tree_grpo.py")
 run_main = main_runner("tree_grpo.py")
 
 
-@pytest.mark.parametrize("rollout", ["tree", "chain"])
+# the tree's run in the slower tier: the quick tier trains a tree run in test_mixed_precision.py and in-process below
+@pytest.mark.parametrize("rollout", [pytest.param("tree", marks=pytest.mark.slow), "chain"])
 def test_two_step_smoke_run(tmp_path, rollout):
     result = run_script("--rollout", rollout, "--num_steps", "2", "--sft_steps", "20", "--num_eval", "10",
                         "--prompts_per_step", "2", "--max_step_tokens", "16", "--max_turns", "2",
