@@ -71,9 +71,14 @@ PADDED_ABSOLUTE = "a left-padded prompt on a model without rotary position embed
 WHOLE_MODEL = "TRL's own generation and forward run it"  # what a model our passes cannot run gets
 
 
+def without_ddp(model):
+    """The model inside accelerate's DDP wrapper (the model itself where there is none)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def inner_model(model):
     """The transformers model inside the one TRL passes: inside accelerate's DDP wrapper, a PEFT model's base."""
-    model = model.module if isinstance(model, DistributedDataParallel) else model
+    model = without_ddp(model)
     return model.get_base_model() if is_peft_model(model) else model
 
 
@@ -118,7 +123,7 @@ class PrefixGrouperGRPOTrainer(trl.GRPOTrainer):
 
     def model_unsupported(self, model) -> str | None:
         """Why prefix_grouper cannot score with `model` (None if it can)."""
-        peft = model.module if isinstance(model, DistributedDataParallel) else model
+        peft = without_ddp(model)
         if is_peft_model(peft) and peft.active_peft_config.is_prompt_learning:
             return "a PEFT prompt-learning adapter (prefix or prompt tuning adds tokens or keys of its own)"
         model = inner_model(model)
