@@ -62,7 +62,7 @@ from tasks import lesions
 class Args:
     # experiment
     seed: int = arg(0, "random seed (python, numpy, torch)", ">= 0")
-    model: str = arg("tiny-vlm", "tiny-vlm | a local folder | a hub id (a VLM)")
+    model: str = arg("tiny-vlm", "stage 1: tiny-vlm | a local folder | a hub id (a VLM); stages 2, 3 alone: --init")
     device: str = arg("auto", "auto picks cuda, then mps, then cpu", "device")
     dtype: Literal["auto", "float32", "bfloat16"] = arg(
         "auto", "stage 1: forwards in auto (bf16 autocast on GPUs with bf16, else fp32) | ..."
@@ -418,7 +418,7 @@ def masked_mean(values, mask):
 
 def load_task(args: Args):
     """(train items, held-out items) of tasks/lesions.py; the tiny VLM needs 32x32 images, a real VLM resizes."""
-    size = lesions.IMAGE_SIZE if args.model == "tiny-vlm" else None
+    size = lesions.image_size_for(args.model if args.stage in ("all", "1") else args.init)  # 2, 3 alone: --init's
     return lesions.load_task(args.dataset_path, args.images_per_class, args.eval_per_class, args.data_seed, size)
 
 

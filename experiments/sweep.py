@@ -44,6 +44,8 @@ def int_list(text: str, flag: str, least: int = 0, name: str = "value") -> list[
         raise UsageError(f"{flag} must be comma-separated whole numbers, e.g. 0,1,2; got {text!r}") from None
     if small := [value for value in values if value < least]:
         raise UsageError(f"{flag} must be whole numbers of at least {least}, got {small[0]}")
+    if flag == "--seeds" and (large := [value for value in values if value >= 2**32]):
+        raise UsageError(f"{flag} must be below 2**32 = 4294967296 (numpy's seeds), got {large[0]}")
     if len(set(values)) != len(values):
         raise UsageError(f"{flag} repeats a {name} ({text}): give each once")
     return values

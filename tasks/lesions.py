@@ -16,6 +16,7 @@ in the graph.
 """
 
 import colorsys
+import json
 import math
 import os
 import random
@@ -206,6 +207,14 @@ def load_image_dataset(path: str, images_per_class: int, eval_per_class: int, se
         return items
 
     return take(data["train"], images_per_class), take(data["eval"], eval_per_class)
+
+
+def image_size_for(model: str) -> int | None:
+    """The size a model sees the lesions at: the tiny VLM's IMAGE_SIZE (by name, or a folder holding one, as stages 2
+    and 3 start from), None for a real VLM, whose processor resizes."""
+    config = Path(model) / "config.json"
+    vision = json.loads(config.read_text()).get("vision_config", {}) if config.is_file() else {}
+    return IMAGE_SIZE if model == "tiny-vlm" or vision.get("image_size") == IMAGE_SIZE else None
 
 
 def load_task(dataset_path, images_per_class, eval_per_class, data_seed, size=IMAGE_SIZE):

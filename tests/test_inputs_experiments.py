@@ -47,6 +47,12 @@ BAD = [
     ("crpo_vs_grpo", ["--seed", "3"], "--seed: the comparison sets it for every run (from --seeds)"),
     ("crpo_vs_grpo", ["--seeds", "0,1,0"], "--seeds repeats a seed (0,1,0)"),
     ("crpo_vs_grpo", ["--seeds", "-1"], "--seeds must be whole numbers of at least 0, got -1"),
+    (
+        "crpo_vs_grpo",
+        ["--seeds", "0,4294967296"],
+        "--seeds must be below 2**32 = 4294967296 (numpy's seeds), got 4294967296",
+    ),
+    ("tree_credit", ["--seeds", "4294967296"], "--seeds must be below 2**32"),
     ("crpo_vs_grpo", ["--num_steps", "0"], "--num_steps must be at least 1, got 0"),
     ("crpo_vs_grpo", ["--bogus_flag", "3"], "unrecognized arguments: --bogus_flag 3"),
     # grpo_pp_stability.py: sizes, arms, and an image folder smaller than a size claims

@@ -24,6 +24,7 @@ import grpo
 import grpo_pp
 import plumbing
 import tree_grpo
+from tasks import lesions
 
 SCRIPTS = {"grpo.py": grpo, "crpo.py": crpo, "tree_grpo.py": tree_grpo, "grpo_pp.py": grpo_pp}
 
@@ -165,6 +166,17 @@ def test_grpo_pp_stage_3_from_a_text_models_folder_says_so(tmp_path, capsys):
     assert code == 2 and f"grpo_pp.py: error: '{text}' is a text-only model" in err.splitlines()[-1]
 
 
+def test_grpo_pp_stages_2_and_3_alone_see_the_images_at_the_size_of_inits_model(tmp_path, monkeypatch):
+    """--model is stage 1's; a stage alone takes the images' size from the model it starts from (--init)."""
+    tiny = saved(tmp_path / "tiny", *common.build_tiny_vlm())
+    text_tokenizer = common.build_tiny_tokenizer()
+    other = saved(tmp_path / "other", common.build_tiny_model(text_tokenizer), text_tokenizer)
+    monkeypatch.setattr(lesions, "load_task", lambda *task: task[-1])  # the size it is asked for
+    sizes = {init: grpo_pp.load_task(grpo_pp.Args(stage="3", init=init)) for init in (tiny, other)}
+    assert sizes == {tiny: lesions.IMAGE_SIZE, other: None}
+    assert grpo_pp.load_task(grpo_pp.Args()) == lesions.IMAGE_SIZE
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # options that the chosen mode would not use
 
@@ -194,6 +206,7 @@ MODE_BOUND = {
         "model": ["warm_start_steps", "warm_start_noise"],
         "stage": [
             "init",
+            "model",
             "sft_steps",
             "sft_error_rate",
             "sft_learning_rate",

@@ -5,6 +5,7 @@ read the source only; nothing is run.
 """
 
 import ast
+import difflib
 import re
 from pathlib import Path
 
@@ -154,3 +155,20 @@ def test_readme_points_at_each_algorithm_section(path):
     first, last = algorithm_lines(path)
     link = f"[lines {first}-{last}]({path}#L{first}-L{last})"
     assert link in (ROOT / "README.md").read_text(), f"README.md: the link to {path}'s algorithm is now {link}"
+
+
+def reading_minutes(path: str) -> int:
+    """README's rule, about 15 lines a minute: a variant's lines added to grpo.py (its diff), another file whole."""
+    base = (ROOT / "grpo.py").read_text().splitlines()
+    lines = (ROOT / path).read_text().splitlines()
+    diff = difflib.unified_diff(base, lines, lineterm="", n=0)
+    added = [line for line in diff if line.startswith("+") and not line.startswith("+++")]
+    return round(len(added if path in ALGORITHMS[1:] else lines) / 15)
+
+
+@pytest.mark.parametrize("path", [*ALGORITHMS, "prefix_grouper.py"])
+def test_readme_reading_table_gives_each_files_lines_and_minutes(path):
+    lines = len((ROOT / path).read_text().splitlines())
+    minutes = f"{reading_minutes(path)}{' after grpo.py' if path in ALGORITHMS[1:] else ''}"
+    row = f"| [{path}]({path}) | {lines} | {minutes} |"
+    assert row in (ROOT / "README.md").read_text(), f"README.md's reading table: the row of {path} is now {row}"
