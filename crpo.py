@@ -1,46 +1,30 @@
 """CRPO: Clinical-objective Relative Policy Optimization (Clinical-R1), in one file.
 
-Paper: Clinical-R1: Empowering Large Language Models for Faithful and Comprehensive Reasoning with Clinical
-Objective Relative Policy Optimization (Gu, Zhou et al., 2025), https://arxiv.org/abs/2512.00601.
-Read it against grpo.py: CRPO changes the rewards (a verifiable reward per clinical objective) and the advantage
-(`objective_advantages` in place of `group_advantages`), both in the section "The algorithm", called from step 2
-of the loop. Rollout, log-probs and loss are GRPO's, line for line; the task is tasks/clinic.py.
+Paper: Clinical-R1 (Gu, Zhou et al., 2025), https://arxiv.org/abs/2512.00601. This is grpo.py with a reward per
+clinical objective and their advantage (the section "The algorithm", used in step 2 of the loop) and an entropy
+bonus; rollout, log-probs and loss are grpo.py's, line for line. The task is tasks/clinic.py.
 
-The idea. GRPO with a correctness reward learns to answer right, but nothing stops it from reasoning lazily,
-citing findings the patient does not have, or never saying why the other options are wrong. CRPO adds
-rule-based, verifiable rewards for faithfulness (the reasoning cites findings that are in the case and invents
-none, and the conclusion follows from it) and comprehensiveness (it covers the case's findings and rejects each
-distractor for a reason), with no human labels and no reward model. A response is <dx>...</dx><conclusion>X
-</conclusion>. In a group where every answer is right (or wrong) the accuracy term has no variance, so the
-advantage comes from the other objectives; in mixed groups the k = 10 accuracy term dominates.
+A correctness reward alone lets a model answer right with lazy or invented reasoning. CRPO adds rule-based,
+verifiable rewards for faithfulness (cite only findings the case has; conclude what the reasoning supports) and
+comprehensiveness (cover the findings; reject each distractor for a reason), for responses written as
+<dx>...</dx><conclusion>X</conclusion>. A group whose answers are all right (or all wrong) still gets an advantage.
 
-    R_i   = k * R_acc + R_faith + R_comp                                   CRPO   (--method crpo), k = 10
-    R_i   = k * R_acc + R_format                                           GRPO baseline (--method grpo)
-    A_i   = (R_i - mean(R_group)) / (std(R_group) + eps)                   mode sum_then_normalize (default)
-    A_i   = z_batch( sum_j w_j * z_group(R_ij) )                           mode normalize_then_sum (ablation, GDPO)
-    loss  = GRPO's clipped surrogate with TRL's aggregation and the k3 KL (see grpo.py)
-            - c_H * sum_it M_it H_it / sum_it M_it                         entropy bonus (verl's entropy_coeff)
-    R_acc    = 1 if the option letter in <conclusion> is the gold one
-    R_faith  = 0.5 * precision(findings cited in <dx> that the case has)  + 0.5 * [the <dx> says the concluded
-               option fits and does not reject it]                          (0 if the format is wrong)
-    R_comp   = 0.5 * (stem findings cited / stem findings) + 0.5 * (distractors rejected for a stem finding that
-               the graph says the distractor lacks / distractors)          (0 if the format is wrong)
-    R_format = 1 if the response is exactly <dx>...</dx><conclusion>X</conclusion>
+    R_i  = k R_acc + R_faith + R_comp,  k = 10             (--method grpo: k R_acc + R_format, the baseline)
+    A_i  = (R_i - mean(R_group)) / (std(R_group) + eps)     (--advantage_mode normalize_then_sum: the ablation)
+    loss = grpo.py's loss - c_H * mean entropy of the completion tokens
 
-The paper's: the three objectives, rule-based rewards, <dx>/<conclusion>, k = 10 and the k + 2 bound, GRPO with
-correctness + format as the baseline; its settings G = 5, a k3 KL to the warm start (beta 0.001) and an entropy
-bonus of 0.001, our defaults for both methods. Its exact reward rules, weights and data are not public.
-Ours: the formulas of R_faith and R_comp; summing before normalising (the k + 2 bound points to one summed
-reward); the learning rate (1e-4 for a 0.8M-parameter model; its 1e-6 is for 3B) and temperature 1.0 (which the
-loss scores; its cold start samples at 0.6); a 0.8M-parameter model warm-started on templated traces instead of
-Qwen2.5-3B with R1 traces. An all-equal group's advantage is 0 up to float32 rounding of its mean (as in TRL).
+The paper's: the three objectives and their tags, rule-based rewards, k = 10, GRPO on correctness + format as the
+baseline, G = 5, a k3 KL to the warm start (beta 0.001), an entropy bonus of 0.001. Its rules and data are not
+public. Ours:
+1. The rules of R_faith and R_comp (`faithfulness_reward`, `comprehensiveness_reward`).
+2. Summing before normalising (the paper's k + 2 bound points to one summed reward).
+3. A 0.8M-parameter model warm-started on templated traces, learning rate 1e-4, temperature 1.0 (the paper:
+   Qwen2.5-3B with R1 traces, 1e-6, 0.6).
 
-Run:
+Run (the results are in RESULTS.md):
     python crpo.py                          # CRPO on the tiny model, CPU
     python crpo.py --method grpo            # the GRPO baseline: same loop, accuracy + format reward
-    python experiments/crpo_vs_grpo.py      # GRPO vs CRPO, seeds 0-4: table and plot
-    python crpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset medqa ...   # one GPU: the recipe in RESULTS.md
-Results are in RESULTS.md.
+    python experiments/crpo_vs_grpo.py      # both over seeds 0-4: a table and a plot
 """
 
 import math

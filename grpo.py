@@ -1,44 +1,27 @@
 r"""GRPO: Group Relative Policy Optimization, in one file.
 
-Paper: DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models (Shao et al., 2024),
-https://arxiv.org/abs/2402.03300. Reference implementation for every formula below: TRL's GRPOTrainer.
+Paper: DeepSeekMath (Shao et al., 2024), https://arxiv.org/abs/2402.03300. Reference code: TRL's GRPOTrainer.
 
-The idea. PPO needs a value network to tell a good action from a lucky one. GRPO drops it: for each prompt q it
-samples a *group* of G completions o_1..o_G, scores each with a verifiable reward r_i, and uses the group itself
-as the baseline. A completion's advantage is how much better it did than its siblings, and every token of that
-completion shares it. The update is PPO's clipped surrogate on those advantages, optionally with a KL penalty
-towards a frozen reference model.
+PPO without a value network: for each prompt q, sample a group of G completions, score each with a verifiable
+reward r_i, and take the group's mean reward as the baseline. Every token of a completion shares its advantage;
+the update is PPO's clipped surrogate, with an optional KL penalty towards a frozen reference model.
 
-Equations (i indexes completions in the batch, t their tokens, M_it = 1 on real completion tokens):
+    A_i  = (r_i - mean(r_group)) / (std(r_group) + eps)             --scale_rewards group (or batch, none)
+    w_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)     the importance ratio, 1 on-policy
+    l_it = -min(w_it A_i, clip(w_it, 1 - eps_low, 1 + eps_high) A_i) + beta (e^x - x - 1),  x = log pi_ref/pi_theta
+    loss = the l_it of real completion tokens, averaged as --loss_type says (`policy_loss`)
 
-    A_i    = (r_i - mean(r_group)) / (std(r_group) + eps)          scale="group" (std unbiased, as TRL)
-             (r_i - mean(r_group)) / (std(r_batch) + eps)          scale="batch" (Lite PPO)
-              r_i - mean(r_group)                                  scale="none"  (Dr. GRPO)
-    w_it   = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)  importance ratio (== 1 when on-policy)
-    l_it   = -min(w_it A_i, clip(w_it, 1 - eps_low, 1 + eps_high) A_i) + beta * D_it
-    D_it   = exp(x) - x - 1 = expm1(x) - x,  x = log pi_ref - log pi_theta       (k3 estimator of KL)
-    loss   = grpo:    mean_i( sum_t M_it l_it / sum_t M_it )       (DeepSeekMath; biased towards short answers)
-             bnpo:    sum_it M_it l_it / sum_it M_it               (token mean of the micro-batch)
-             dr_grpo: sum_it M_it l_it / (B * L_max)               (constant normaliser, Dr. GRPO)
-             dapo:    sum_it M_it l_it / (tokens in the whole batch)   (TRL's default)
+The paper's: the group baseline, the clipped surrogate, the k3 KL. TRL's: the loss types and reward scalings
+(tests/test_grpo.py checks ours against them). Ours:
+1. The k3 KL with expm1, exact near x = 0, where e^x - x - 1 loses its digits.
+2. Log-probs at the sampling temperature, so the ratio compares the distribution that was sampled.
+3. On-policy by default (num_iterations 1: pi_old = pi_theta.detach(), so the loss is ~0, its gradient is not).
+4. One optimiser step per pass over the batch, in micro-batches; one process, no vLLM (README, "Scaling up").
 
-The paper's: the group baseline, the clipped surrogate, the k3 KL. TRL's (and so ours): the four loss types, the
-advantage scalings, clipping; tests/test_grpo.py checks them against an independent transcription of its formulas.
-Ours: k3 computed with expm1 (exact near x = 0, where exp(x) - x - 1 loses all its digits); log-probs from logits
-divided by the sampling temperature, so the ratio compares the distribution we sampled from; on-policy by default
-(num_iterations=1: pi_old = pi_theta.detach(), so the loss *value* is ~0 while its gradient is not; with more
-iterations the old log-probs are computed once, before the updates); one optimiser step per pass over the batch,
-split into micro-batches. No vLLM, no distributed training (README.md, "Scaling up").
-The task (two-digit addition offline, or GSM8K) is tasks/arithmetic.py.
-
-Run:
-    python grpo.py                                   # the tiny model on a CPU, no download
+Run (the task, additions or GSM8K, is tasks/arithmetic.py; the results are in RESULTS.md):
+    python grpo.py                                  # the tiny model on a CPU, no download
     python grpo.py --model smollm2-135m --small_addend --num_shots 3 --num_train 600 --prompts_per_step 4 \
         --learning_rate 2e-5 --num_steps 80 --eval_every 20 --prefix_grouper   # SmolLM2-135M, offline
-    python grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset gsm8k --num_shots 2 --max_new_tokens 384 \
-        --learning_rate 1e-6 --gradient_accumulation_steps 16 --gradient_checkpointing   # one GPU (RESULTS.md)
-On a GPU the weights and AdamW stay float32 and the forwards run under bf16 autocast (--dtype auto); the script
-prints its estimated peak memory before training. Results are in RESULTS.md.
 """
 
 import random

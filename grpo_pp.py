@@ -1,46 +1,32 @@
 """GRPO++ (DermIQ-VLM): a stabilised GRPO on a vision-language model, then SFT, then knowledge-graph DPO.
 
-Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510.01236. Read grpo.py first: stage 1
-is grpo.py with an image in the prompt and the stabilisers below. What GRPO++ changes is the section "The
-algorithm": `binary_advantages`, `nonzero_variance_groups`, the stabilisers' values (STABILISERS), and stage 3's
-`dpo_loss` with the graph as the judge (`kg_fact_score`, `preference_pairs`). The loss and the group advantage
-are grpo.py's, line for line; rollout and log-probs are grpo.py's with the image passed along. The task (lesion
-images drawn from a knowledge graph, or an image folder) is tasks/lesions.py.
+Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510.01236. Three stages, as a
+dermatologist is trained: (1) GRPO++, a GRPO stable enough to learn a diagnosis from few images; (2) SFT for
+conversation; (3) DPO whose preferences come from a knowledge graph instead of experts. Stage 1 is grpo.py with an
+image in the prompt and the stabilisers below (the section "The algorithm"); the task is tasks/lesions.py.
 
-The idea. Three stages that mimic how a dermatologist is trained: (1) GRPO++, a GRPO made stable enough for
-reasoning-based disease recognition from few images; (2) SFT for conversation; (3) DPO whose preference pairs are
-scored against a knowledge graph instead of by experts.
+The paper's text and code are not public (its abstract, and a secondary source's "binary advantage"), so each
+stabiliser is ours, behind its own flag; --no_grpo_pp gives plain GRPO, and one set on the command line keeps its
+value under either:
 
-The paper's: the three stages, a stabilised GRPO, the graph as the DPO judge. Its text and code are not public
-(the abstract, and one secondary source saying GRPO++ uses "a binary advantage"), so every stabiliser is ours,
-each behind its own flag so that GRPO vs GRPO++ is one switch, --no_grpo_pp:
-    binary advantage   A_i = sign(r_i - mean(r_group))  in {-1, 0, +1}: no division by a near-zero std
-                       (GRPO: A_i = (r_i - mean) / (std + eps))
-    skip zero-variance groups: no loss on a group whose rewards are all equal
-    clip-higher        eps_high = 0.28 (GRPO: 0.2)
-    token-mean loss    sum_it M_it l_it / sum_it M_it  (GRPO: the mean over completions of each one's token mean)
-    KL anchor          + beta * k3(pi_ref, pi), beta = 0.04, the reference being the warm start (GRPO: beta = 0)
-Under GRPO++ each stabiliser takes its GRPO++ value unless set on the command line, so each can be switched off
-alone (e.g. --beta 0); args.json records the values that ran. Stage 1 is evaluated by greedy macro-F1 every
---eval_every steps (a "collapse": an evaluation 10 points below the run's best so far) and at the end by the
-paper's protocol, a majority vote over --answer_samples answers sampled at T=1 per held-out image.
-Stage 3 (DPO, Rafailov et al., 2023; the pairs are ours): sample K answers per training image, score each against
-the graph (+1 per fact it confirms, -1 per fact it contradicts: the attributes against the image's class, symptoms
-and care against the class the answer names), chosen y_w = best, rejected y_l = worst, kept if the scores differ
-by at least --dpo_margin:
-    loss = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),  ref = stage 2
-Ours, simplified: no LoRA (the paper's "memory-efficient" variant; our models are small), full fine-tuning, and
-offline DPO on one set of sampled pairs. Generation never samples the <image> token, and the log-probs give that
-token probability 0 too.
+    binary advantage   A_i = sign(r_i - mean(r_group)), no division by a near-zero std      (GRPO: z-score)
+    zero-variance skip no loss on a group whose rewards are all equal
+    clip-higher        eps_high = 0.28                                                        (GRPO: 0.2)
+    token-mean loss    sum_it M_it l_it / sum_it M_it                                         (GRPO: per completion)
+    KL anchor          + 0.04 k3(pi_ref, pi_theta), the reference being the warm start       (GRPO: none)
+    stage 3 (DPO)      loss = -log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
+                       y_w, y_l the best and worst of K sampled answers by the graph's fact score; ref = stage 2
 
-Run:
+Ours besides: 1. the graph score (+1 a fact it confirms, -1 one it contradicts) and pairs kept at --dpo_margin;
+2. full fine-tuning, no LoRA; offline DPO on one set of pairs; 3. stage 1 judged by greedy macro-F1 (a collapse: 10
+points below the best so far) and, at the end, by the paper's majority vote over --answer_samples answers at T = 1;
+4. the <image> token is never sampled or scored.
+
+Run (the results, over seeds, with the ablation and stages 2-3, are in RESULTS.md):
     python grpo_pp.py                       # stages 1 -> 2 -> 3 with GRPO++ in stage 1, tiny VLM, CPU
     python grpo_pp.py --no_grpo_pp          # the same with plain GRPO in stage 1
     python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
-    python grpo_pp.py --model <a local VLM folder> --dataset_path <an image folder with train/ and test/>
-    python grpo_pp.py --model HuggingFaceTB/SmolVLM-256M-Instruct ...   # one GPU: the recipe in RESULTS.md
     python experiments/grpo_pp_stability.py --sizes 4 --learning_rate 1e-3 --seeds 0,1,2,3,4,5,6,7,8,9
-Results (stage 1 over seeds, the ablation, the factual error rate through stages 2 and 3) are in RESULTS.md.
 """
 
 import random

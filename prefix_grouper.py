@@ -18,19 +18,13 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-Reading order: `GroupLayout` and its two calls, the attention function ("prefix_grouper" in transformers'
-AttentionInterface), `shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then our extensions:
-sliding windows, tries (`trie_logprobs`, for Tree-GRPO), images, the shared prefill (`shared_prompt_cache`).
-
-What we do differently from the official package:
-- Exact on every backend. The official function hands 2-D padding masks to the kernel and relies on
-  flash-attention's bottom-right causal alignment (sdpa is silently wrong, eager raises). Our 4-D additive masks
-  give the naive result with sdpa, eager and flex_attention; what we cannot compute exactly (flash kernels, sdpa
-  with attention sinks or soft-capping, chunked or linear attention) is one clear error.
-- Wired in like verl: the layout travels as a keyword argument, `model(..., prefix_grouper=layout)`, down to every
-  attention layer; without it the model's own kernel runs, so a model left on "prefix_grouper" generates as before.
-- Logits only where a completion token is scored (`lm_head_sees_only`), in float32 a chunk at a time; grouped-query
-  attention without a copy of the keys and values per query head (`sdpa_shared_kv`).
+Read `GroupLayout` and its two calls, the attention function ("prefix_grouper" in transformers' AttentionInterface),
+`shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then the extensions: sliding windows, tries
+(`trie_logprobs`, for Tree-GRPO), images, the shared prefill (`shared_prompt_cache`). Ours, against the official code:
+1. Exact on every backend: 4-D additive masks give the naive result with sdpa, eager and flex_attention (the
+   official 2-D masks rely on flash-attention's causal alignment); what cannot be exact is one clear error.
+2. Wired in like verl: `model(..., prefix_grouper=layout)`; without a layout the model's own kernel runs.
+3. Logits only where a completion token is scored, in float32 a chunk at a time; GQA without a K/V copy per head.
 
 Run: python experiments/bench_prefix_grouper.py (equivalence, then the speed and memory tables in RESULTS.md).
 """

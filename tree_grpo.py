@@ -1,46 +1,32 @@
 """Tree-GRPO: tree-search rollouts for a tool-using agent, in one file.
 
-Paper: Tree Search for LLM Agent Reinforcement Learning (Ji et al., 2025), https://arxiv.org/abs/2509.21240.
-Official code: https://github.com/AMAP-ML/Tree-GRPO (a Search-R1 / veRL fork). Read grpo.py first: this file is
-grpo.py with the rollout replaced by tree search and the advantage by a two-level group baseline (the section "The
-algorithm"); log-probs and loss are grpo.py's, line for line. The search task is tasks/namesakes.py.
+Paper: Tree Search for LLM Agent Reinforcement Learning (Ji et al., 2025), https://arxiv.org/abs/2509.21240;
+official code https://github.com/AMAP-ML/Tree-GRPO. This is grpo.py with the rollout replaced by tree search and
+the advantage by a two-level group baseline (the section "The algorithm"); log-probs and loss are grpo.py's. The
+agent thinks, searches (<search>query</search>, answered in <information>), answers; the task: tasks/namesakes.py.
 
-The idea. An agent answers a question in steps: <think>..</think><search>query</search>, the tool appends
-<information>..</information>, and so on until <answer>..</answer>. Chain GRPO samples G whole trajectories per
-question. Tree-GRPO samples them as trees whose nodes are whole agent steps (thought + tool call + observation):
-branches share their prefix, so the same budget of generated tokens and tool calls buys more trajectories, and
-sibling branches that differ in one step tell the policy which step mattered.
+Chain GRPO samples G whole trajectories per question. Tree-GRPO grows them as trees whose nodes are agent steps:
+branches share their prefix, so one budget of tokens and tool calls buys more trajectories, and siblings that
+differ in one step tell the policy which step mattered.
 
-Rollout (the official `run_llm_loop_tree_search`):
-    init:   M trees per question, each grown as one chain to a leaf (an <answer>, or max_turns steps)
-    repeat L times:
-      sample N nodes per tree, uniformly with replacement among the root and the tree's non-leaf nodes
-      expand: continue each sampled node to a new leaf (a new branch; from the root: a new chain)
-    keep K random leaves of each tree (a tree has 1 + N*L leaves)
-Advantages (the official `adv_estimator=tree`), for leaf l of tree T of question q, R = the leaf's reward:
-    A_inter(l) = (R_l - mean(R over the M*K leaves of q)) / (std + eps)
-    A_intra(l) = (R_l - mean(R over the K leaves of T))   / (std + eps)      std unbiased; a group of one gives 0
-    A(l)       = A_inter(l) + A_intra(l)
-Each kept leaf is one sequence, prompt + every step on its path; A(l) goes to each token the policy generated
-(observations are masked out of the loss). A step shared by several leaves is trained once per leaf, so it gets
-the summed advantage of the leaves under it: a step-level credit without a value network. Chain GRPO (--rollout
-chain) is the same code with M = G trees of one leaf each: A_intra is then 0 and A is GRPO's group z-score.
+    rollout: M trees per question, each one chain; L times, expand N nodes per tree (picked uniformly with
+             replacement among the root and inner nodes) into new branches; keep K leaves per tree (1 + N L grown)
+    A(l)   = z(R_l; the question's M K leaves) + z(R_l; its tree's K leaves),  z(x; S) = (x - mean S) / (std S + eps)
+Each kept leaf is one sequence with A(l) on every token the policy generated (observations masked): a step shared
+by several leaves gets their summed advantage, a credit per step without a value network (--rollout chain: G trees
+of one leaf, A = GRPO's z-score).
 
-The paper's (and the official code's): nodes are whole agent steps; expansion picks nodes uniformly with
-replacement, root included; K leaves sampled at random; eps = 1e-6; off-policy updates (--num_minibatches
-optimiser steps per batch, official 8; --num_iterations passes, official 1; old log-probs computed once; the dual
-clip c = 3); a KL and an entropy bonus of 0.001 (off here by default; --beta sets the KL).
-Ours: one optimiser step per batch by default (on-policy, the cheaper: RESULTS.md compares them); a group of one
-leaf contributes 0 (official: the raw reward); a branch open after max_turns steps is a leaf with no answer
-(official: one more step without search); an all-equal group's advantage is 0 up to float32 rounding of its mean,
-as in the official code. Tokens and tool calls are counted as generated; each leaf is its own sequence in the
-update unless --prefix_grouper encodes what leaves share once.
+The paper's (and official code's): steps as nodes, the expansion and its sampling, K random leaves, eps 1e-6,
+off-policy updates (official: 8 minibatches, old log-probs once, dual clip c = 3). Ours:
+1. One optimiser step per batch by default (on-policy; RESULTS.md compares the two).
+2. A tree with one kept leaf gets 0 from its own z-score (official: the raw reward).
+3. A branch open after --max_turns steps is a leaf without an answer (official: one more step without search).
+4. No KL and no entropy bonus by default (official: 0.001 each; --beta sets the KL).
 
-Run (results are in RESULTS.md):
+Run (the results are in RESULTS.md):
     python tree_grpo.py                           # Tree-GRPO, tiny model, CPU
     python tree_grpo.py --rollout chain           # chain GRPO with G = 4, the baseline
-    python experiments/tree_vs_chain.py --prefix_grouper   # chain, tree, the advantage ablation at one budget
-    python tree_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct --dataset hotpotqa ...   # one GPU: RESULTS.md's recipe
+    python experiments/tree_vs_chain.py --prefix_grouper   # chain, tree and the ablation at one token budget
 """
 
 import copy
