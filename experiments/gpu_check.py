@@ -157,7 +157,7 @@ def gpu_check(report_path):
         Path(report_path).write_text("\n".join(report))  # keep what is done if a later step hangs
         return output
 
-    section("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], 300)
+    section("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-n0", "-p", "no:cacheprovider"], 300)
     bench = "experiments/bench_prefix_grouper.py --device cuda --model qwen2.5-0.5b --dtype bfloat16 "
     bench += "--prompt_lengths 1024,4096 --completion_lengths 256 --group_sizes 8"
     section("Prefix Grouper benchmark (equivalence checked on the GPU first)", [sys.executable, *bench.split()], 180)

@@ -17,8 +17,19 @@ sys.path.insert(0, str(ROOT))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# A cache of warm-started tiny models shared by this test session (and its subprocesses), not the user's.
-os.environ["GRPO_FAMILY_CACHE"] = tempfile.mkdtemp(prefix="grpo-family-test-cache-")
+# A cache of warm-started tiny models shared by this test session (and its subprocesses), not the user's. The
+# workers of one `pytest -n` run share one, named by the run's id: a model one worker is building, the others wait
+# for (the cache's lock) instead of building it again.
+if run_id := os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+    os.environ["GRPO_FAMILY_CACHE"] = str(Path(tempfile.gettempdir()) / f"grpo-family-test-cache-{run_id}")
+else:
+    os.environ["GRPO_FAMILY_CACHE"] = tempfile.mkdtemp(prefix="grpo-family-test-cache-")
+# pytest-xdist's workers (pyproject.toml runs one per core) share the cores out: torch in each worker, and in the
+# processes it starts, takes its share of threads, since torch jobs that each take every core slow each other down.
+if (workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))) > 1:
+    threads = max(1, len(os.sched_getaffinity(0)) // workers if hasattr(os, "sched_getaffinity") else 1)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 # A test that needs a CUDA GPU: `pytest -m cuda` selects these (experiments/gpu_check.py runs them); skipped
@@ -50,3 +61,9 @@ def main_runner(script: str):
         return code, capsys.readouterr().err
 
     return run
+
+
+def pytest_collection_modifyitems(items):
+    """The longest tests (a notebook run with its solutions, minutes each) first, so that no worker of `pytest -n`
+    starts one of them after the others have run out of work."""
+    items.sort(key=lambda item: "test_with_solutions_every_check_passes" not in item.nodeid)
