@@ -10,14 +10,15 @@ comprehensiveness (cover the findings; reject each distractor for a reason), for
 <dx>...</dx><conclusion>X</conclusion>. A group whose answers are all right (or all wrong) still gets an advantage.
 
     R_i  = k R_acc + R_faith + R_comp,  k = 10             (--method grpo: k R_acc + R_format, the baseline)
-    A_i  = (R_i - mean(R_group)) / (std(R_group) + eps)     (--advantage_mode normalize_then_sum: the ablation)
-    loss = grpo.py's loss - c_H * mean entropy of the completion tokens
+    A_i  = (R_i - mean(R_group)) / (std(R_group) + 1e-4)    (the ablation, --advantage_mode normalize_then_sum:
+                                                              z-score each objective, then their weighted sum)
+    loss = grpo.py's loss - c_H * mean entropy of the completion tokens,  c_H = --entropy_coef
 
 The paper's: the three objectives and their tags, rule-based rewards, k = 10, GRPO on correctness + format as the
 baseline, G = 5, a k3 KL to the warm start (beta 0.001), an entropy bonus of 0.001. Its rules and data are not
 public. Ours:
 1. The rules of R_faith and R_comp (`faithfulness_reward`, `comprehensiveness_reward`).
-2. Summing before normalising (the paper's k + 2 bound points to one summed reward).
+2. Summing before normalising (the paper bounds the reward by k + 2, a bound of one summed reward).
 3. A 0.8M-parameter model warm-started on templated traces, learning rate 1e-4, temperature 1.0 (the paper:
    Qwen2.5-3B with R1 traces, 1e-6, 0.6).
 

@@ -6,16 +6,17 @@ PPO without a value network: for each prompt q, sample a group of G completions,
 reward r_i, and take the group's mean reward as the baseline. Every token of a completion shares its advantage;
 the update is PPO's clipped surrogate, with an optional KL penalty towards a frozen reference model.
 
-    A_i  = (r_i - mean(r_group)) / (std(r_group) + eps)             --scale_rewards group (or batch, none)
+    A_i  = (r_i - mean(r_group)) / (std(r_group) + 1e-4)            --scale_rewards group (or batch, none)
     w_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)     the importance ratio, 1 on-policy
-    l_it = -min(w_it A_i, clip(w_it, 1 - eps_low, 1 + eps_high) A_i) + beta (e^x - x - 1),  x = log pi_ref/pi_theta
-    loss = the l_it of real completion tokens, averaged as --loss_type says (`policy_loss`)
+    l_it = -min(w_it A_i, clip(w_it, 1 - eps_low, 1 + eps_high) A_i) + beta k3,  k3 = e^x - x - 1, x = log pi_ref/pi
+    loss = the l_it of real completion tokens, averaged as --loss_type says (dapo: over the batch; `policy_loss`)
 
-The paper's: the group baseline, the clipped surrogate, the k3 KL. TRL's: the loss types and reward scalings
-(tests/test_grpo.py checks ours against them). Ours:
-1. The k3 KL with expm1, exact near x = 0, where e^x - x - 1 loses its digits.
+The paper's: the group baseline, the clipped surrogate, the k3 estimate of the KL (--beta). TRL's: the loss types
+and reward scalings (tests/test_grpo.py checks ours against them). Ours:
+1. k3 computed with expm1, exact near x = 0, where e^x - x - 1 loses its digits.
 2. Log-probs at the sampling temperature, so the ratio compares the distribution that was sampled.
-3. On-policy by default (num_iterations 1: pi_old = pi_theta.detach(), so the loss is ~0, its gradient is not).
+3. On-policy by default (num_iterations 1: pi_old = pi_theta.detach(), w = 1: the loss's value says little, its
+   gradient trains).
 4. One optimiser step per pass over the batch, in micro-batches; one process, no vLLM (README, "Scaling up").
 
 Run (the task, additions or GSM8K, is tasks/arithmetic.py; the results are in RESULTS.md):

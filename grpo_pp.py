@@ -2,30 +2,30 @@
 
 Paper: DermIQ-VLM (Swapnil, Saha, Khan, Haque, 2025), https://arxiv.org/abs/2510.01236. Three stages, as a
 dermatologist is trained: (1) GRPO++, a GRPO stable enough to learn a diagnosis from few images; (2) SFT for
-conversation; (3) DPO whose preferences come from a knowledge graph instead of experts. Stage 1 is grpo.py with an
-image in the prompt and the stabilisers below (the section "The algorithm"); the task is tasks/lesions.py.
+conversation; (3) DPO whose preferences come from a knowledge graph instead of experts. Stage 1 is grpo.py's step
+with an image in the prompt, two passes per batch (--num_iterations 2) and the stabilisers below (the section "The
+algorithm"); the task is tasks/lesions.py.
 
 The paper's text and code are not public (its abstract, and a secondary source's "binary advantage"), so each
-stabiliser is ours, behind its own flag; --no_grpo_pp gives plain GRPO, and one set on the command line keeps its
-value under either:
+stabiliser is ours, behind its own flag; --no_grpo_pp gives plain GRPO, and a stabiliser set on the command line
+keeps its value under either (M_it is 1 on completion tokens; k3 is grpo.py's KL estimate):
 
     binary advantage   A_i = sign(r_i - mean(r_group)), no division by a near-zero std      (GRPO: z-score)
     zero-variance skip no loss on a group whose rewards are all equal
     clip-higher        eps_high = 0.28                                                        (GRPO: 0.2)
-    token-mean loss    sum_it M_it l_it / sum_it M_it                                         (GRPO: per completion)
+    token-mean loss    sum_it M_it l_it / sum_it M_it                (GRPO: --loss_type grpo, a mean per completion)
     KL anchor          + 0.04 k3(pi_ref, pi_theta), the reference being the warm start       (GRPO: none)
-    stage 3 (DPO)      loss = -log sigmoid(beta [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]),
-                       y_w, y_l the best and worst of K sampled answers by the graph's fact score; ref = stage 2
+    stage 3 (DPO)      -log sigmoid(b [(log pi - log ref)(y_w) - (log pi - log ref)(y_l)]), b --dpo_beta, ref stage 2;
+                       y_w, y_l: the best and worst, by the graph's fact score, of --dpo_samples answers to an image
 
-Ours besides: 1. the graph score (+1 a fact it confirms, -1 one it contradicts) and pairs kept at --dpo_margin;
-2. full fine-tuning, no LoRA; offline DPO on one set of pairs; 3. stage 1 judged by greedy macro-F1 (a collapse: 10
-points below the best so far) and, at the end, by the paper's majority vote over --answer_samples answers at T = 1;
-4. the <image> token is never sampled or scored.
+Ours besides: 1. the fact score (+1 a fact the graph confirms, -1 one it contradicts), a pair kept if its scores
+differ by --dpo_margin or more; 2. full fine-tuning, no LoRA; offline DPO on one set of pairs; the <image> token
+never sampled or scored; 3. stage 1 judged by greedy macro-F1 (a collapse: 10 points below the best so far), and
+at the end by the paper's majority vote over --answer_samples answers at T = 1.
 
 Run (the results, over seeds, with the ablation and stages 2-3, are in RESULTS.md):
     python grpo_pp.py                       # stages 1 -> 2 -> 3 with GRPO++ in stage 1, tiny VLM, CPU
     python grpo_pp.py --no_grpo_pp          # the same with plain GRPO in stage 1
-    python grpo_pp.py --stage 3 --init runs/<stage 2 run>/model
     python experiments/grpo_pp_stability.py --sizes 4 --learning_rate 1e-3 --seeds 0,1,2,3,4,5,6,7,8,9
 """
 

@@ -18,11 +18,11 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-Read `GroupLayout` and its two calls, the attention function ("prefix_grouper" in transformers' AttentionInterface),
+Read `GroupLayout` and its two calls, `prefix_grouper_attention` ("prefix_grouper" in the AttentionInterface),
 `shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then the extensions: sliding windows, tries
 (`trie_logprobs`, for Tree-GRPO), images, the shared prefill (`shared_prompt_cache`). Ours, against the official code:
-1. Exact on every backend: 4-D additive masks give the naive result with sdpa, eager and flex_attention (the
-   official 2-D masks rely on flash-attention's causal alignment); what cannot be exact is one clear error.
+1. Exact (up to summation order) with sdpa, eager and flex_attention (CUDA): 4-D additive masks, where the
+   official 2-D masks rely on flash-attention's causal alignment; what we cannot compute exactly is one clear error.
 2. Wired in like verl: `model(..., prefix_grouper=layout)`; without a layout the model's own kernel runs.
 3. Logits only where a completion token is scored, in float32 a chunk at a time; GQA without a K/V copy per head.
 

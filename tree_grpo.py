@@ -3,22 +3,22 @@
 Paper: Tree Search for LLM Agent Reinforcement Learning (Ji et al., 2025), https://arxiv.org/abs/2509.21240;
 official code https://github.com/AMAP-ML/Tree-GRPO. This is grpo.py with the rollout replaced by tree search and
 the advantage by a two-level group baseline (the section "The algorithm"); log-probs and loss are grpo.py's. The
-agent thinks, searches (<search>query</search>, answered in <information>), answers; the task: tasks/namesakes.py.
+agent thinks, searches (<search>query</search>, answered in <information>), answers in <answer>: tasks/namesakes.py.
 
-Chain GRPO samples G whole trajectories per question. Tree-GRPO grows them as trees whose nodes are agent steps:
-branches share their prefix, so one budget of tokens and tool calls buys more trajectories, and siblings that
-differ in one step tell the policy which step mattered.
+Chain GRPO samples G whole trajectories per question; Tree-GRPO grows them as trees of agent steps, whose branches
+share their prefix: one budget of tokens and tool calls buys more trajectories, and siblings show which step mattered.
 
-    rollout: M trees per question, each one chain; L times, expand N nodes per tree (picked uniformly with
+    rollout: M trees per question, each starting as one chain; L times, expand N nodes per tree (uniformly with
              replacement among the root and inner nodes) into new branches; keep K leaves per tree (1 + N L grown)
-    A(l)   = z(R_l; the question's M K leaves) + z(R_l; its tree's K leaves),  z(x; S) = (x - mean S) / (std S + eps)
+    A(l)   = z(R_l; the question's M K leaves) + z(R_l; its tree's K leaves),  z(x; S) = (x - mean S) / (std S + eps),
+             R_l the leaf's reward (`namesakes.em_format_reward`)
 Each kept leaf is one sequence with A(l) on every token the policy generated (observations masked): a step shared
 by several leaves gets their summed advantage, a credit per step without a value network (--rollout chain: G trees
 of one leaf, A = GRPO's z-score).
 
 The paper's (and official code's): steps as nodes, the expansion and its sampling, K random leaves, eps 1e-6,
-off-policy updates (official: 8 minibatches, old log-probs once, dual clip c = 3). Ours:
-1. One optimiser step per batch by default (on-policy; RESULTS.md compares the two).
+off-policy updates (official: 8 minibatches, old log-probs once; the dual clip c = 3, ours too). Ours:
+1. One optimiser step per batch by default (on-policy; --num_minibatches 8 is the official; RESULTS.md compares).
 2. A tree with one kept leaf gets 0 from its own z-score (official: the raw reward).
 3. A branch open after --max_turns steps is a leaf without an answer (official: one more step without search).
 4. No KL and no entropy bonus by default (official: 0.001 each; --beta sets the KL).
