@@ -64,6 +64,7 @@ def main_runner(script: str):
 
 
 def pytest_collection_modifyitems(items):
-    """The longest tests (a notebook run with its solutions, minutes each) first, so that no worker of `pytest -n`
-    starts one of them after the others have run out of work."""
-    items.sort(key=lambda item: "test_with_solutions_every_check_passes" not in item.nodeid)
+    """The longest tests first (the notebooks run with their solutions, the longest, 05, first: minutes each), so
+    that no worker of `pytest -n` starts one of them after the others have run out of work."""
+    notebooks = sorted((item for item in items if "test_with_solutions" in item.nodeid), key=lambda item: item.nodeid)
+    items[:] = notebooks[::-1] + [item for item in items if item not in notebooks]
