@@ -89,14 +89,17 @@ def mode_of(args_class, name: str) -> tuple[str, list[str]] | None:
 
 
 def unused_in_mode(args, name: str) -> str | None:
-    """Why option `name` is unused in the mode that `args` chose, or None."""
-    option, values = mode_of(type(args), name) or (None, [])
-    if option is None or str(getattr(args, option)) in values:
-        return None
-    return (
-        f"--{name} is used only with --{option} {' or '.join(values)}, and this run has --{option} "
-        f"{getattr(args, option)}: leave --{name} out, or set --{option} {' or '.join(values)}"
-    )
+    """Why option `name` is unused in the mode that `args` chose, or None. The option that chooses its mode may be
+    unused itself (grpo_pp.py's warm-start options serve --model tiny-vlm, which only stage 1 loads)."""
+    option = name
+    while found := mode_of(type(args), option):
+        option, values = found
+        if str(getattr(args, option)) not in values:
+            return (
+                f"--{name} is used only with --{option} {' or '.join(values)}, and this run has --{option} "
+                f"{getattr(args, option)}: leave --{name} out, or set --{option} {' or '.join(values)}"
+            )
+    return None
 
 
 def given_on_command_line(parser, args_class, argv=None) -> set[str]:

@@ -265,6 +265,9 @@ def test_the_options_of_each_mode_the_probe_found(capsys):
         assert err.endswith(f"leave --dataset_path out, or set --dataset {dataset}")
         assert plumbing.parse_args(SCRIPTS[script].Args, ["--dataset", dataset, "--dataset_path", "x"])
     assert plumbing.parse_args(grpo_pp.Args, ["--stage", "3", "--init", "x", "--dpo-beta", "0.2"]).dpo_beta == 0.2
+    # an option of a mode whose chooser is itself unused: the warm start of --model tiny-vlm, which stage 3 never loads
+    err = parse_error("grpo_pp.py", ["--stage", "3", "--init", "x", "--warm_start_steps", "5"], capsys)
+    assert "error: --warm_start_steps is used only with --stage all or 1, and this run has --stage 3" in err
     assert plumbing.parse_args(tree_grpo.Args, ["--rollout", "chain", "--group_size", "3"]).group_size == 3
 
 
