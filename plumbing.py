@@ -205,6 +205,12 @@ def arg(default, help: str, accepts: str | None = None):
     return declared
 
 
+def check_seed(flag: str, value: int):
+    """A seed numpy accepts (below 2**32), or a UsageError naming the flag."""
+    if value >= 2**32:
+        raise UsageError(f"{flag} must be below 2**32 = 4294967296 (numpy's seeds), got {value}")
+
+
 def check_args_shared(args):
     """The checks every script's `Args.__post_init__` shares: every field's value against what its declaration
     accepts (`arg`), seeds within numpy's, and an output folder we can write the run in. Raises UsageError, so
@@ -214,8 +220,8 @@ def check_args_shared(args):
         accepts, value = ACCEPTS.get(field), getattr(args, field.name)
         if accepts and value is not None and value not in accepted(accepts):
             raise UsageError(f"--{field.name} must be {accepted(accepts)}, got {value}")
-        if field.name.endswith("seed") and isinstance(value, int) and value >= 2**32:
-            raise UsageError(f"--{field.name} must be below 2**32 = 4294967296 (numpy's seeds), got {value}")
+        if field.name.endswith("seed") and isinstance(value, int):
+            check_seed(f"--{field.name}", value)
     if hasattr(args, "output_dir"):
         check_output_dir(args.output_dir)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, when run as a script
 
-from plumbing import UsageError, arg, check_args_shared, run_cli  # noqa: E402
+from plumbing import UsageError, arg, check_args_shared, check_seed, run_cli  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command lines: what a comparison adds to a script's options, and the checks they share
@@ -44,8 +44,8 @@ def int_list(text: str, flag: str, least: int = 0, name: str = "value") -> list[
         raise UsageError(f"{flag} must be comma-separated whole numbers, e.g. 0,1,2; got {text!r}") from None
     if small := [value for value in values if value < least]:
         raise UsageError(f"{flag} must be whole numbers of at least {least}, got {small[0]}")
-    if flag == "--seeds" and (large := [value for value in values if value >= 2**32]):
-        raise UsageError(f"{flag} must be below 2**32 = 4294967296 (numpy's seeds), got {large[0]}")
+    for value in values if flag == "--seeds" else []:
+        check_seed(flag, value)
     if len(set(values)) != len(values):
         raise UsageError(f"{flag} repeats a {name} ({text}): give each once")
     return values
