@@ -107,7 +107,7 @@ def estimate_memory(model, rows, prompt_tokens, completion_tokens, rollout_rows,
        flash/memory-efficient attention kernel): 32h + 8i + 4kv bytes under bf16 autocast, 36h + 16i + 8kv in
        float32; with gradient checkpointing, each layer's input (4h) and one layer recomputed.
     C. logits at the completion tokens, vocabulary V: 2V + 2V bytes per token (bf16 logits and their gradient; 4V +
-       4V in float32) and logprobs_from_logits's float32 chunk (at most 3 x 256 MiB).
+       4V in float32) and the log-softmax's float32 copies (at most 3 x 256 MiB: past that, a chunk at a time).
     D. the rollout's KV cache, 2 x layers x kv x 2 bytes per token; it lives at another time than B and C.
     peak = A + max(B + C, D). Not counted: the CUDA context (about 0.5 GiB) and the allocator's fragmentation.
     """

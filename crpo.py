@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
 from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, on_policy_note, run_cli, save_run
-from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, shared_prompt_cache
+from prefix_grouper import grouped_batch_logprobs, logprobs_from_logits, shared_prompt_cache
 from tasks import clinic, format_prompt
 
 
@@ -212,15 +212,28 @@ def objective_advantages(rewards_by_objective, weights, group_size, mode="sum_th
     raise ValueError(f"mode must be 'sum_then_normalize' or 'normalize_then_sum', got {mode!r}")
 
 
+def entropy_bonus(entropy, mask, num_items, coef):
+    """The paper's entropy bonus, added to the loss: - c_H * the token mean of H over the whole batch (`num_items`
+    real tokens), so that the micro-batches' terms add up to it. entropy, mask: (B, C)."""
+    return -coef * (entropy * mask).sum() / num_items.clamp(min=1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GRPO's shared machinery: rollout, log-probs, loss (the same text in every algorithm file where it is unchanged)
 
 
 @torch.no_grad()
 def generate_completions(
-    model, tokenizer, prompts, group_size, max_new_tokens, temperature=1.0, top_p=1.0, greedy=False,
+    model,
+    tokenizer,
+    prompts,
+    group_size,
+    max_new_tokens,
+    temperature=1.0,
+    top_p=1.0,
+    greedy=False,
     prefix_grouper=False,
-):  # fmt: skip
+):
     """Sample `group_size` completions per prompt. Rows are grouped: [p0 x G, p1 x G, ...]. With prefix_grouper,
     each prompt is prefilled once and its KV cache shared by its G samples (prefix_grouper.shared_prompt_cache).
 
@@ -264,32 +277,34 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     positions as an unpadded one. With prefix_grouper, consecutive rows that share a prompt (a group) encode it
     once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
     """
+    if prefix_grouper:
+        return grouped_batch_logprobs(model, batch, temperature)  # (B, C), (B, C)
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
-    if prefix_grouper:
-        _, group_sizes = torch.unique_consecutive(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_counts=True)
-        firsts = group_sizes.cumsum(0) - group_sizes  # the first row of each group
-        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
-        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
-        groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), group_sizes.tolist())]
-        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
-        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
-        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
-            completion_mask.bool(), torch.cat([x for group in nested for x in group])
-        )  # fmt: skip
-        return to_padded(logps), to_padded(entropy)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    num_completion = completion_ids.size(1)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+        logits_to_keep=completion_ids.size(1) + 1,  # the last prompt position predicts the first completion token
     ).logits[:, :-1]  # (B, C, V)
-    # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
-    return logprobs_from_logits(logits, completion_ids, temperature)  # (B, C), (B, C)
+    if logits.numel() > 2**26:  # over 256 MiB in float32: the same values, a chunk at a time (less memory)
+        return logprobs_from_logits(logits, completion_ids, temperature)
+    z = logits.float() / temperature  # (B, C, V), float32 as TRL
+    # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z)
+    log_normaliser = z.logsumexp(dim=-1)  # (B, C)
+    logps = z.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    # entropy H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v
+    entropy = log_normaliser - (z.softmax(dim=-1) * z).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+@torch.no_grad()
+def batch_logprobs(model, micro_batches, temperature=1.0, prefix_grouper=False):
+    """completion_logprobs of a batch, a micro-batch at a time (no forward holds the whole batch): (B, C)."""
+    return torch.cat([completion_logprobs(model, mb, temperature, prefix_grouper)[0] for mb in micro_batches])
 
 
 def policy_loss(
@@ -305,7 +320,6 @@ def policy_loss(
     max_completion_length=None,
     num_items_in_batch=None,
     grad_accum_steps=1,
-    dual_clip=None,
 ):
     """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
 
@@ -313,8 +327,6 @@ def policy_loss(
     beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
     B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
     (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
-    dual_clip = c > 1 (off when None) caps a token's loss at -c A where A < 0 (veRL's clip_ratio_c): off-policy, a
-    bad token whose ratio has grown large cannot dominate the batch. On-policy (ratio 1) it never acts.
     Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
     """
     if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -326,11 +338,6 @@ def policy_loss(
     # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
-    if dual_clip is not None:
-        # dual clip: where A < 0, l_it = min(l_it, -c A)
-        per_token_loss = torch.where(
-            advantages < 0, torch.minimum(per_token_loss, -dual_clip * advantages), per_token_loss
-        )
     metrics = {}
     if beta != 0.0:
         # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
@@ -391,11 +398,15 @@ def train(args: Args):
     )
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         memory = estimate_memory(
-            model, rows=args.prompts_per_step * args.group_size // args.gradient_accumulation_steps,
+            model,
+            rows=args.prompts_per_step * args.group_size // args.gradient_accumulation_steps,
             prompt_tokens=max(len(tokenizer(to_prompt(x))["input_ids"]) for x in train_items[:256]),
-            completion_tokens=args.max_new_tokens, rollout_rows=args.prompts_per_step * args.group_size,
-            dtype=args.dtype, reference=ref_model is not None, gradient_checkpointing=args.gradient_checkpointing,
-        )  # fmt: skip
+            completion_tokens=args.max_new_tokens,
+            rollout_rows=args.prompts_per_step * args.group_size,
+            dtype=args.dtype,
+            reference=ref_model is not None,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
         print(f"[crpo] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     start = time.time()
@@ -413,10 +424,15 @@ def train(args: Args):
             model.eval()
             with autocast(model.device, args.dtype):
                 rollout = generate_completions(
-                    model, tokenizer, [to_prompt(x) for x in batch_items], group_size=args.group_size,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    model,
+                    tokenizer,
+                    [to_prompt(x) for x in batch_items],
+                    group_size=args.group_size,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
                     prefix_grouper=args.prefix_grouper,
-                )  # fmt: skip
+                )
             group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and group-relative advantages
             rewards = reward_function(rollout["texts"], group_items)  # {objective: (B*G,)}
@@ -432,13 +448,11 @@ def train(args: Args):
             # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0),
             #    in the training pass's micro-batches, so that no forward holds the whole batch
             old_logps = ref_logps = None
-            with torch.no_grad(), autocast(model.device, args.dtype):
+            with autocast(model.device, args.dtype):
                 if args.num_iterations > 1:
-                    old_logps = torch.cat([completion_logprobs(model, mb, args.temperature, args.prefix_grouper)[0]
-                                           for mb in micro_batches])  # (B*G, C)  # fmt: skip
+                    old_logps = batch_logprobs(model, micro_batches, args.temperature, args.prefix_grouper)  # (B*G, C)
                 if ref_model is not None:
-                    ref_logps = torch.cat([completion_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
-                                           for mb in micro_batches])  # (B*G, C)  # fmt: skip
+                    ref_logps = batch_logprobs(ref_model, micro_batches, args.temperature, args.prefix_grouper)
             # 4. num_iterations passes of one optimiser step each, over micro-batches
             model.train()
             num_items = completion_mask.sum()  # real tokens in the whole batch (dapo's normaliser)
@@ -461,8 +475,7 @@ def train(args: Args):
                         num_items_in_batch=num_items,
                         grad_accum_steps=args.gradient_accumulation_steps,
                     )
-                    # entropy bonus: - c_H * token mean of H over the whole batch (micro-batches add up to it)
-                    loss = loss - args.entropy_coef * (entropy * completion_mask[rows]).sum() / num_items.clamp(min=1)
+                    loss = loss + entropy_bonus(entropy, completion_mask[rows], num_items, args.entropy_coef)
                     loss.backward()
                     metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
                     step_metrics.append(metrics)

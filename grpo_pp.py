@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from common import autocast, cache_entry, cached, estimate_memory, frozen_copy, generate, load_vlm, seed_everything
 from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, run_cli, save_run, shown
-from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs
+from prefix_grouper import grouped_batch_logprobs, logprobs_from_logits
 from tasks import lesions
 
 
@@ -276,21 +276,9 @@ def completion_logits(model, batch):
 def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values. With
     prefix_grouper a group's image and prompt are encoded once (the vision tower sees each image once)."""
-    if prefix_grouper:  # as grpo.py's, with each group's pixel values and <image> given probability 0
-        prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
-        completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
-        # a group: consecutive rows with the same prompt *and image* (every image has the same prompt tokens)
-        rows = torch.cat([prompt_ids.float(), prompt_mask.float(), batch["pixel_values"].flatten(1).float()], 1)
-        _, group_sizes = torch.unique_consecutive(rows, dim=0, return_counts=True)
-        firsts = group_sizes.cumsum(0) - group_sizes  # the first row of each group
-        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
-        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
-        groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), group_sizes.tolist())]
-        pixel_values, image_token = batch["pixel_values"][firsts], model.config.image_token_id
-        logps = shared_prefix_logprobs(model, prompts, groups, temperature, suppress_tokens=[image_token],
-                                       prompt_inputs={"pixel_values": pixel_values})  # fmt: skip
-        flat = torch.cat([x for group in logps for x in group])
-        return torch.zeros(completion_ids.shape, device=model.device).masked_scatter(completion_mask.bool(), flat)
+    if prefix_grouper:  # as grpo.py's; a group shares its image too, and <image> gets probability 0
+        inputs, image_token = {"pixel_values": batch["pixel_values"]}, model.config.image_token_id
+        return grouped_batch_logprobs(model, batch, temperature, prompt_inputs=inputs, suppress_tokens=[image_token])[0]
     # log pi(o_t | image, q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
     return logprobs_from_logits(completion_logits(model, batch), batch["completion_ids"], temperature)[0]  # (B, C)
 
@@ -340,7 +328,6 @@ def policy_loss(
     max_completion_length=None,
     num_items_in_batch=None,
     grad_accum_steps=1,
-    dual_clip=None,
 ):
     """The clipped GRPO surrogate with an optional k3 KL penalty, aggregated as TRL's `loss_type`.
 
@@ -348,8 +335,6 @@ def policy_loss(
     beta == 0. For one micro-batch out of `grad_accum_steps` (TRL's semantics): dr_grpo divides by
     B * max_completion_length (default T); dapo by `num_items_in_batch`, the real tokens of the *whole* batch
     (default: this micro-batch's). The micro-batch losses then add up to the loss of the whole batch.
-    dual_clip = c > 1 (off when None) caps a token's loss at -c A where A < 0 (veRL's clip_ratio_c): off-policy, a
-    bad token whose ratio has grown large cannot dominate the batch. On-policy (ratio 1) it never acts.
     Returns (loss, metrics) with metrics detached floats: kl, clip_ratio/low_mean, high_mean, region_mean.
     """
     if loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
@@ -361,11 +346,6 @@ def policy_loss(
     # l_it = -min(w A, clip(w, 1 - eps_low, 1 + eps_high) A)
     clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
-    if dual_clip is not None:
-        # dual clip: where A < 0, l_it = min(l_it, -c A)
-        per_token_loss = torch.where(
-            advantages < 0, torch.minimum(per_token_loss, -dual_clip * advantages), per_token_loss
-        )
     metrics = {}
     if beta != 0.0:
         # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0

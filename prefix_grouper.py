@@ -18,9 +18,8 @@ completions' gradients into the shared prompt's keys and values, so log-probs *a
 repeated-prefix computation (paper, Lemma 2.1); only the floating-point summation order differs.
 Ideal saving of the per-token work (MLP, projections, LM head): G(P+S) / (P+G*S), up to G for P >> S.
 
-Read `GroupLayout` and its two calls, `prefix_grouper_attention` ("prefix_grouper" in the AttentionInterface),
-`shared_prefix_logprobs` and the naive `repeated_prefix_logprobs`; then the extensions: sliding windows, tries
-(`trie_logprobs`, for Tree-GRPO), images, the shared prefill (`shared_prompt_cache`). Ours, against the official code:
+Read `GroupLayout`, `prefix_grouper_attention` (the AttentionInterface entry), `shared_prefix_logprobs` and the naive
+`repeated_prefix_logprobs`; then sliding windows, tries (`trie_logprobs`, Tree-GRPO), the shared prefill. Ours:
 1. Exact (up to summation order) with sdpa, eager and flex_attention (CUDA): 4-D additive masks, where the
    official 2-D masks rely on flash-attention's causal alignment; what we cannot compute exactly is one clear error.
 2. Wired in like verl: `model(..., prefix_grouper=layout)`; without a layout the model's own kernel runs.
@@ -107,31 +106,22 @@ class GroupLayout:
         prefix_mask, suffix_mask = self.masks(query.dtype, repeats, window)
         # O_P = softmax(Q_P K_P^T scale + causal) V_P, once per prompt; when nothing is padded, sdpa's is_causal
         causal = self.kernel == "sdpa" and self.prompts_unpadded and window is None
-        out_prompt = attend(*(gather(x, self.prefix_index) for x in (query, key, value)),
-                            None if causal else prefix_mask)  # (B, P_max, H, D)  # fmt: skip
+        prompt_qkv = (gather(x, self.prefix_index) for x in (query, key, value))
+        out_prompt = attend(*prompt_qkv, None if causal else prefix_mask)  # (B, P_max, H, D)
         # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]: each completion's keys gathered once,
-        # its prompt's (shared: the same rows of `key` for the G completions) then its own
-        keys = self.suffix_key_index  # (N, P_max + S_max)
-        out_completion = attend(gather(query, self.suffix_index), gather(key, keys), gather(value, keys),
-                                suffix_mask)  # (N, S_max, H, D)  # fmt: skip
-        real = torch.cat([take(out_prompt.flatten(0, 1), self.prefix_valid_index),
-                          take(out_completion.flatten(0, 1), self.suffix_valid_index)])  # (tokens, H, D)  # fmt: skip
+        # its prompt's (shared: the same rows of `key` for the G completions) then its own: (N, S_max, H, D)
+        keys = torch.cat([self.prefix_index[self.suffix_row], self.suffix_index], dim=1)  # (N, P_max + S_max)
+        out_completion = attend(gather(query, self.suffix_index), gather(key, keys), gather(value, keys), suffix_mask)
+        prefix_valid, suffix_valid = self.valid_index
+        real = torch.cat(  # (tokens, H, D): the prompts' real tokens, then the completions'
+            [take(out_prompt.flatten(0, 1), prefix_valid), take(out_completion.flatten(0, 1), suffix_valid)]
+        )
         return real, self.flat_valid_index
 
     @cached_property
-    def suffix_key_index(self):
-        """(N, P_max + S_max) flat index of each completion's keys: its prompt's (left-padded), then its own."""
-        return torch.cat([self.prefix_index[self.suffix_row], self.suffix_index], dim=1)
-
-    @cached_property
-    def prefix_valid_index(self):
-        """(prompt tokens,) where the real tokens sit in prefix_valid.flatten()."""
-        return self.prefix_valid.flatten().nonzero().squeeze(1)
-
-    @cached_property
-    def suffix_valid_index(self):
-        """(completion tokens,) where the real tokens sit in suffix_valid.flatten()."""
-        return self.suffix_valid.flatten().nonzero().squeeze(1)
+    def valid_index(self):
+        """Where the real tokens sit in prefix_valid.flatten() (prompt tokens,) and suffix_valid.flatten()."""
+        return self.prefix_valid.flatten().nonzero().squeeze(1), self.suffix_valid.flatten().nonzero().squeeze(1)
 
     @cached_property
     def flat_valid_index(self):
@@ -280,8 +270,8 @@ def prefix_grouper_attention(
 
     def attend(q, k, v, mask):  # the kernel on gathered rows; mask None: causal, nothing padded (transformers' sdpa)
         if mask is None:
-            return ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, None, scaling=scaling, dropout=dropout,
-                                                   is_causal=True, **kwargs)[0]  # fmt: skip
+            sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+            return sdpa(module, q, k, v, None, scaling=scaling, dropout=dropout, is_causal=True, **kwargs)[0]
         return kernel(module, q, k, v, mask, scaling=scaling, dropout=dropout, is_causal=False, **kwargs)[0]
 
     real, index = layout.attention(query, key, value, attend, repeats, window)  # (tokens, H, D), (tokens,)
@@ -366,16 +356,13 @@ def logprobs_from_logits(logits, targets, temperature=1.0, chunk_bytes=2**28):
         )
     flat_logits, flat_targets = logits.reshape(-1, logits.size(-1)), targets.reshape(-1)  # (N, V), (N,)
     rows = max(1, chunk_bytes // (4 * logits.size(-1)))
-    logps, entropy = [], []
+    pieces = []  # (log-probs, entropies) of each chunk
     for chunk, chunk_targets in zip(flat_logits.split(rows), flat_targets.split(rows)):
-        if chunk.requires_grad:
-            chunk_logps, chunk_entropy = checkpoint(chunk_logprobs, chunk, chunk_targets, temperature,
-                                                    use_reentrant=False)  # fmt: skip
+        if chunk.requires_grad:  # recomputed in the backward: no float32 chunk is kept for it
+            pieces.append(checkpoint(chunk_logprobs, chunk, chunk_targets, temperature, use_reentrant=False))
         else:
-            chunk_logps, chunk_entropy = chunk_logprobs(chunk, chunk_targets, temperature)
-        logps.append(chunk_logps)
-        entropy.append(chunk_entropy)
-    return torch.cat(logps).view(targets.shape), torch.cat(entropy).view(targets.shape)
+            pieces.append(chunk_logprobs(chunk, chunk_targets, temperature))
+    return tuple(torch.cat(values).view(targets.shape) for values in zip(*pieces))
 
 
 def chunk_logprobs(logits, targets, temperature):
@@ -412,8 +399,8 @@ def packed_logits(model, layout, scored, **model_inputs):
     """Logits (tokens, V) at the `scored` (row, position) pairs of one forward of a packed layout (GroupLayout or
     TrieLayout) through the prefix_grouper attention function."""
     with use_prefix_grouper(model), lm_head_sees_only(model, scored):
-        logits = model(input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_grouper=layout,
-                       use_cache=False, **model_inputs).logits[0]  # fmt: skip
+        inputs = dict(input_ids=layout.input_ids, position_ids=layout.position_ids, prefix_grouper=layout)
+        logits = model(**inputs, use_cache=False, **model_inputs).logits[0]
     if layout.calls == 0:  # its attention ignored the layout: the result would be wrong
         raise ValueError(f"{type(model).__name__} never called the prefix_grouper attention function")
     return logits
@@ -429,26 +416,17 @@ def shared_prefix_logprobs(
     sdpa | eager | flex_attention (default_kernel). prompt_inputs: more model inputs, one row per prompt (a VLM's
     pixel_values). suppress_tokens: ids given probability 0, as generate's suppress_tokens does when sampling."""
     check_temperature(temperature)
-    layout = pack(prompts, completions, kernel=default_kernel(model, kernel), device=model.device,
-                  vocab_size=vocabulary_size(model))  # fmt: skip
-    # position predicting each completion token: the last prompt token for the first, then the completion's own
-    predictors, targets = [], []
-    for row, (prompt, group) in enumerate(zip(prompts, completions)):
-        start = len(prompt)
-        for completion in group:
-            s = len(completion)
-            positions = torch.arange(start - 1, start + s - 1)
-            if s:
-                positions[0] = len(prompt) - 1  # the first token is predicted by the end of the shared prompt
-            predictors.append(torch.stack([torch.full((s,), row), positions], dim=1))
-            targets.append(completion)
-            start += s
-    predictors = torch.cat(predictors).to(model.device)  # (tokens, 2): (row, position)
-    targets = torch.cat(targets).to(model.device)  # (tokens,)
-    # logits only at the positions that predict a completion token: the model keeps the positions that do so in
-    # any row (logits_to_keep), and the LM head gets exactly the (row, position) pairs that do
-    keep = torch.unique(predictors[:, 1])  # sorted (K,)
-    scored = (predictors[:, 0], torch.searchsorted(keep, predictors[:, 1].contiguous()))  # into (B, K)
+    kernel = default_kernel(model, kernel)
+    layout = pack(prompts, completions, kernel=kernel, device=model.device, vocab_size=vocabulary_size(model))
+    # each completion token is predicted by the token before it, its first by the last prompt token
+    before = torch.cat([layout.prefix_index[layout.suffix_row, -1:], layout.suffix_index[:, :-1]], dim=1)  # (N, S_max)
+    predictors = before[layout.suffix_valid]  # (tokens,) flat index b*T + t, in the completions' order
+    targets = layout.input_ids.flatten()[layout.suffix_index[layout.suffix_valid]]  # (tokens,)
+    row, column = predictors // layout.input_ids.size(1), predictors % layout.input_ids.size(1)
+    # logits only at the positions that predict a completion token: the model keeps the columns that do so in
+    # any row (logits_to_keep), and the LM head gets exactly the (row, column) pairs that do
+    keep = torch.unique(column)  # sorted (K,)
+    scored = (row, torch.searchsorted(keep, column))  # into (B, K)
     logits = packed_logits(model, layout, scored, logits_to_keep=keep, **(prompt_inputs or {}))  # (tokens, V)
     if suppress_tokens:
         logits = logits.index_fill(-1, torch.tensor(list(suppress_tokens), device=logits.device), float("-inf"))
@@ -457,14 +435,36 @@ def shared_prefix_logprobs(
     return unflatten(logps, sizes, completions, entropy if return_entropy else None)
 
 
+def grouped_batch_logprobs(model, batch, temperature=1.0, prompt_inputs=None, suppress_tokens=()):
+    """shared_prefix_logprobs on a padded batch (grpo.py's generate_completions: prompt_ids, prompt_mask,
+    completion_ids, completion_mask, each (B, ·)): consecutive rows with the same prompt (and the same rows of
+    prompt_inputs, a VLM's pixel_values) are one group. Returns the log-probs and entropies (B, C), 0 on padding."""
+    prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
+    completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"].bool()  # (B, C)
+    prompt_inputs = prompt_inputs or {}
+    rows = torch.cat([prompt_ids, prompt_mask, *(x.flatten(1).float() for x in prompt_inputs.values())], dim=1)
+    _, sizes = torch.unique_consecutive(rows, dim=0, return_counts=True)  # (groups,)
+    firsts = sizes.cumsum(0) - sizes  # the first row of each group
+    prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
+    completions = [ids[mask] for ids, mask in zip(completion_ids, completion_mask)]
+    groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), sizes.tolist())]
+    inputs = {name: x[firsts] for name, x in prompt_inputs.items()}
+    nested = shared_prefix_logprobs(
+        model, prompts, groups, temperature, return_entropy=True, prompt_inputs=inputs, suppress_tokens=suppress_tokens
+    )
+    logps, entropy = (torch.cat([x for group in values for x in group]) for values in nested)  # (tokens,) each
+    zeros = torch.zeros(completion_mask.shape, device=model.device)
+    # back to (B, C): the flat values fill the mask's ones in row-major order
+    return zeros.masked_scatter(completion_mask, logps), zeros.masked_scatter(completion_mask, entropy)
+
+
 def repeated_prefix_logprobs(model, prompts, completions, temperature=1.0, return_entropy=False, prompt_inputs=None):
     """The naive reference: one row per completion, [left-padded prompt][right-padded completion]; prompt_inputs'
     rows are repeated for each completion of their prompt."""
     check_temperature(temperature)
     check_inputs(prompts, completions, vocabulary_size(model))
     rows = [(prompt, completion) for prompt, group in zip(prompts, completions) for completion in group]
-    p_max = max(len(p) for p, _ in rows)
-    s_max = max(len(c) for _, c in rows)
+    p_max, s_max = max(len(p) for p, _ in rows), max(len(c) for _, c in rows)
     input_ids = torch.zeros(len(rows), p_max + s_max, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), p_max + s_max, dtype=torch.long)
     for i, (prompt, completion) in enumerate(rows):
@@ -541,8 +541,11 @@ class TrieLayout:
         GroupLayout.attention: returns the nodes' outputs (nodes, H, D) and their flat positions (nodes,)."""
         query, key, value = flat_tokens(query), flat_tokens(key), flat_tokens(value)  # (B*T, h, D)
         gather = lambda x, index: take(x, index).transpose(1, 2)  # noqa: E731  (n, h, S or A+S, D)
-        out = [attend(gather(query, nodes), gather(key, keys), gather(value, keys), mask).flatten(0, 1)
-               for (_, nodes, keys), mask in zip(self.buckets, self.masks(query.dtype, repeats, window))]  # fmt: skip
+        masks = self.masks(query.dtype, repeats, window)
+        out = [
+            attend(gather(query, nodes), gather(key, keys), gather(value, keys), mask).flatten(0, 1)
+            for (_, nodes, keys), mask in zip(self.buckets, masks)
+        ]
         return torch.cat(out), torch.cat([nodes.flatten() for _, nodes, _ in self.buckets])
 
 
@@ -610,8 +613,9 @@ def trie_logprobs(model, sequences, starts, temperature=1.0, kernel=None, return
     layout = pack_trie(sequences, kernel=default_kernel(model, kernel), device=model.device)
     # token t is node path[t], predicted by its parent path[t-1]: each scored node goes through the LM head and the
     # log-softmax once, however many sequences share it; its log-prob is then copied to each of them
-    scored = [(row, path[t - 1], path[t]) for (row, path), start in zip(layout.paths, starts)
-              for t in range(start, len(path))]  # (row, parent, node) of each scored token  # fmt: skip
+    scored = [  # (row, parent, node) of each scored token
+        (row, path[t - 1], path[t]) for (row, path), start in zip(layout.paths, starts) for t in range(start, len(path))
+    ]
     if not scored:  # every start at the end: nothing to score
         empty = [sequence.new_zeros(0, dtype=torch.float32) for sequence in sequences]
         return (empty, empty) if return_entropy else empty

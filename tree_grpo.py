@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from common import autocast, estimate_memory, frozen_copy, generate, load_model, seed_everything
 from plumbing import MetricsLogger, UsageError, arg, check_args_shared, make_run_dir, run_cli, save_run
-from prefix_grouper import logprobs_from_logits, shared_prefix_logprobs, trie_logprobs
+from prefix_grouper import grouped_batch_logprobs, logprobs_from_logits, trie_logprobs
 from tasks import namesakes
 
 
@@ -278,14 +278,13 @@ def leaf_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
         return completion_logprobs(model, batch, temperature)
     prompt_mask = batch["prompt_mask"].bool()  # (leaves, P)
     response_mask = batch["completion_mask"].bool()  # (leaves, T)
-    sequences = [torch.cat([prompt[p_mask], response[r_mask]]) for prompt, p_mask, response, r_mask in
-                 zip(batch["prompt_ids"], prompt_mask, batch["completion_ids"], response_mask)]  # fmt: skip
-    logps, entropy = trie_logprobs(model, sequences, prompt_mask.sum(1).tolist(), temperature, return_entropy=True)
+    rows = zip(batch["prompt_ids"], prompt_mask, batch["completion_ids"], response_mask)
+    sequences = [torch.cat([prompt[p_mask], response[r_mask]]) for prompt, p_mask, response, r_mask in rows]
+    starts = prompt_mask.sum(1).tolist()
+    logps, entropy = (torch.cat(x) for x in trie_logprobs(model, sequences, starts, temperature, return_entropy=True))
+    zeros = torch.zeros(response_mask.shape, device=model.device)
     # back to (leaves, T): each leaf's values fill its mask's ones, in order
-    to_padded = lambda values: torch.zeros(response_mask.shape, device=model.device).masked_scatter(
-        response_mask, torch.cat(values)
-    )  # fmt: skip
-    return to_padded(logps), to_padded(entropy)
+    return zeros.masked_scatter(response_mask, logps), zeros.masked_scatter(response_mask, entropy)
 
 
 def tree_advantages(rewards, prompt_ids, tree_ids, eps: float = 1e-6, terms: str = "both"):
@@ -338,32 +337,34 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     positions as an unpadded one. With prefix_grouper, consecutive rows that share a prompt (a group) encode it
     once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
     """
+    if prefix_grouper:
+        return grouped_batch_logprobs(model, batch, temperature)  # (B, C), (B, C)
     prompt_ids, prompt_mask = batch["prompt_ids"], batch["prompt_mask"]  # (B, P)
     completion_ids, completion_mask = batch["completion_ids"], batch["completion_mask"]  # (B, C)
-    if prefix_grouper:
-        _, group_sizes = torch.unique_consecutive(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_counts=True)
-        firsts = group_sizes.cumsum(0) - group_sizes  # the first row of each group
-        prompts = [ids[mask.bool()] for ids, mask in zip(prompt_ids[firsts], prompt_mask[firsts])]
-        completions = [ids[mask.bool()] for ids, mask in zip(completion_ids, completion_mask)]
-        groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), group_sizes.tolist())]
-        logps, entropy = shared_prefix_logprobs(model, prompts, groups, temperature, return_entropy=True)
-        # back to (B, C): the flat per-token values fill the mask's ones in row-major order
-        to_padded = lambda nested: torch.zeros(completion_ids.shape, device=model.device).masked_scatter(
-            completion_mask.bool(), torch.cat([x for group in nested for x in group])
-        )  # fmt: skip
-        return to_padded(logps), to_padded(entropy)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+C)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
     position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, P+C)
-    num_completion = completion_ids.size(1)
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        logits_to_keep=num_completion + 1,  # the last prompt position predicts the first completion token
+        logits_to_keep=completion_ids.size(1) + 1,  # the last prompt position predicts the first completion token
     ).logits[:, :-1]  # (B, C, V)
-    # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
-    return logprobs_from_logits(logits, completion_ids, temperature)  # (B, C), (B, C)
+    if logits.numel() > 2**26:  # over 256 MiB in float32: the same values, a chunk at a time (less memory)
+        return logprobs_from_logits(logits, completion_ids, temperature)
+    z = logits.float() / temperature  # (B, C, V), float32 as TRL
+    # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z)
+    log_normaliser = z.logsumexp(dim=-1)  # (B, C)
+    logps = z.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
+    # entropy H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v
+    entropy = log_normaliser - (z.softmax(dim=-1) * z).sum(dim=-1)  # (B, C)
+    return logps, entropy
+
+
+@torch.no_grad()
+def batch_logprobs(model, micro_batches, temperature=1.0, prefix_grouper=False):
+    """leaf_logprobs of a batch, a micro-batch at a time (no forward holds the whole batch): (leaves, T)."""
+    return torch.cat([leaf_logprobs(model, mb, temperature, prefix_grouper)[0] for mb in micro_batches])
 
 
 def policy_loss(
@@ -530,15 +531,13 @@ def train(args: Args):
                        for minibatch in minibatches]  # fmt: skip
             micro_batches = [micro_batch for update in updates for _, micro_batch in update]  # rows 0, 1, ...
             # 3. log-probs of the sampling policy (only needed off-policy: more than one optimiser step per batch)
-            #    and of the reference (only if beta > 0), in the training pass's micro-batches
+            #    and of the reference (only if beta > 0), in the training pass's micro-batches: (leaves, T)
             old_logps = ref_logps = None
-            with torch.no_grad(), autocast(model.device, args.dtype):
+            with autocast(model.device, args.dtype):
                 if args.num_minibatches * args.num_iterations > 1:
-                    old_logps = torch.cat([leaf_logprobs(model, mb, args.temperature, args.prefix_grouper)[0]
-                                           for mb in micro_batches])  # (leaves, T)  # fmt: skip
+                    old_logps = batch_logprobs(model, micro_batches, args.temperature, args.prefix_grouper)
                 if ref_model is not None:
-                    ref_logps = torch.cat([leaf_logprobs(ref_model, mb, args.temperature, args.prefix_grouper)[0]
-                                           for mb in micro_batches])  # (leaves, T)  # fmt: skip
+                    ref_logps = batch_logprobs(ref_model, micro_batches, args.temperature, args.prefix_grouper)
             # 4. num_iterations passes over the batch, one optimiser step per minibatch (with one of each, on-policy:
             #    old log-probs = current ones, detached)
             model.train()

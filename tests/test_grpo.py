@@ -2,6 +2,7 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from conftest import ROOT, main_runner, script_runner
 
 import grpo
 from common import load_model
+from prefix_grouper import logprobs_from_logits
 from tasks import arithmetic
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,6 +276,45 @@ def test_left_padding_does_not_change_logprobs(tiny):
              "completion_mask": torch.ones_like(completion)}  # fmt: skip
     one, _ = grpo.completion_logprobs(model, batch)
     torch.testing.assert_close(both[0], one[0], atol=1e-5, rtol=1e-5)
+
+
+def test_plain_logprobs_are_the_chunked_ones_bit_for_bit(tiny):
+    """grpo.py computes log-probs and entropies in plain tensor ops; prefix_grouper.logprobs_from_logits (a chunk at
+    a time, recomputed in the backward) gives the same bits from the same logits: values and gradients."""
+    model, tokenizer = tiny
+    torch.manual_seed(0)
+    rollout = grpo.generate_completions(model, tokenizer, ["47+38=", "12+34="], 3, 32, 1.0, 1.0)
+    batch = {k: v for k, v in rollout.items() if torch.is_tensor(v)}
+    logits = []
+    hook = model.register_forward_hook(lambda module, args, output: logits.append(output.logits))
+    results = []
+    for chunked in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps, entropy = grpo.completion_logprobs(model, batch, temperature=0.7)
+        if chunked:  # the same forward's logits, through the chunked function
+            logps, entropy = logprobs_from_logits(logits[-1][:, :-1], batch["completion_ids"], 0.7, chunk_bytes=2**12)
+        ((logps + entropy) * batch["completion_mask"]).sum().backward()
+        results.append((logps, entropy, [p.grad.clone() for p in model.parameters()]))
+    hook.remove()
+    (logps, entropy, grads), (chunked_logps, chunked_entropy, chunked_grads) = results
+    assert torch.equal(logps, chunked_logps) and torch.equal(entropy, chunked_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(grads, chunked_grads))
+
+
+def test_large_logits_go_the_chunked_way(monkeypatch):
+    """Over 256 MiB of float32 logits (2**26 of them), completion_logprobs hands them to logprobs_from_logits."""
+
+    class Huge(torch.nn.Module):  # logits (B, C + 1, 2**25) as a view of one number: no memory
+        device = torch.device("cpu")
+
+        def forward(self, input_ids, logits_to_keep, **kwargs):
+            return SimpleNamespace(logits=torch.zeros(1, 1, 1).expand(len(input_ids), logits_to_keep, 2**25))
+
+    seen = []
+    monkeypatch.setattr(grpo, "logprobs_from_logits", lambda logits, *args: seen.append(logits.shape) or (0, 0))
+    ones = torch.ones(2, 2, dtype=torch.long)
+    batch = {"prompt_ids": ones, "prompt_mask": ones, "completion_ids": ones, "completion_mask": ones}
+    assert grpo.completion_logprobs(Huge(), batch) == (0, 0) and seen == [(2, 2, 2**25)]  # 2**27 logits
 
 
 def test_rollout_masks_after_first_eos(tiny):

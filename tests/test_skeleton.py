@@ -20,11 +20,20 @@ EXPERIMENTS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "experiments").gl
 BUDGETS = {"grpo.py": 450, "crpo.py": 550, "grpo_pp.py": 650, "tree_grpo.py": 650, "prefix_grouper.py": 650,
            "common.py": 500, "plumbing.py": 500}  # fmt: skip
 # grpo.py's functions that another file keeps word for word wherever it defines them
-SHARED = ["generate_completions", "completion_logprobs", "group_advantages", "policy_loss", "masked_mean"]
+SHARED = [
+    "generate_completions",
+    "completion_logprobs",
+    "batch_logprobs",
+    "group_advantages",
+    "policy_loss",
+    "masked_mean",
+]
 # where a file's version differs from grpo.py's, and why (anything else must be the same text)
 CHANGED = {
     ("grpo_pp.py", "generate_completions"): "the image goes along with the prompt",
     ("grpo_pp.py", "completion_logprobs"): "the image goes along, and <image> gets probability 0",
+    ("tree_grpo.py", "batch_logprobs"): "a batch of leaves: leaf_logprobs (a trie with prefix_grouper)",
+    ("tree_grpo.py", "policy_loss"): "the official code's dual clip (veRL's clip_ratio_c) for off-policy updates",
 }
 
 
