@@ -31,7 +31,7 @@ Run (the results, over seeds, with the ablation and stages 2-3, are in RESULTS.m
 
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -103,7 +103,7 @@ class Args:
     answer_tokens: int = arg(112, "stages 2-3: longest conversational answer, in tokens", ">= 1")
     answer_samples: int = arg(8, "answers sampled per held-out image (all stages)", ">= 1")
 
-    # filled in by __post_init__: the stabilisers given explicitly, which a switch of method (with_method) keeps
+    # filled in by __post_init__: the stabilisers given explicitly (a comparison's switch of method keeps them)
     set_by_user: tuple = field(default=(), init=False)
 
     def __post_init__(self):
@@ -125,6 +125,39 @@ def check_args(args: Args):
 # The algorithm: what GRPO++ changes against GRPO, stage 1's stabilisers and stage 3's knowledge-graph DPO
 
 
+# GRPO's advantage first, grpo.py's word for word: --no_grpo_pp trains with it, and binary_advantages centres with it
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
+    """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
+
+    std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
+    divide (Dr. GRPO). A group whose rewards are all equal carries no learning signal: its advantage is 0 up to the
+    float32 rounding of its mean (a small uniform value, as in TRL).
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
+    if not torch.isfinite(rewards).all():
+        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
+        raise ValueError(
+            f"rewards at positions {bad} are NaN or infinite; a reward function must return a finite number "
+            f"for every completion (return 0.0 for one it cannot score)."
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    grouped = rewards.view(-1, group_size)  # (num_groups, G)
+    # A_i = r_i - mean_group(r)
+    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (num_groups * G,)
+    if scale == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)  # (num_groups * G,)
+    elif scale == "batch":
+        std = rewards.std().expand_as(rewards)
+    else:
+        return advantages
+    # A_i = (r_i - mean) / (std + eps)
+    return advantages / (std + eps)
+
+
 # Each stabiliser's value under GRPO++ (our reading, module docstring) and under plain GRPO
 STABILISERS = {
     "grpo_pp": {"advantage": "binary", "skip_zero_variance": True, "eps_high": 0.28, "loss_type": "dapo", "beta": 0.04},
@@ -132,17 +165,11 @@ STABILISERS = {
 }
 
 
-def with_method(args: Args, grpo_pp: bool, **changes) -> Args:
-    """A copy of args with stage 1 as GRPO++ or GRPO: the stabilisers the user did not set take the method's value."""
-    unset = {name: None for name in STABILISERS["grpo"] if name not in args.set_by_user}
-    return replace(args, grpo_pp=grpo_pp, **(unset | changes))  # replace() runs __post_init__
-
-
 def binary_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """GRPO++'s advantage (our reading): A_i = sign(r_i - mean of its group), in {-1, 0, +1}; rewards (num_groups *
     group_size,), grouped. Unlike (r - mean) / std it never divides by a near-zero std, so one lucky sample in a
     low-variance group cannot get a huge advantage."""
-    # r_i - mean_group(r): GRPO's advantage before any scaling (its checks of the rewards included)
+    # r_i - mean_group(r): group_advantages (GRPO's, above) before any scaling
     centred = group_advantages(rewards, group_size, scale="none").view(-1, group_size)  # (num_groups, G)
     # A_i = sign(r_i - mean_group(r)), and 0 where r_i and the mean differ only by float rounding (equal rewards)
     return torch.where(centred.abs() > rounding(rewards.view(-1, group_size)), torch.sign(centred), 0.0).view(-1)
@@ -203,7 +230,7 @@ def kg_fact_score(answer: str, label: str, penalty: float = 1.0) -> float:
 def sequence_logps(model, rollout, rows):
     """Sum of log pi over each completion's tokens (rows,)."""
     batch = {k: v[rows] for k, v in rollout.items() if torch.is_tensor(v)}
-    return (completion_logprobs(model, batch) * batch["completion_mask"]).sum(1)
+    return (completion_logprobs(model, batch)[0] * batch["completion_mask"]).sum(1)
 
 
 def preference_pairs(model, processor, train_items, args: Args):
@@ -211,8 +238,8 @@ def preference_pairs(model, processor, train_items, args: Args):
     the true class). chosen = best, rejected = worst, kept when the scores differ by at least args.dpo_margin.
     Returns the rollout of all samples and [(chosen row, rejected row)]."""
     k = args.dpo_samples
-    rollout = generate_completions(model, processor, [x["image"] for x in train_items], group_size=k,
-                                   max_new_tokens=args.answer_tokens)  # fmt: skip
+    images = [x["image"] for x in train_items]
+    rollout = generate_completions(model, processor, images, group_size=k, max_new_tokens=args.answer_tokens)
     labels = [x["label"] for x in train_items for _ in range(k)]
     scores = torch.tensor([kg_fact_score(t, label) for t, label in zip(rollout["texts"], labels)]).view(-1, k)
     differ = [i for i, row in enumerate(scores) if row.max() - row.min() >= args.dpo_margin]  # images with a pair
@@ -240,18 +267,16 @@ def generate_completions(model, processor, images, group_size, max_new_tokens, t
     # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate).
     # An <image> token written by the policy would have no image behind it: it is never sampled, and
     # completion_logits gives it probability 0 too, so the loss scores the distribution we sample from.
-    output = generate(
-        model, tokenizer, {"input_ids": prompt_ids, "attention_mask": prompt_mask, "pixel_values": pixels},
-        max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy,
-        suppress_tokens=[model.config.image_token_id],
-    )  # fmt: skip
+    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_mask, "pixel_values": pixels}
+    suppress = [model.config.image_token_id]
+    output = generate(model, tokenizer, inputs, max_new_tokens, temperature, greedy=greedy, suppress_tokens=suppress)
     completion_ids = output[:, prompt_ids.size(1) :]  # (B*G, C)
     is_eos = completion_ids == tokenizer.eos_token_id
     length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completion_ids.size(1))  # tokens incl. EOS
     completion_mask = (torch.arange(completion_ids.size(1), device=model.device)[None] < length[:, None]).long()
     texts = [tokenizer.decode(ids[:n], skip_special_tokens=True) for ids, n in zip(completion_ids, length.tolist())]
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels,
-            "completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}  # fmt: skip
+    prompts = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels}  # (B*G, ...)
+    return prompts | {"completion_ids": completion_ids, "completion_mask": completion_mask, "texts": texts}
 
 
 def completion_logits(model, batch):
@@ -274,45 +299,19 @@ def completion_logits(model, batch):
 
 
 def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
-    """Per-token log pi(o_t | image, q, o_<t) (B, C), as grpo.py's, with the image's pixel values. With
-    prefix_grouper a group's image and prompt are encoded once (the vision tower sees each image once)."""
+    """Per-token log pi(o_t | image, q, o_<t) and entropies (B, C), as grpo.py's, with the image's pixel values.
+    With prefix_grouper a group's image and prompt are encoded once (the vision tower sees each image once)."""
     if prefix_grouper:  # as grpo.py's; a group shares its image too, and <image> gets probability 0
         inputs, image_token = {"pixel_values": batch["pixel_values"]}, model.config.image_token_id
-        return grouped_batch_logprobs(model, batch, temperature, prompt_inputs=inputs, suppress_tokens=[image_token])[0]
+        return grouped_batch_logprobs(model, batch, temperature, prompt_inputs=inputs, suppress_tokens=[image_token])
     # log pi(o_t | image, q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
-    return logprobs_from_logits(completion_logits(model, batch), batch["completion_ids"], temperature)[0]  # (B, C)
+    return logprobs_from_logits(completion_logits(model, batch), batch["completion_ids"], temperature)  # (B, C) x 2
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4):
-    """A_i = (r_i - mean of its group) / (std + eps); rewards is (num_groups * group_size,), grouped contiguously.
-
-    std is unbiased (n - 1, as TRL) over the group (scale="group") or the whole batch ("batch"); "none" does not
-    divide (Dr. GRPO). A group whose rewards are all equal carries no learning signal: its advantage is 0 up to the
-    float32 rounding of its mean (a small uniform value, as in TRL).
-    """
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (GRPO compares completions of one prompt), got {group_size}")
-    if rewards.dim() != 1 or rewards.numel() % group_size != 0:
-        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {rewards.shape}")
-    if not torch.isfinite(rewards).all():
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten().tolist()
-        raise ValueError(
-            f"rewards at positions {bad} are NaN or infinite; a reward function must return a finite number "
-            f"for every completion (return 0.0 for one it cannot score)."
-        )
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
-    grouped = rewards.view(-1, group_size)  # (num_groups, G)
-    # A_i = r_i - mean_group(r)
-    advantages = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # (num_groups * G,)
-    if scale == "group":
-        std = grouped.std(dim=1).repeat_interleave(group_size)  # (num_groups * G,)
-    elif scale == "batch":
-        std = rewards.std().expand_as(rewards)
-    else:
-        return advantages
-    # A_i = (r_i - mean) / (std + eps)
-    return advantages / (std + eps)
+@torch.no_grad()
+def batch_logprobs(model, micro_batches, temperature=1.0, prefix_grouper=False):
+    """completion_logprobs of a batch, a micro-batch at a time (no forward holds the whole batch): (B, C)."""
+    return torch.cat([completion_logprobs(model, mb, temperature, prefix_grouper)[0] for mb in micro_batches])
 
 
 def policy_loss(
@@ -403,11 +402,15 @@ def train_grpo(args: Args, task=None):
     run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         memory = estimate_memory(
-            model, rows=args.prompts_per_step * args.group_size, completion_tokens=args.max_new_tokens,
+            model,
+            rows=args.prompts_per_step * args.group_size,
+            completion_tokens=args.max_new_tokens,
             prompt_tokens=encode_prompts(processor, [train_items[0]["image"]], "cpu")[0].size(1),
-            rollout_rows=args.prompts_per_step * args.group_size, dtype=args.dtype,
-            reference=ref_model is not None, gradient_checkpointing=args.gradient_checkpointing,
-        )  # fmt: skip
+            rollout_rows=args.prompts_per_step * args.group_size,
+            dtype=args.dtype,
+            reference=ref_model is not None,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
         print(f"[grpo_pp] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     start = time.time()
@@ -420,54 +423,65 @@ def train_grpo(args: Args, task=None):
         for step in bar:
             step_start = time.time()
             batch_items = rng.choices(train_items, k=args.prompts_per_step)
-            # 1. rollout: G completions per image
+            # 1. rollout: G completions for each image
             model.eval()
             with autocast(model.device, args.dtype):
+                images = [x["image"] for x in batch_items]
                 rollout = generate_completions(
-                    model, processor, [x["image"] for x in batch_items], group_size=args.group_size,
-                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                )  # fmt: skip
-            labels = [x["label"] for x in batch_items for _ in range(args.group_size)]
+                    model, processor, images, args.group_size, args.max_new_tokens, args.temperature
+                )
+            group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
-            rewards = lesions.recognition_reward(rollout["texts"], labels, args.kg_weight)
+            rewards = lesions.recognition_reward(rollout["texts"], [x["label"] for x in group_items], args.kg_weight)
             if args.advantage == "binary":
-                advantages = binary_advantages(rewards["total"], args.group_size)
+                advantages = binary_advantages(rewards["total"], args.group_size)  # (B*G,)
             else:
-                advantages = group_advantages(rewards["total"], args.group_size)
-            # GRPO++: drop groups whose rewards are all equal (they would only dilute a token-mean normaliser)
+                advantages = group_advantages(rewards["total"], args.group_size)  # (B*G,)
+            advantages = advantages.to(model.device)
+            # GRPO++: train only on the groups whose rewards differ (the others would dilute a token-mean normaliser)
             keep = nonzero_variance_groups(rewards["total"], args.group_size)
             rows = torch.nonzero(keep if args.skip_zero_variance else torch.ones_like(keep)).flatten()
-            advantages = advantages.to(model.device)
-            record = {
-                "reward": rewards["total"].mean().item(),
-                "accuracy": rewards["correct"].mean().item(),
-                "format": rewards["format"].mean().item(),
-                "frac_reward_zero_std": 1 - keep.float().mean().item(),
-            }
             batch = {k: v[rows] for k, v in rollout.items() if torch.is_tensor(v)}  # the rows trained on
-            if len(rows):
-                # 3. log-probs of the sampling policy and of the reference (only if beta > 0)
-                with torch.no_grad(), autocast(model.device, args.dtype):
-                    old_logps = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
-                    ref_logps = None
+            completion_mask = batch["completion_mask"]  # (rows, C)
+            record = {}
+            if len(rows):  # (every group skipped: no step)
+                # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0)
+                old_logps = ref_logps = None
+                with autocast(model.device, args.dtype):
+                    if args.num_iterations > 1:
+                        old_logps = batch_logprobs(model, [batch], args.temperature, args.prefix_grouper)
                     if ref_model is not None:
-                        ref_logps = completion_logprobs(ref_model, batch, args.temperature, args.prefix_grouper)
+                        ref_logps = batch_logprobs(ref_model, [batch], args.temperature, args.prefix_grouper)
                 # 4. num_iterations passes of one optimiser step each
                 model.train()
                 for _ in range(args.num_iterations):
                     with autocast(model.device, args.dtype):
-                        logps = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
+                        logps, entropy = completion_logprobs(model, batch, args.temperature, args.prefix_grouper)
                     loss, metrics = policy_loss(
-                        logps, old_logps, ref_logps, advantages[rows], batch["completion_mask"], eps_low=args.eps_low,
-                        eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
-                    )  # fmt: skip
+                        logps,
+                        logps.detach() if old_logps is None else old_logps,
+                        ref_logps,
+                        advantages[rows],
+                        completion_mask,
+                        eps_low=args.eps_low,
+                        eps_high=args.eps_high,
+                        beta=args.beta,
+                        loss_type=args.loss_type,
+                    )
                     loss.backward()
+                    metrics["entropy"] = masked_mean(entropy, completion_mask).item()
                     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                record |= metrics | {"loss": loss.item(), "grad_norm": grad_norm.item()}
+                record = metrics | {"loss": loss.item(), "grad_norm": grad_norm.item()}  # the last pass's
             # 5. log
-            record["step_time"] = time.time() - step_start
+            record |= {
+                "reward": rewards["total"].mean().item(),
+                "accuracy": rewards["correct"].mean().item(),
+                "format": rewards["format"].mean().item(),
+                "frac_reward_zero_std": 1 - keep.float().mean().item(),
+                "step_time": time.time() - step_start,
+            }
             if model.device.type == "cuda":  # measured, beside what estimate_memory printed
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             if step % args.eval_every == 0 or step == args.num_steps:
@@ -483,12 +497,21 @@ def train_grpo(args: Args, task=None):
         f1_vote = lesions.vote_macro_f1(
             model, processor, eval_items, args.max_new_tokens, args.answer_samples, generate_completions
         )
-    results = {"f1_before": before["macro_f1"], "f1_after": curve[-1], "f1_best": max(curve), "f1_vote": f1_vote,
-               "collapses": collapses, "curve": curve, "wall_time_s": time.time() - start,
-               "run_dir": str(run_dir)}  # fmt: skip
-    print(f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}; majority vote of "
-          f"{args.answer_samples} samples {f1_vote:.3f}), {collapses} evaluations 10 points below the best so far, "
-          f"{results['wall_time_s']:.0f}s")  # fmt: skip
+    results = {
+        "f1_before": before["macro_f1"],
+        "f1_after": curve[-1],
+        "f1_best": max(curve),
+        "f1_vote": f1_vote,
+        "collapses": collapses,
+        "curve": curve,
+        "wall_time_s": time.time() - start,
+        "run_dir": str(run_dir),
+    }
+    print(
+        f"[grpo_pp] held-out macro-F1 {curve[0]:.3f} -> {curve[-1]:.3f} (best {max(curve):.3f}; majority vote of "
+        f"{args.answer_samples} samples {f1_vote:.3f}), {collapses} evaluations 10 points below the best so far, "
+        f"{results['wall_time_s']:.0f}s"
+    )
     save_run(run_dir, results, model, processor)
     return results
 
@@ -505,12 +528,13 @@ def vlm_sft(model, processor, demos, steps, batch_size=32, lr=3e-3, seed=0, desc
     for _ in tqdm(range(steps), desc=desc, leave=False):
         demo_batch = [demos[i] for i in torch.randint(len(demos), (batch_size,), generator=generator).tolist()]
         prompt_ids, prompt_mask, pixels = encode_prompts(processor, [image for image, _ in demo_batch], model.device)
-        completions = tokenizer([c + tokenizer.eos_token for _, c in demo_batch], return_tensors="pt", padding=True,
-                                padding_side="right", add_special_tokens=False).to(model.device)  # fmt: skip
-        labels = completions["input_ids"].masked_fill(completions["attention_mask"] == 0, -100)  # (B, C)
-        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels.to(model.dtype),
-                 "completion_ids": completions["input_ids"],
-                 "completion_mask": completions["attention_mask"]}  # fmt: skip
+        texts = [completion + tokenizer.eos_token for _, completion in demo_batch]
+        right_padded = dict(padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
+        completions = tokenizer(texts, **right_padded).to(model.device)
+        completion_ids, completion_mask = completions["input_ids"], completions["attention_mask"]  # (B, C)
+        labels = completion_ids.masked_fill(completion_mask == 0, -100)  # (B, C)
+        batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "pixel_values": pixels.to(model.dtype)}
+        batch |= {"completion_ids": completion_ids, "completion_mask": completion_mask}
         logits = completion_logits(model, batch)  # (B, C, V)
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
         loss.backward()
@@ -544,8 +568,8 @@ def train_sft(args: Args, model, processor, train_items):
     rng = random.Random(args.seed)
     conversation = lambda label: lesions.conversation(label, rng, args.sft_error_rate)[0]  # noqa: E731
     demos = [(x["image"], conversation(x["label"])) for x in train_items for _ in range(8)]
-    vlm_sft(model, processor, demos, args.sft_steps, batch_size=16, lr=args.sft_learning_rate, seed=args.seed,
-            desc="stage 2 SFT")  # fmt: skip
+    settings = dict(batch_size=16, lr=args.sft_learning_rate, seed=args.seed, desc="stage 2 SFT")
+    vlm_sft(model, processor, demos, args.sft_steps, **settings)
     return model
 
 
@@ -562,10 +586,11 @@ def train_dpo(args: Args, model, processor, train_items):
     model.train()
     for _ in tqdm(range(args.dpo_epochs), desc="stage 3 DPO", leave=False):
         for batch in torch.randperm(len(pairs)).split(16):
+            policy_chosen = sequence_logps(model, rollout, chosen[batch])  # (pairs in the batch,)
+            policy_rejected = sequence_logps(model, rollout, rejected[batch])
             loss, metrics = dpo_loss(
-                sequence_logps(model, rollout, chosen[batch]), sequence_logps(model, rollout, rejected[batch]),
-                ref_chosen[batch], ref_rejected[batch], args.dpo_beta,
-            )  # fmt: skip
+                policy_chosen, policy_rejected, ref_chosen[batch], ref_rejected[batch], args.dpo_beta
+            )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -599,12 +624,14 @@ def pipeline(args: Args):
             else:
                 model, extra = train_dpo(args, model, processor, train_items)
         after = answers(model, processor)
-        results[f"stage{stage}"] = {"before": before, "after": after, **extra, "wall_time_s": time.time() - start,
-                                    "run_dir": str(run_dir)}  # fmt: skip
-        print(f"[grpo_pp] stage {stage}: held-out macro-F1 {before['macro_f1']:.3f} -> {after['macro_f1']:.3f}, "
-              f"factual error rate (sampled) {before['fact_error_rate']:.3f} -> {after['fact_error_rate']:.3f}, "
-              f"(greedy) {before['fact_error_rate_greedy']:.3f} -> {after['fact_error_rate_greedy']:.3f}\n"
-              f"          e.g. {after['example']!r}")  # fmt: skip
+        results[f"stage{stage}"] = {"before": before, "after": after, **extra}
+        results[f"stage{stage}"] |= {"wall_time_s": time.time() - start, "run_dir": str(run_dir)}
+        print(
+            f"[grpo_pp] stage {stage}: held-out macro-F1 {before['macro_f1']:.3f} -> {after['macro_f1']:.3f}, "
+            f"factual error rate (sampled) {before['fact_error_rate']:.3f} -> {after['fact_error_rate']:.3f}, "
+            f"(greedy) {before['fact_error_rate_greedy']:.3f} -> {after['fact_error_rate_greedy']:.3f}\n"
+            f"          e.g. {after['example']!r}"
+        )
         save_run(run_dir, results[f"stage{stage}"], model, processor)
         init = str(run_dir / "model")
     return results

@@ -106,33 +106,6 @@ class Args:
         check_args(self)  # bad values fail here, before any model is loaded
 
 
-def check_args(args: Args):
-    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
-    check_args_shared(args)  # every field in its declared range, a writable output folder
-    num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
-    if keep > 1 + num_nodes * num_rounds:
-        raise UsageError(
-            f"--keep_leaves {keep} is more than the 1 + N*L = {1 + num_nodes * num_rounds} leaves a tree has; "
-            f"lower it or raise --expand_nodes / --expand_rounds"
-        )
-    if num_trees * keep < 2:
-        raise UsageError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
-    if args.num_minibatches > args.prompts_per_step:
-        raise UsageError(
-            f"--num_minibatches must be between 1 and --prompts_per_step ({args.prompts_per_step}): each optimiser "
-            f"step takes whole questions, got {args.num_minibatches}"
-        )
-    # an optimiser step's leaves split evenly into micro-batches (as in grpo.py: uneven ones would misscale the loss)
-    leaves = {len(q) * num_trees * keep for q in torch.arange(args.prompts_per_step).tensor_split(args.num_minibatches)}
-    if any(n % args.gradient_accumulation_steps for n in leaves):
-        raise UsageError(
-            f"--gradient_accumulation_steps must divide the leaves of each optimiser step ({sorted(leaves)}), got "
-            f"{args.gradient_accumulation_steps}"
-        )
-    if args.rollout == "chain" and args.advantage == "intra":
-        raise UsageError("--advantage intra with --rollout chain gives every advantage 0 (a chain has one leaf)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The algorithm: what Tree-GRPO changes against GRPO, tree-search rollouts and tree advantages
 
@@ -183,10 +156,8 @@ def generate_steps(model, tokenizer, contexts, max_step_tokens, temperature, top
     width = input_ids.size(1)
     # exactly our sampling settings, whatever the checkpoint's generation_config.json asks for (common.generate);
     # stopping at a closing tag ends the step without changing which tokens are sampled
-    output = generate(
-        model, tokenizer, {"input_ids": input_ids, "attention_mask": attention_mask}, max_new_tokens=max_step_tokens,
-        temperature=temperature, top_p=top_p, greedy=greedy, stop_strings=["</search>", "</answer>"],
-    )  # fmt: skip
+    inputs, stop = {"input_ids": input_ids, "attention_mask": attention_mask}, ["</search>", "</answer>"]
+    output = generate(model, tokenizer, inputs, max_step_tokens, temperature, top_p, greedy, stop_strings=stop)
     steps = []
     for row in output[:, width:].tolist():
         end = len(row)
@@ -203,10 +174,8 @@ def continue_to_leaf(model, tokenizer, starts, search, args, budget, greedy=Fals
     max_turns steps. Each start gets exactly one new leaf. Returns the new leaves."""
     active, leaves = list(starts), []
     while active:
-        steps = generate_steps(
-            model, tokenizer, [n.context_ids() for n in active], max_step_tokens=args.max_step_tokens,
-            temperature=args.temperature, top_p=args.top_p, greedy=greedy,
-        )  # fmt: skip
+        contexts = [node.context_ids() for node in active]
+        steps = generate_steps(model, tokenizer, contexts, args.max_step_tokens, args.temperature, args.top_p, greedy)
         still_active = []
         for node, (step_ids, step_text) in zip(active, steps):
             action, argument = namesakes.parse_step(step_text)
@@ -442,6 +411,33 @@ def masked_mean(values, mask):
 # Training loop
 
 
+def check_args(args: Args):
+    """Bad arguments are one clear error before anything loads (Args.__post_init__ calls this)."""
+    check_args_shared(args)  # every field in its declared range, a writable output folder
+    num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
+    if keep > 1 + num_nodes * num_rounds:
+        raise UsageError(
+            f"--keep_leaves {keep} is more than the 1 + N*L = {1 + num_nodes * num_rounds} leaves a tree has; "
+            f"lower it or raise --expand_nodes / --expand_rounds"
+        )
+    if num_trees * keep < 2:
+        raise UsageError("one tree with one kept leaf gives every advantage 0: raise --num_trees or --keep_leaves")
+    if args.num_minibatches > args.prompts_per_step:
+        raise UsageError(
+            f"--num_minibatches must be between 1 and --prompts_per_step ({args.prompts_per_step}): each optimiser "
+            f"step takes whole questions, got {args.num_minibatches}"
+        )
+    # an optimiser step's leaves split evenly into micro-batches (as in grpo.py: uneven ones would misscale the loss)
+    leaves = {len(q) * num_trees * keep for q in torch.arange(args.prompts_per_step).tensor_split(args.num_minibatches)}
+    if any(n % args.gradient_accumulation_steps for n in leaves):
+        raise UsageError(
+            f"--gradient_accumulation_steps must divide the leaves of each optimiser step ({sorted(leaves)}), got "
+            f"{args.gradient_accumulation_steps}"
+        )
+    if args.rollout == "chain" and args.advantage == "intra":
+        raise UsageError("--advantage intra with --rollout chain gives every advantage 0 (a chain has one leaf)")
+
+
 def held_out(model, tokenizer, items, encode, search, args, samples=0):
     """namesakes.evaluate over one greedy chain per question (as the paper evaluates), or over `samples` chains per
     question sampled at the training temperature (keys sampled_*) from their own seed: training goes on unchanged."""
@@ -449,8 +445,10 @@ def held_out(model, tokenizer, items, encode, search, args, samples=0):
     chain.rollout, chain.num_trees, chain.expand_rounds, chain.keep_leaves = "tree", 1, 0, 1
 
     def play(chunk):  # each item's steps as (text with its observation, action)
-        kept, _ = tree_rollout(model, tokenizer, [encode(x) for x in chunk], search, chain, random.Random(0), Budget(),
-                               greedy=samples == 0)  # fmt: skip
+        prompts = [encode(x) for x in chunk]
+        kept, _ = tree_rollout(
+            model, tokenizer, prompts, search, chain, random.Random(0), Budget(), greedy=samples == 0
+        )
         return [[(node.text, node.action) for node in leaf.path()] for _, _, leaf in kept]
 
     with torch.no_grad(), torch.random.fork_rng():
@@ -465,10 +463,8 @@ def train(args: Args):
     train_items, eval_items, demos, corpus = namesakes.load_task(
         args.dataset, args.dataset_path, args.num_train, args.num_eval, args.data_seed, args.demo_stop, args.demo_trust
     )
-    model, tokenizer = load_model(
-        args.model, demos=demos, device=args.device, sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size,
-        extra_tags=namesakes.TAGS,
-    )  # fmt: skip
+    warm_start = dict(sft_steps=args.sft_steps, sft_batch_size=args.sft_batch_size, extra_tags=namesakes.TAGS)
+    model, tokenizer = load_model(args.model, demos=demos, device=args.device, **warm_start)
     ref_model = frozen_copy(model, args.dtype) if args.beta > 0 else None
     if args.gradient_checkpointing:  # recompute each layer in the backward instead of keeping its activations
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -480,12 +476,15 @@ def train(args: Args):
     if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
         num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
         memory = estimate_memory(
-            model, rows=args.prompts_per_step * num_trees * keep // args.gradient_accumulation_steps,
+            model,
+            rows=args.prompts_per_step * num_trees * keep // args.gradient_accumulation_steps,
             prompt_tokens=max(len(encode(x)) for x in train_items[:256]),
             completion_tokens=args.max_turns * (args.max_step_tokens + args.top_k_docs * args.max_doc_chars),
-            rollout_rows=args.prompts_per_step * num_trees * max(1, num_nodes), dtype=args.dtype,
-            reference=ref_model is not None, gradient_checkpointing=args.gradient_checkpointing,
-        )  # fmt: skip
+            rollout_rows=args.prompts_per_step * num_trees * max(1, num_nodes),
+            dtype=args.dtype,
+            reference=ref_model is not None,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
         print(f"[tree_grpo] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     budget = Budget()
@@ -518,18 +517,17 @@ def train(args: Args):
             response_ids, response_mask = pad_batch([r[0] for r in responses], pad, False, model.device)
             loss_mask, _ = pad_batch([r[1] for r in responses], 0, False, model.device)  # 0 on observations
             batch = {  # one row per kept leaf: its question's prompt, then its path's steps and observations
-                "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,  # (leaves, P)
-                "completion_ids": response_ids, "completion_mask": response_mask,  # (leaves, T): steps + observations
-            }  # fmt: skip
+                "prompt_ids": prompt_ids,
+                "prompt_mask": prompt_mask,  # (leaves, P)
+                "completion_ids": response_ids,
+                "completion_mask": response_mask,  # (leaves, T): steps + observations
+            }
             # num_minibatches optimiser steps, each on whole questions (leaves come in question order, M*K each),
-            # each split into gradient_accumulation_steps micro-batches: updates[j] = [(rows, micro-batch), ...]
-            per_question = len(leaves) // len(batch_items)
-            minibatches = [torch.arange(q[0] * per_question, (q[-1] + 1) * per_question)
-                           for q in torch.arange(len(batch_items)).tensor_split(args.num_minibatches)]  # fmt: skip
-            updates = [[(rows, {k: v[rows] for k, v in batch.items()})
-                        for rows in minibatch.chunk(args.gradient_accumulation_steps)]
-                       for minibatch in minibatches]  # fmt: skip
-            micro_batches = [micro_batch for update in updates for _, micro_batch in update]  # rows 0, 1, ...
+            # each split into gradient_accumulation_steps micro-batches: updates[j] = [rows, ...]
+            questions = torch.arange(len(leaves)).view(len(batch_items), -1)  # (questions, M*K) row numbers
+            minibatches = questions.tensor_split(args.num_minibatches)
+            updates = [rows.flatten().chunk(args.gradient_accumulation_steps) for rows in minibatches]
+            micro_batches = [{k: v[rows] for k, v in batch.items()} for update in updates for rows in update]
             # 3. log-probs of the sampling policy (only needed off-policy: more than one optimiser step per batch)
             #    and of the reference (only if beta > 0), in the training pass's micro-batches: (leaves, T)
             old_logps = ref_logps = None
@@ -544,8 +542,9 @@ def train(args: Args):
             step_metrics, loss_sum, grad_norms = [], 0.0, []
             for _ in range(args.num_iterations):
                 for update in updates:
-                    num_items = sum(loss_mask[rows].sum() for rows, _ in update)  # dapo's normaliser: this update's
-                    for rows, micro_batch in update:
+                    num_items = sum(loss_mask[rows].sum() for rows in update)  # dapo's normaliser: this update's
+                    for rows in update:
+                        micro_batch = {k: v[rows] for k, v in batch.items()}
                         with autocast(model.device, args.dtype):
                             logps, entropy = leaf_logprobs(model, micro_batch, args.temperature, args.prefix_grouper)
                         loss, metrics = policy_loss(
@@ -627,8 +626,14 @@ def train(args: Args):
     return results
 
 
-PLOT_KEYS = ["reward", "eval/em_multihop", "eval/em_1hop", "tool_calls_per_episode", "budget/generated_tokens",
-             "entropy"]  # fmt: skip
+PLOT_KEYS = [
+    "reward",
+    "eval/em_multihop",
+    "eval/em_1hop",
+    "tool_calls_per_episode",
+    "budget/generated_tokens",
+    "entropy",
+]
 
 
 if __name__ == "__main__":

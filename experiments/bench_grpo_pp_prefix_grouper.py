@@ -38,7 +38,7 @@ def batch_for(processor, images, group_size, completion_tokens, vocab_size, seed
 
 def masked_logprobs(model, batch, prefix_grouper):
     """completion_logprobs in the nested form bench_prefix_grouper.forward_backward sums."""
-    return [[G.completion_logprobs(model, batch, prefix_grouper=prefix_grouper) * batch["completion_mask"]]]
+    return [[G.completion_logprobs(model, batch, prefix_grouper=prefix_grouper)[0] * batch["completion_mask"]]]
 
 
 @dataclass

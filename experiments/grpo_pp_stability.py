@@ -44,6 +44,13 @@ class Comparison(Sweep):
         name_list(self.arms, ARMS)
 
 
+def with_method(args: grpo_pp.Args, method: bool, **changes) -> grpo_pp.Args:
+    """A copy of args with stage 1 as GRPO++ (True) or GRPO: the stabilisers the user did not set take the method's
+    value (grpo_pp.STABILISERS), the ones set keep theirs."""
+    unset = {name: None for name in grpo_pp.STABILISERS["grpo"] if name not in args.set_by_user}
+    return replace(args, grpo_pp=method, **(unset | changes))  # replace() runs __post_init__
+
+
 def plan(args: grpo_pp.Args, comparison: Comparison) -> dict:
     """{"arm (size/class)": [grpo_pp.Args, one per seed]}, or a UsageError: an option the comparison sets, two arms
     that would be the same runs, an image folder with fewer images of a class than a size claims."""
@@ -53,7 +60,7 @@ def plan(args: grpo_pp.Args, comparison: Comparison) -> dict:
     sizes, seeds = int_list(comparison.sizes, "--sizes", least=1), int_list(comparison.seeds, "--seeds")
     runs = {
         f"{arm} ({size}/class)": [
-            grpo_pp.with_method(args, ARMS[arm][0], **ARMS[arm][1], seed=seed, images_per_class=size) for seed in seeds
+            with_method(args, ARMS[arm][0], **ARMS[arm][1], seed=seed, images_per_class=size) for seed in seeds
         ]
         for size in sizes
         for arm in name_list(comparison.arms, ARMS)

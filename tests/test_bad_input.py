@@ -21,6 +21,7 @@ import grpo_pp
 import plumbing
 import prefix_grouper as pg
 import tree_grpo
+from experiments.grpo_pp_stability import with_method
 from tasks import arithmetic, clinic, lesions, namesakes
 
 SCRIPTS = {"grpo.py": grpo, "crpo.py": crpo, "tree_grpo.py": tree_grpo, "grpo_pp.py": grpo_pp}
@@ -300,9 +301,9 @@ def test_grpo_pp_keeps_the_stabilisers_the_user_sets(tmp_path):
     )
     minus_one = plumbing.parse_args(grpo_pp.Args, ["--skip_zero_variance", "false"])  # GRPO++ minus one stabiliser
     assert not minus_one.skip_zero_variance and minus_one.beta == 0.04
-    plain = grpo_pp.with_method(args, grpo_pp=False)  # the stability comparison's switch keeps them too
+    plain = with_method(args, method=False)  # the stability comparison's switch keeps them too
     assert (plain.beta, plain.eps_high, plain.advantage, plain.loss_type) == (0.0, 0.2, "group", "grpo")
-    assert grpo_pp.with_method(plain, grpo_pp=True) == args
+    assert with_method(plain, method=True) == args
     run_dir = plumbing.make_run_dir("grpo_pp", args, root=tmp_path)  # args.json records what runs
     recorded = json.loads((run_dir / "args.json").read_text())
     assert (recorded["beta"], recorded["eps_high"], recorded["advantage"]) == (0.0, 0.2, "binary")

@@ -14,6 +14,7 @@ from PIL import Image
 
 import grpo_pp as G
 from common import load_vlm
+from experiments.grpo_pp_stability import with_method
 from tasks import lesions
 
 
@@ -163,7 +164,7 @@ def test_prefix_grouper_encodes_each_image_once_with_the_same_logprobs_and_gradi
     model.model.vision_tower.register_forward_pre_hook(lambda m, args: images_seen.append(len(args[0])))
     for prefix_grouper in (False, True):
         model.zero_grad(set_to_none=True)
-        logps = G.completion_logprobs(model, batch, temperature=0.8, prefix_grouper=prefix_grouper)
+        logps, _ = G.completion_logprobs(model, batch, temperature=0.8, prefix_grouper=prefix_grouper)
         (logps * batch["completion_mask"]).sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         results.append((logps * batch["completion_mask"], grads))
@@ -182,7 +183,7 @@ def test_grpo_pp_flag_turns_every_stabiliser_on():
     assert (plus.advantage, plus.skip_zero_variance, plus.eps_high, plus.loss_type, plus.beta) == (
         "binary", True, 0.28, "dapo", 0.04)  # fmt: skip
     # experiments/grpo_pp_stability.py turns GRPO++'s args into GRPO's the same way
-    assert G.with_method(plus, grpo_pp=False) == plain and G.with_method(plain, grpo_pp=True) == plus
+    assert with_method(plus, method=False) == plain and with_method(plain, method=True) == plus
 
 
 def test_warm_start_has_the_systematic_mix_up():
