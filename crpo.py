@@ -273,9 +273,9 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     """Per-token log pi(o_t | q, o_<t) of the completion tokens, and the entropy of each token's distribution.
 
     batch: generate_completions' tensors (or some of their rows): prompt_ids, prompt_mask, completion_ids and
-    completion_mask, each (B, ·). Position ids count real tokens only, so a left-padded prompt gets the same RoPE
-    positions as an unpadded one. With prefix_grouper, consecutive rows that share a prompt (a group) encode it
-    once instead of G times (prefix_grouper.py); the result is the same up to floating-point rounding.
+    completion_mask, each (B, ·) for B rows. Position ids count real tokens only, so a left-padded prompt gets the
+    same RoPE positions as an unpadded one. With prefix_grouper, consecutive rows that share a prompt (a group, or
+    the part of one a micro-batch holds) encode it once (prefix_grouper.py): the same up to floating-point rounding.
     """
     if prefix_grouper:
         return grouped_batch_logprobs(model, batch, temperature)  # (B, C), (B, C)
@@ -289,15 +289,15 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
         attention_mask=attention_mask,
         position_ids=position_ids,
         logits_to_keep=completion_ids.size(1) + 1,  # the last prompt position predicts the first completion token
-    ).logits[:, :-1]  # (B, C, V)
-    if logits.numel() > 2**26:  # over 256 MiB in float32: the same values, a chunk at a time (less memory)
+    ).logits[:, :-1]  # (B, C, V): the last position would predict past the completion
+    if logits.numel() > 2**26:  # over 256 MiB in float32: the same two tensors, a chunk at a time (less memory)
         return logprobs_from_logits(logits, completion_ids, temperature)
     z = logits.float() / temperature  # (B, C, V), float32 as TRL
     # log pi(o_t | q, o_<t) = z[o_t] - logsumexp(z)
     log_normaliser = z.logsumexp(dim=-1)  # (B, C)
     logps = z.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - log_normaliser  # (B, C)
-    # entropy H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v
-    entropy = log_normaliser - (z.softmax(dim=-1) * z).sum(dim=-1)  # (B, C)
+    # entropy H_t = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v, a -inf logit (p_v = 0) counted as 0
+    entropy = log_normaliser - (z.softmax(dim=-1) * z.masked_fill(z == -torch.inf, 0.0)).sum(dim=-1)  # (B, C)
     return logps, entropy
 
 
@@ -340,7 +340,7 @@ def policy_loss(
     per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
     metrics = {}
     if beta != 0.0:
-        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        # k3_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
         log_ratio_ref = ref_logps - logps
         per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
         per_token_loss = per_token_loss + beta * per_token_kl
@@ -442,7 +442,7 @@ def train(args: Args):
             completion_mask = rollout["completion_mask"]  # (B*G, C)
             if args.mask_truncated_completions:
                 completion_mask = completion_mask * (~rollout["is_truncated"]).unsqueeze(1)
-            batch = {k: v for k, v in rollout.items() if torch.is_tensor(v)}  # prompt and completion ids and masks
+            batch = {k: v for k, v in rollout.items() if torch.is_tensor(v)}  # ids and masks (and is_truncated)
             row_chunks = torch.arange(len(group_items)).chunk(args.gradient_accumulation_steps)
             micro_batches = [{k: v[rows] for k, v in batch.items()} for rows in row_chunks]
             # 3. log-probs of the sampling policy (only needed off-policy) and of the reference (only if beta > 0),
@@ -479,7 +479,7 @@ def train(args: Args):
                     loss.backward()
                     metrics["entropy"] = masked_mean(entropy, completion_mask[rows]).item()
                     step_metrics.append(metrics)
-                    loss_sum += loss.item() / args.num_iterations  # micro-batch losses add up to the batch's
+                    loss_sum += loss.item() / args.num_iterations  # micro-batches add up, passes average
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

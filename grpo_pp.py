@@ -347,7 +347,7 @@ def policy_loss(
     per_token_loss = -torch.min(ratio * advantages, clipped_ratio * advantages)  # (B, T)
     metrics = {}
     if beta != 0.0:
-        # D_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
+        # k3_it = exp(x) - x - 1 with x = log pi_ref - log pi_theta; expm1 keeps the digits near x = 0
         log_ratio_ref = ref_logps - logps
         per_token_kl = torch.expm1(log_ratio_ref) - log_ratio_ref  # (B, T)
         per_token_loss = per_token_loss + beta * per_token_kl
