@@ -110,18 +110,19 @@ class GroupLayout:
         out_prompt = attend(*prompt_qkv, None if causal else prefix_mask)  # (B, P_max, H, D)
         # O_S_j = softmax(Q_S_j [K_P; K_S_j]^T scale + mask_j) [V_P; V_S_j]: each completion's keys gathered once,
         # its prompt's (shared: the same rows of `key` for the G completions) then its own: (N, S_max, H, D)
-        keys = torch.cat([self.prefix_index[self.suffix_row], self.suffix_index], dim=1)  # (N, P_max + S_max)
+        keys, prefix_valid, suffix_valid = self.indexes  # once per forward, not per layer
         out_completion = attend(gather(query, self.suffix_index), gather(key, keys), gather(value, keys), suffix_mask)
-        prefix_valid, suffix_valid = self.valid_index
         real = torch.cat(  # (tokens, H, D): the prompts' real tokens, then the completions'
             [take(out_prompt.flatten(0, 1), prefix_valid), take(out_completion.flatten(0, 1), suffix_valid)]
         )
         return real, self.flat_valid_index
 
     @cached_property
-    def valid_index(self):
-        """Where the real tokens sit in prefix_valid.flatten() (prompt tokens,) and suffix_valid.flatten()."""
-        return self.prefix_valid.flatten().nonzero().squeeze(1), self.suffix_valid.flatten().nonzero().squeeze(1)
+    def indexes(self):
+        """(N, P_max + S_max) flat index of each completion's keys (its prompt's, left-padded, then its own), and where
+        the real tokens sit in prefix_valid.flatten() (prompt tokens,) and in suffix_valid.flatten()."""
+        keys = torch.cat([self.prefix_index[self.suffix_row], self.suffix_index], dim=1)
+        return keys, self.prefix_valid.flatten().nonzero().squeeze(1), self.suffix_valid.flatten().nonzero().squeeze(1)
 
     @cached_property
     def flat_valid_index(self):
