@@ -32,7 +32,6 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-from plumbing import CACHE_MARKER as CACHE_MARKER  # (tests read it here)
 from plumbing import UsageError, cached, own_random_state, shown
 from plumbing import seed_everything as seed_everything  # (the scripts import it from here)
 
@@ -51,13 +50,9 @@ TINY_POSITIONS = 1024  # the tiny model's max_position_embeddings: its warm star
 
 def pick_device(device: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(device)
 
 
 def has_native_bf16(device: torch.device) -> bool:
@@ -72,8 +67,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if has_native_bf16(device) else torch.float32
     if dtype == "float16":
-        raise UsageError("--dtype float16 would need loss scaling (a GradScaler), which these scripts do not do; "
-                         "use --dtype bfloat16 (GPUs from Ampere on) or float32")  # fmt: skip
+        raise UsageError(
+            "--dtype float16 would need loss scaling (a GradScaler), which these scripts do not do; "
+            "use --dtype bfloat16 (GPUs from Ampere on) or float32"
+        )
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     if dtype not in dtypes:
         raise UsageError(f"--dtype must be auto, {', '.join(dtypes)}; got {dtype!r}")
@@ -95,10 +92,12 @@ def frozen_copy(model, dtype: str):
     return copy.to(pick_dtype(dtype, model.device))
 
 
-def estimate_memory(model, rows, prompt_tokens, completion_tokens, rollout_rows, dtype="auto", reference=False,
-                    gradient_checkpointing=False) -> dict[str, float]:  # fmt: skip
-    """Peak GPU memory of a training step, estimated in GiB before it runs, for `rows` sequences per micro-batch
-    (`rollout_rows` sampled per step) of `prompt_tokens` + `completion_tokens`. Made of:
+def estimate_memory(
+    model, rows, prompt_tokens, completion_tokens, rollout_rows, dtype="auto", reference=False, checkpointing=False
+) -> dict[str, float]:
+    """Peak GPU memory of a training step, estimated in GiB before it runs (printed and returned: does the run
+    fit?), for `rows` sequences per micro-batch (`rollout_rows` sampled per step) of `prompt_tokens` +
+    `completion_tokens`. Made of:
 
     A. fixed: float32 weights, gradients and AdamW's two moments, 16 bytes per parameter; under bf16 autocast its
        bf16 copies of the weights, 2 bytes; a reference model (beta > 0) in the compute dtype, 2 or 4 bytes.
@@ -119,14 +118,14 @@ def estimate_memory(model, rows, prompt_tokens, completion_tokens, rollout_rows,
     fixed = params * (16 + 2 * bf16 + reference * (2 if bf16 else 4))
     per_layer = 32 * h + 8 * i + 4 * kv if bf16 else 36 * h + 16 * i + 8 * kv
     tokens = rows * (prompt_tokens + completion_tokens)
-    activations = tokens * (layers * 4 * h + per_layer) if gradient_checkpointing else tokens * layers * per_layer
+    activations = tokens * (layers * 4 * h + per_layer) if checkpointing else tokens * layers * per_layer
     logits = rows * completion_tokens * config.vocab_size * (4 if bf16 else 8)
     logits += min(3 * 2**28, 12 * rows * completion_tokens * config.vocab_size)
     kv_cache = rollout_rows * (prompt_tokens + completion_tokens) * layers * kv * 2 * (2 if bf16 else 4)
-    gib = lambda n: n / 2**30  # noqa: E731
-    return {"peak_gib": gib(fixed + max(activations + logits, kv_cache)), "fixed_gib": gib(fixed),
-            "activations_gib": gib(activations), "logits_gib": gib(logits),
-            "rollout_kv_cache_gib": gib(kv_cache)}  # fmt: skip
+    parts = {"peak": fixed + max(activations + logits, kv_cache), "fixed": fixed, "activations": activations}
+    parts |= {"logits": logits, "rollout_kv_cache": kv_cache}
+    print(f"estimated peak GPU memory (GiB): {', '.join(f'{k} {v / 2**30:.1f}' for k, v in parts.items())}")
+    return {f"{k}_gib": v / 2**30 for k, v in parts.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,8 +232,8 @@ def load_tiny(demos, sft_steps=600, seed=0, cache_dir=None, sft_batch_size=64, e
             f"more than the tiny model's {TINY_POSITIONS} positions: the tiny model is for the built-in tasks; "
             f"train on this data with a real model (--model smollm2-135m, a folder or a hub id)"
         )
-    recipe = {"version": TINY_VERSION, "steps": sft_steps, "batch": sft_batch_size, "seed": seed,
-              "demos": [list(d) for d in demos], **({"tags": list(extra_tags)} if extra_tags else {})}  # fmt: skip
+    recipe = {"version": TINY_VERSION, "steps": sft_steps, "batch": sft_batch_size, "seed": seed}
+    recipe |= {"demos": [list(d) for d in demos]} | ({"tags": list(extra_tags)} if extra_tags else {})
     path = cache_entry("tiny", recipe, cache_dir)
 
     def build(folder):
@@ -460,10 +459,8 @@ def build_tiny_vlm(extra_tags=(), image_size=32, patch_size=8, seed=0):
 
     tokenizer = build_tiny_tokenizer((*extra_tags, IMAGE_TOKEN))
     text_config = build_tiny_model(tokenizer).config
-    vision_config = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        image_size=image_size, patch_size=patch_size, projection_dim=64,
-    )  # fmt: skip
+    widths = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
+    vision_config = CLIPVisionConfig(**widths, image_size=image_size, patch_size=patch_size)
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -476,9 +473,12 @@ def build_tiny_vlm(extra_tags=(), image_size=32, patch_size=8, seed=0):
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-    )  # fmt: skip
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, which "default" drops
+    )
     with own_random_state():  # seeded by `seed` alone, and the caller's random streams stay as they were
         torch.manual_seed(seed)
         return LlavaForConditionalGeneration(config), processor

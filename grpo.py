@@ -316,8 +316,8 @@ def train(args: Args):
     evaluate = lambda: arithmetic.evaluate(  # noqa: E731
         model, tokenizer, eval_items, to_prompt, args.max_new_tokens, generate_completions
     )
-    if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
-        memory = estimate_memory(
+    if model.device.type == "cuda":  # does this run fit? (common.estimate_memory prints its estimate)
+        estimate_memory(
             model,
             rows=args.prompts_per_step * args.group_size // args.gradient_accumulation_steps,
             prompt_tokens=max(len(tokenizer(to_prompt(x))["input_ids"]) for x in train_items[:256]),
@@ -325,9 +325,8 @@ def train(args: Args):
             rollout_rows=args.prompts_per_step * args.group_size,
             dtype=args.dtype,
             reference=ref_model is not None,
-            gradient_checkpointing=args.gradient_checkpointing,
+            checkpointing=args.gradient_checkpointing,
         )
-        print(f"[grpo] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     start = time.time()
 

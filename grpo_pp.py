@@ -303,7 +303,7 @@ def completion_logprobs(model, batch, temperature=1.0, prefix_grouper=False):
     With prefix_grouper a group's image and prompt are encoded once (the vision tower sees each image once)."""
     if prefix_grouper:  # as grpo.py's; a group shares its image too, and <image> gets probability 0
         inputs, image_token = {"pixel_values": batch["pixel_values"]}, model.config.image_token_id
-        return grouped_batch_logprobs(model, batch, temperature, prompt_inputs=inputs, suppress_tokens=[image_token])
+        return grouped_batch_logprobs(model, batch, temperature, prompt_inputs=inputs, suppress_ids=[image_token])
     # log pi(o_t | image, q, o_<t) = z[o_t] - logsumexp(z), z = logits / temperature in float32 (a chunk at a time)
     return logprobs_from_logits(completion_logits(model, batch), batch["completion_ids"], temperature)  # (B, C) x 2
 
@@ -400,8 +400,8 @@ def train_grpo(args: Args, task=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)  # float32 states
     method = "grpo_pp" if args.grpo_pp else "grpo"
     run_dir = make_run_dir(f"{method}-stage1", args, root=args.output_dir)
-    if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
-        memory = estimate_memory(
+    if model.device.type == "cuda":  # does this run fit? (common.estimate_memory prints its estimate)
+        estimate_memory(
             model,
             rows=args.prompts_per_step * args.group_size,
             completion_tokens=args.max_new_tokens,
@@ -409,9 +409,8 @@ def train_grpo(args: Args, task=None):
             rollout_rows=args.prompts_per_step * args.group_size,
             dtype=args.dtype,
             reference=ref_model is not None,
-            gradient_checkpointing=args.gradient_checkpointing,
+            checkpointing=args.gradient_checkpointing,
         )
-        print(f"[grpo_pp] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     start = time.time()
     with MetricsLogger(run_dir, plot_keys=PLOT_KEYS, model=(model, processor)) as logger:

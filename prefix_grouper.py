@@ -408,14 +408,13 @@ def packed_logits(model, layout, scored, **model_inputs):
 
 
 def shared_prefix_logprobs(
-    model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False, prompt_inputs=None,
-    suppress_tokens=(),
-):  # fmt: skip
+    model, prompts, completions, temperature=1.0, kernel=None, return_entropy=False, prompt_inputs=None, suppress_ids=()
+):
     """Per-token log-probs of each completion given its prompt, each prompt encoded once. prompts: list of B 1-D id
     tensors; completions: for each prompt a list of 1-D id tensors (no padding). Returns for each prompt a list of
     1-D log-prob tensors, one per completion (and the entropies, if asked); differentiable in train mode. kernel:
     sdpa | eager | flex_attention (default_kernel). prompt_inputs: more model inputs, one row per prompt (a VLM's
-    pixel_values). suppress_tokens: ids given probability 0, as generate's suppress_tokens does when sampling."""
+    pixel_values). suppress_ids: ids given probability 0, as generate's suppress_tokens does when sampling."""
     check_temperature(temperature)
     kernel = default_kernel(model, kernel)
     layout = pack(prompts, completions, kernel=kernel, device=model.device, vocab_size=vocabulary_size(model))
@@ -429,14 +428,14 @@ def shared_prefix_logprobs(
     keep = torch.unique(column)  # sorted (K,)
     scored = (row, torch.searchsorted(keep, column))  # into (B, K)
     logits = packed_logits(model, layout, scored, logits_to_keep=keep, **(prompt_inputs or {}))  # (tokens, V)
-    if suppress_tokens:
-        logits = logits.index_fill(-1, torch.tensor(list(suppress_tokens), device=logits.device), float("-inf"))
+    if suppress_ids:
+        logits = logits.index_fill(-1, torch.tensor(list(suppress_ids), device=logits.device), float("-inf"))
     logps, entropy = logprobs_from_logits(logits, targets, temperature)
     sizes = [len(c) for group in completions for c in group]
     return unflatten(logps, sizes, completions, entropy if return_entropy else None)
 
 
-def grouped_batch_logprobs(model, batch, temperature=1.0, prompt_inputs=None, suppress_tokens=()):
+def grouped_batch_logprobs(model, batch, temperature=1.0, prompt_inputs=None, suppress_ids=()):
     """shared_prefix_logprobs on a padded batch (grpo.py's generate_completions: prompt_ids, prompt_mask,
     completion_ids, completion_mask, each (B, ·)): consecutive rows with the same prompt (and the same rows of
     prompt_inputs, a VLM's pixel_values) are one group. Returns the log-probs and entropies (B, C), 0 on padding."""
@@ -451,7 +450,7 @@ def grouped_batch_logprobs(model, batch, temperature=1.0, prompt_inputs=None, su
     groups = [completions[first : first + n] for first, n in zip(firsts.tolist(), sizes.tolist())]
     inputs = {name: x[firsts] for name, x in prompt_inputs.items()}
     nested = shared_prefix_logprobs(
-        model, prompts, groups, temperature, return_entropy=True, prompt_inputs=inputs, suppress_tokens=suppress_tokens
+        model, prompts, groups, temperature, return_entropy=True, prompt_inputs=inputs, suppress_ids=suppress_ids
     )
     logps, entropy = (torch.cat([x for group in values for x in group]) for values in nested)  # (tokens,) each
     zeros = torch.zeros(completion_mask.shape, device=model.device)

@@ -68,28 +68,28 @@ class Args:
     sft_steps: int = arg(1500, "tiny warm start: SFT steps (cached after the first run)", ">= 1")
     sft_batch_size: int = arg(16, "tiny warm start: trajectories per SFT step", ">= 1")
     # rollout
+    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
+    token_budget: int = arg(0, "stop once this many tokens are generated (0: num_steps)", ">= 0")
+    prompts_per_step: int = arg(8, "questions per step", ">= 1")
     rollout: Literal["tree", "chain"] = arg("tree", "tree search, or chain GRPO")
+    group_size: int = arg(4, "chain: G, trajectories per question", ">= 2")
     num_trees: int = arg(2, "tree: M, trees per question", ">= 1")
     expand_nodes: int = arg(2, "tree: N, nodes expanded per tree and round", ">= 0")
     expand_rounds: int = arg(1, "tree: L, expansion rounds", ">= 0")
     keep_leaves: int = arg(3, "tree: K, leaves kept per tree (at most 1 + N*L)", ">= 1")
-    group_size: int = arg(4, "chain: G, trajectories per question", ">= 2")
     max_turns: int = arg(7, "most agent steps per trajectory", ">= 1")
     max_step_tokens: int = arg(32, "most tokens generated in one step", ">= 1")
     temperature: float = arg(1.0, "sampling temperature (log-probs use it too)", "> 0")
     top_p: float = arg(1.0, "nucleus sampling; < 1 is off-policy (the loss scores all)", "(0, 1]")
-    num_steps: int = arg(60, "training steps (one batch of rollouts each)", ">= 1")
-    token_budget: int = arg(0, "stop once this many tokens are generated (0: num_steps)", ">= 0")
-    prompts_per_step: int = arg(8, "questions per step", ">= 1")
-    # loss
+    # advantages and loss
+    advantage: Literal["both", "inter", "intra"] = arg(
+        "both", "tree: A_inter + A_intra, or one of them alone (the ablation)"
+    )
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = arg("dapo", "aggregation")
     eps_low: float = arg(0.2, "clip ratio below at 1 - eps_low", "[0, 1)")
     eps_high: float = arg(0.2, "clip ratio above at 1 + eps_high", ">= 0")
     beta: float = arg(0.0, "KL coefficient (official: 0.001); > 0 loads a reference", ">= 0")
     dual_clip: float = arg(3.0, "A < 0: a token's loss is at most -c*A (official: 3)", "> 1")
-    advantage: Literal["both", "inter", "intra"] = arg(
-        "both", "tree: A_inter + A_intra, or one of them alone (the ablation)"
-    )
     # optimisation
     learning_rate: float = arg(1e-4, "AdamW learning rate (real models: ~1e-6)", "> 0")
     num_minibatches: int = arg(1, "optimiser steps per rollout batch, each on a share of its questions", ">= 1")
@@ -99,8 +99,7 @@ class Args:
     gradient_checkpointing: bool = arg(False, "recompute activations in the backward: less memory, more compute")
     prefix_grouper: bool = arg(False, "encode what leaves share (prompt, steps before a branch) once: a trie")
     # evaluation
-    eval_every: int = arg(10, "evaluate on the held-out questions every N steps", ">= 1")
-    eval_samples: int = arg(0, "also N sampled chains a question at each 1/4 of --token_budget and the end", ">= 0")
+    eval_every: int = arg(10, "evaluate on the held-out split every N steps", ">= 1")
 
     def __post_init__(self):
         check_args(self)  # bad values fail here, before any model is loaded
@@ -457,7 +456,9 @@ def held_out(model, tokenizer, items, encode, search, args, samples=0):
     return {f"sampled_{k}" if samples else k: v for k, v in metrics.items()}
 
 
-def train(args: Args):
+def train(args: Args, sampled_evals=None):
+    """sampled_evals(tokens generated before this step, after it, last step?) -> N is experiments/tree_vs_chain.py's
+    hook: N > 0 adds N sampled chains a held-out question (eval/sampled_*) to a greedy evaluation at this step."""
     check_args(args)
     seed_everything(args.seed)
     train_items, eval_items, demos, corpus = namesakes.load_task(
@@ -473,9 +474,9 @@ def train(args: Args):
     search = namesakes.BM25(corpus)
     encode = lambda item: namesakes.encode_question(tokenizer, item)  # noqa: E731
     evaluate = lambda samples=0: held_out(model, tokenizer, eval_items, encode, search, args, samples)  # noqa: E731
-    if model.device.type == "cuda":  # does this run fit? (how it is estimated: common.estimate_memory)
+    if model.device.type == "cuda":  # does this run fit? (common.estimate_memory prints its estimate)
         num_trees, num_nodes, num_rounds, keep = rollout_shape(args)
-        memory = estimate_memory(
+        estimate_memory(
             model,
             rows=args.prompts_per_step * num_trees * keep // args.gradient_accumulation_steps,
             prompt_tokens=max(len(encode(x)) for x in train_items[:256]),
@@ -483,9 +484,8 @@ def train(args: Args):
             rollout_rows=args.prompts_per_step * num_trees * max(1, num_nodes),
             dtype=args.dtype,
             reference=ref_model is not None,
-            gradient_checkpointing=args.gradient_checkpointing,
+            checkpointing=args.gradient_checkpointing,
         )
-        print(f"[tree_grpo] estimated peak GPU memory (GiB): {', '.join(f'{k} {v:.1f}' for k, v in memory.items())}")
     rng = random.Random(args.seed)
     budget = Budget()
     start = time.time()
@@ -501,7 +501,7 @@ def train(args: Args):
             batch_items = rng.choices(train_items, k=args.prompts_per_step)
             # 1. rollout: M trees per question (chain: G independent trajectories), K leaves kept per tree
             model.eval()
-            spent = Budget(**vars(budget))
+            before_step = Budget(**vars(budget))  # the budget spent before this step
             with autocast(model.device, args.dtype):
                 kept, _ = tree_rollout(model, tokenizer, [encode(x) for x in batch_items], search, args, rng, budget)
             prompt_index, tree_index, leaves = zip(*kept)
@@ -580,8 +580,8 @@ def train(args: Args):
                 "em": correct.mean().item(),
                 "frac_zero_advantage": (advantages == 0).float().mean().item(),
                 "tool_calls_per_episode": tool_calls / len(leaves),
-                "trajectories": budget.trajectories - spent.trajectories,
-                "generated_tokens": budget.generated_tokens - spent.generated_tokens,
+                "trajectories": budget.trajectories - before_step.trajectories,
+                "generated_tokens": budget.generated_tokens - before_step.generated_tokens,
                 "budget/generated_tokens": budget.generated_tokens,
                 "budget/tool_calls": budget.tool_calls,
                 "budget/trajectories": budget.trajectories,
@@ -591,29 +591,21 @@ def train(args: Args):
             if model.device.type == "cuda":  # measured, beside what estimate_memory printed
                 record["memory/peak_gib"] = torch.cuda.max_memory_allocated(model.device) / 2**30
             last = step == args.num_steps or 0 < args.token_budget <= budget.generated_tokens
-            q = args.token_budget / 4 or float("inf")  # --eval_samples: the first step past each quarter, the last
-            sample = args.eval_samples and (last or budget.generated_tokens // q > spent.generated_tokens // q)
-            if step % args.eval_every == 0 or last or sample:
+            samples = sampled_evals(before_step.generated_tokens, budget.generated_tokens, last) if sampled_evals else 0
+            if step % args.eval_every == 0 or last or samples:
                 with autocast(model.device, args.dtype):
-                    scores = evaluate() | (evaluate(args.eval_samples) if sample else {})
+                    scores = evaluate() | (evaluate(samples) if samples else {})
                 record |= {f"eval/{k}": v for k, v in scores.items()}
             logger.log(step, record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", em=f"{record['em']:.2f}")
-            if last:  # the token budget is spent
+            if last:  # --num_steps reached, or the token budget spent
                 break
 
     after = {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
-    quarter = max(1, step // 4)  # training steps over which the final training reward is averaged
     results = {
         "before": before,
         "after": after,
         "budget": vars(budget),
-        "curve": [  # every held-out evaluation, with the tokens generated so far
-            {k: v for k, v in r.items() if k.startswith("eval/") or k in ("step", "budget/generated_tokens")}
-            for r in logger.records
-            if "eval/em_multihop" in r
-        ],
-        "train_reward_last_quarter": sum(r["reward"] for r in logger.records[1:][-quarter:]) / quarter,
         "wall_time_s": time.time() - start,
         "run_dir": str(run_dir),
     }

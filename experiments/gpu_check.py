@@ -118,7 +118,7 @@ def estimates():
         reference = "--beta" in flags and float(flags[flags.index("--beta") + 1]) > 0
         checkpointing = "--gradient_checkpointing" in flags
         memory = estimate_memory(model, **recipe["batch"], dtype="bfloat16", reference=reference,
-                                 gradient_checkpointing=checkpointing)  # fmt: skip
+                                 checkpointing=checkpointing)  # fmt: skip
         parts = ", ".join(f"{k.removesuffix('_gib')} {v:.1f}" for k, v in memory.items() if k != "peak_gib")
         fits = ["fits" if memory["peak_gib"] * 2**30 < 0.9 * gb * 1e9 else "no" for gb in (24, 80)]  # 10%: context
         params = sum(p.numel() for p in model.parameters()) / 1e6

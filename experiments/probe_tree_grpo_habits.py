@@ -102,7 +102,8 @@ def find_runs(folder: str) -> dict:
             raise UsageError(f"{run} has another task or warm start than {runs[0]} ({', '.join(differ)})")
         if key in found:
             other = settings[key]
-            if differ := sorted(k for k in saved | other if k != "output_dir" and saved.get(k) != other.get(k)):
+            ignored = ("output_dir", "eval_samples")  # where it was written; what older runs of tree_grpo.py recorded
+            if differ := sorted(k for k in saved | other if k not in ignored and saved.get(k) != other.get(k)):
                 raise UsageError(
                     f"{found[key]} and {run} are both arm {key[0]}, seed {key[1]}, with other settings "
                     f"({', '.join(differ)}): give a folder with one of them"

@@ -12,8 +12,10 @@ tree_grpo.py applies to every arm but --seed, --token_budget and what every arm 
 budget must hold one step of every arm (all its trajectories at --max_turns steps of --max_step_tokens tokens).
 """
 
+import json
 import sys
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: the algorithm files
@@ -46,10 +48,27 @@ DEFAULT_ARMS = "chain,tree,tree_inter,tree_intra"
 class Comparison(Sweep):
     arms: str = arg(DEFAULT_ARMS, "some of " + ", ".join(ARMS))
     tokens: int = arg(70000, "the budget: each run stops after generating this many tokens", ">= 1")
+    eval_samples: int = arg(
+        0, "also N sampled chains a question at the first step past each quarter of --tokens", ">= 0"
+    )
 
     def __post_init__(self):
         super().__post_init__()  # and every field in its declared range
         name_list(self.arms, ARMS)
+
+
+def sampled_evals(budget: int, samples: int):
+    """tree_grpo.train's hook: `samples` sampled chains a held-out question at the first step past each quarter of
+    the budget (the last step is past the fourth; quarters one step crosses together share it), none elsewhere."""
+    return lambda tokens_before, tokens_after, last: (
+        samples if last or tokens_after * 4 // budget > tokens_before * 4 // budget else 0
+    )
+
+
+def logged(run) -> list[dict]:
+    """Every record a run logged (metrics.jsonl in its folder): step 0's evaluation, then one a training step."""
+    with open(Path(run["run_dir"]) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def em_at_budget(curve, tokens):
@@ -103,7 +122,7 @@ def plan(args: tree_grpo.Args, comparison: Comparison) -> dict:
 
 
 def main(args: tree_grpo.Args, comparison: Comparison):
-    runs, budget = plan(args, comparison), comparison.tokens
+    runs, budget, samples = plan(args, comparison), comparison.tokens, comparison.eval_samples
 
     def summarize(run):
         tokens = run["budget"]["generated_tokens"]
@@ -112,26 +131,30 @@ def main(args: tree_grpo.Args, comparison: Comparison):
                 f"a run stopped after --num_steps {args.num_steps} steps with {tokens} of the {budget} tokens of "
                 f"--tokens generated: raise --num_steps (or lower --tokens)"
             )
-        at = {f"em_multihop_at_{budget * f / 4000:g}k": em_at_budget(run["curve"], budget * f // 4) for f in (1, 2, 3)}
+        records = logged(run)
+        evals = [r for r in records if "eval/em_multihop" in r]  # every held-out evaluation, with its tokens
+        at = {f"em_multihop_at_{budget * f / 4000:g}k": em_at_budget(evals, budget * f // 4) for f in (1, 2, 3)}
         sampled = {}
-        if args.eval_samples:  # the sampled policy at each quarter; the namesake check at the end
-            sampled = {f"sampled_em_multihop_at_{budget * f / 4000:g}k": first_past(
-                run["curve"], "eval/sampled_em_multihop", budget * f // 4) for f in (1, 2, 3, 4)}  # fmt: skip
+        if samples:  # the sampled policy at each quarter; the namesake check at the end
+            for f in (1, 2, 3, 4):
+                name = f"sampled_em_multihop_at_{budget * f / 4000:g}k"
+                sampled[name] = first_past(evals, "eval/sampled_em_multihop", budget * f // 4)
             sampled |= {k: run["after"][k] for k in ("found_person", "sampled_found_person") if k in run["after"]}
+        last_steps = max(1, len(records[1:]) // 4)  # the final training steps (a quarter of them) the reward averages
         return at | {
             "em_multihop": run["after"]["em_multihop"],
             "em_1hop": run["after"]["em_1hop"],
             **sampled,
             "tool_calls": run["after"]["tool_calls"],
             "trajectories_per_1k_tokens": 1000 * run["budget"]["trajectories"] / tokens,
-            "steps": run["curve"][-1]["step"],
-            "train_reward_last_quarter": run["train_reward_last_quarter"],
+            "steps": records[-1]["step"],
+            "train_reward_last_quarter": sum(r["reward"] for r in records[1:][-last_steps:]) / last_steps,
         }
 
-    key = "eval/sampled_em_multihop" if args.eval_samples else "eval/em_multihop"
+    key = "eval/sampled_em_multihop" if samples else "eval/em_multihop"
 
     def curve(run):  # held-out multi-hop EM (sampled with --eval_samples) against the generated tokens (thousands)
-        points = [p for p in run["curve"] if key in p]
+        points = [p for p in logged(run) if key in p]
         return [p["budget/generated_tokens"] / 1000 for p in points], [p[key] for p in points]
 
     arms = comparison.arms
@@ -141,9 +164,10 @@ def main(args: tree_grpo.Args, comparison: Comparison):
         f"chain GRPO (G={args.group_size}) vs Tree-GRPO (M={args.num_trees}, N={args.expand_nodes}, "
         f"L={args.expand_rounds}, K={args.keep_leaves}) at {budget / 1000:g}k generated tokens, tiny model"
     )
-    labels = ("generated tokens (thousands)", "held-out multi-hop EM" + (", sampled" if args.eval_samples else ""))
+    labels = ("generated tokens (thousands)", "held-out multi-hop EM" + (", sampled" if samples else ""))
     settings = asdict(args) | asdict(comparison)
-    return seed_sweep(tree_grpo.train, runs, summarize, out, settings, curve=curve, curve_labels=labels, title=title)
+    train = partial(tree_grpo.train, sampled_evals=sampled_evals(budget, samples))
+    return seed_sweep(train, runs, summarize, out, settings, curve=curve, curve_labels=labels, title=title)
 
 
 ARGS = (tree_grpo.Args, Comparison)  # the script's options and the comparison's

@@ -248,7 +248,7 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, capsys):
     assert len(calls) == 2 and "incomplete or damaged: rebuilding it" in capsys.readouterr().err
     (path / "config.json").unlink()  # a file gone
     common.cached(path, build)
-    (path / common.CACHE_MARKER).unlink()  # an entry written before the marker, or cut off mid-write
+    (path / plumbing.CACHE_MARKER).unlink()  # an entry written before the marker, or cut off mid-write
     common.cached(path, build)
     assert len(calls) == 4 and (path / "model.safetensors").stat().st_size == 100
 

@@ -260,18 +260,19 @@ def test_merging_refuses_a_seed_twice_and_names_every_run_folder(tmp_path, capsy
 
 
 @pytest.mark.parametrize("tokens, keys", [(100, ["0.025k", "0.05k", "0.075k"]), (70000, ["17.5k", "35k", "52.5k"])])
-def test_each_quarter_of_the_budget_has_its_own_reading(tokens, keys, monkeypatch):
+def test_each_quarter_of_the_budget_has_its_own_reading(tokens, keys, monkeypatch, tmp_path):
     small = ["--prompts_per_step", "1", "--max_turns", "1", "--max_step_tokens", "8", "--num_steps", "10000"]
     args, comparison = plumbing.parse_args(tree_vs_chain.ARGS, [*small, "--tokens", str(tokens), "--seeds", "0"])
     evaluation = lambda step, generated, em: {
         "step": step,
         "budget/generated_tokens": generated,
         "eval/em_multihop": em,
+        "reward": 0.0,
     }
     curve = [evaluation(0, 0, 0.0), evaluation(9, tokens, 0.4)]  # EM read between them: linear in the tokens
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in curve))
     after = {"em_multihop": 0.4, "em_1hop": 0.5, "tool_calls": 2.0}
-    run = {"budget": {"generated_tokens": tokens, "trajectories": 10}, "curve": curve, "after": after}
-    run["train_reward_last_quarter"] = 0.0
+    run = {"budget": {"generated_tokens": tokens, "trajectories": 10}, "after": after, "run_dir": str(tmp_path)}
     monkeypatch.setattr(tree_vs_chain, "seed_sweep", lambda train, runs, summarize, *a, **k: summarize(run))
     read = tree_vs_chain.main(args, comparison)
     assert [read[f"em_multihop_at_{key}"] for key in keys] == pytest.approx([0.1, 0.2, 0.3])
