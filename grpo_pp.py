@@ -425,9 +425,13 @@ def train_grpo(args: Args, task=None):
             # 1. rollout: G completions for each image
             model.eval()
             with autocast(model.device, args.dtype):
-                images = [x["image"] for x in batch_items]
                 rollout = generate_completions(
-                    model, processor, images, args.group_size, args.max_new_tokens, args.temperature
+                    model,
+                    processor,
+                    [x["image"] for x in batch_items],
+                    group_size=args.group_size,
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature,
                 )
             group_items = [x for x in batch_items for _ in range(args.group_size)]  # the item of each row
             # 2. rewards and advantages: GRPO's z-score or GRPO++'s sign
